@@ -1,0 +1,3 @@
+from transferlab.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""``transferlab data check``: decode every image once and report what is there and what is broken.
+
+Run it before a long training job: a broken file found at epoch 37 costs hours, found here it costs
+seconds. Decoding is spread over worker processes; each failure is reported with its file and reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from transferlab.data.base import ArraySplit, DatasetSource, FileSplit, ImageSplit
+from transferlab.data.images import GRAYSCALE_MODES, open_image, to_rgb
+from transferlab.errors import BadImageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitReport:
+    """What one split holds: counts, modes, sizes, labels per class, and the files that failed."""
+
+    name: str
+    n: int
+    labeled: bool
+    modes: Counter[str] = field(default_factory=Counter)
+    sizes: Counter[str] = field(default_factory=Counter)
+    per_class: list[int] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def grayscale(self) -> int:
+        """Number of images stored in a grayscale mode (returned as RGB by the loaders)."""
+        return sum(v for k, v in self.modes.items() if k in GRAYSCALE_MODES)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {
+            "n": self.n,
+            "labeled": self.labeled,
+            "grayscale": self.grayscale,
+            "modes": dict(self.modes.most_common()),
+            "sizes": dict(self.sizes.most_common()),
+            "per_class_min": min(self.per_class) if self.per_class else None,
+            "per_class_max": max(self.per_class) if self.per_class else None,
+            "failures": [{"file": f, "reason": r} for f, r in self.failures],
+        }
+
+
+@dataclass
+class CheckReport:
+    """The result of checking every split of a dataset."""
+
+    name: str
+    location: str
+    num_classes: int
+    imagenet_classes: bool
+    splits: list[SplitReport]
+
+    @property
+    def total(self) -> int:
+        """Images in all splits."""
+        return sum(s.n for s in self.splits)
+
+    @property
+    def failures(self) -> list[tuple[str, str]]:
+        """Every failing file with its reason, over all splits."""
+        return [f for s in self.splits for f in s.failures]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {
+            "name": self.name,
+            "location": self.location,
+            "num_classes": self.num_classes,
+            "imagenet_classes": self.imagenet_classes,
+            "total": self.total,
+            "failures": len(self.failures),
+            "splits": {s.name: s.to_dict() for s in self.splits},
+        }
+
+
+def _check_chunk(split: ImageSplit, indices: list[int]) -> tuple[Counter[str], Counter[str], list[tuple[str, str]]]:
+    modes: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
+    failures: list[tuple[str, str]] = []
+    for i in indices:
+        try:
+            if isinstance(split, FileSplit):
+                rel = split.sample_ids[i]
+                origin = split.store.origin(rel)
+                try:
+                    data = split.store.read(rel)
+                except OSError as e:
+                    raise BadImageError(origin, f"cannot read: {e}") from e
+                img = open_image(data, origin)
+                modes[img.mode] += 1
+                sizes[f"{img.size[0]}x{img.size[1]}"] += 1
+                to_rgb(img)
+            else:
+                img = split.load(i)
+                modes[img.mode] += 1
+                sizes[f"{img.size[0]}x{img.size[1]}"] += 1
+        except BadImageError as e:
+            failures.append((e.origin, e.reason))
+        except Exception as e:
+            failures.append((split.origin(i), f"{type(e).__name__}: {e}"))
+    return modes, sizes, failures
+
+
+def check_dataset(source: DatasetSource, *, workers: int | None = None, progress: bool | None = None) -> CheckReport:
+    """Decode every image of every split of ``source`` and collect a :class:`CheckReport`."""
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    reports = []
+    disable = None if progress is None else not progress
+    for name, split in source.splits.items():
+        rep = SplitReport(name=name, n=len(split), labeled=split.labeled)
+        if split.labeled:
+            rep.per_class = np.bincount(split.targets, minlength=len(source.classes)).tolist()
+        chunk = 500
+        chunks = [list(range(s, min(s + chunk, len(split)))) for s in range(0, len(split), chunk)]
+        bar = tqdm(total=len(split), desc=f"check {name}", unit="img", disable=disable, leave=False)
+        if workers > 1 and len(chunks) > 1 and not isinstance(split, ArraySplit):
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                results = pool.map(_check_chunk, [split] * len(chunks), chunks)
+                for ch, (m, s, f) in zip(chunks, results, strict=True):
+                    rep.modes.update(m)
+                    rep.sizes.update(s)
+                    rep.failures.extend(f)
+                    bar.update(len(ch))
+        else:
+            for ch in chunks:
+                m, s, f = _check_chunk(split, ch)
+                rep.modes.update(m)
+                rep.sizes.update(s)
+                rep.failures.extend(f)
+                bar.update(len(ch))
+        bar.close()
+        for origin, reason in rep.failures:
+            log.debug("bad image %s: %s", origin, reason)
+        reports.append(rep)
+    return CheckReport(source.name, source.location, len(source.classes), source.imagenet_classes, reports)

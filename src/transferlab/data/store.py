@@ -1,0 +1,200 @@
+"""Read-only access to the files of a dataset, wherever they live: a folder or a zip archive.
+
+Datasets are read in place and never moved or extracted. A :class:`ZipStore` opens its archive lazily
+and once per process, so it can be pickled into DataLoader worker processes (each worker reopens the
+archive instead of sharing one file handle, which would corrupt reads).
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import threading
+import zipfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+from transferlab.errors import DataError
+
+
+class FileStore(ABC):
+    """A tree of files addressed by POSIX-style relative paths."""
+
+    @abstractmethod
+    def read(self, rel: str) -> bytes:
+        """Return the bytes of ``rel``; raise FileNotFoundError if absent."""
+
+    @abstractmethod
+    def exists(self, rel: str) -> bool:
+        """True if ``rel`` is a file in the store."""
+
+    @abstractmethod
+    def list_files(self, prefix: str) -> list[str]:
+        """All files below the directory ``prefix`` (recursive), sorted, as relative paths."""
+
+    @abstractmethod
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Names of the immediate sub-directories of ``prefix``, sorted."""
+
+    @abstractmethod
+    def origin(self, rel: str) -> str:
+        """A human-readable location of ``rel`` for error messages."""
+
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """The folder or archive this store reads."""
+
+    @abstractmethod
+    def sub(self, prefix: str) -> FileStore:
+        """A store rooted at the folder ``prefix`` inside this one."""
+
+    def read_text(self, rel: str) -> str:
+        """Read a UTF-8 text file, with a :class:`DataError` naming it when absent."""
+        try:
+            return self.read(rel).decode("utf-8")
+        except FileNotFoundError:
+            raise DataError(f"{self.origin(rel)} is missing; is {self.location} a complete copy?") from None
+
+
+class FolderStore(FileStore):
+    """Files below a directory on disk."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    def read(self, rel: str) -> bytes:
+        return (self.root / rel).read_bytes()
+
+    def exists(self, rel: str) -> bool:
+        return (self.root / rel).is_file()
+
+    def list_files(self, prefix: str) -> list[str]:
+        base = self.root / prefix
+        if not base.is_dir():
+            return []
+        out = []
+        for dirpath, _dirnames, filenames in os.walk(base):
+            for fn in filenames:
+                out.append(Path(dirpath, fn).relative_to(self.root).as_posix())
+        return sorted(out)
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        base = self.root / prefix
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir())
+
+    def origin(self, rel: str) -> str:
+        return str(self.root / rel)
+
+    def sub(self, prefix: str) -> FolderStore:
+        return FolderStore(self.root / prefix)
+
+
+class ZipStore(FileStore):
+    """Files inside a zip archive, optionally below a folder ``root`` inside it.
+
+    The archive's table of contents is read once in the parent process; the open file handle is
+    per-process (keyed by PID), which makes the store safe in forked or spawned DataLoader workers.
+    """
+
+    def __init__(self, archive: str | os.PathLike[str], root: str = "") -> None:
+        self.archive = Path(archive)
+        self.root = root.strip("/")
+        self._pid: int | None = None
+        self._zf: zipfile.ZipFile | None = None
+        self._lock = threading.Lock()
+        try:
+            with zipfile.ZipFile(self.archive) as zf:
+                names = [i.filename for i in zf.infolist() if not i.is_dir()]
+        except zipfile.BadZipFile as e:
+            raise DataError(f"{self.archive} is not a readable zip archive ({e}); re-download it.") from e
+        except FileNotFoundError:
+            raise DataError(f"{self.archive} does not exist") from None
+        pre = f"{self.root}/" if self.root else ""
+        self._files = sorted(n[len(pre) :] for n in names if n.startswith(pre))
+        self._fileset = frozenset(self._files)
+
+    @property
+    def location(self) -> str:
+        return str(self.archive)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_zf"] = None
+        state["_pid"] = None
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _handle(self) -> zipfile.ZipFile:
+        pid = os.getpid()
+        if self._zf is None or self._pid != pid:
+            self._zf = zipfile.ZipFile(self.archive)
+            self._pid = pid
+        return self._zf
+
+    def _member(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if self.root else rel
+
+    def read(self, rel: str) -> bytes:
+        if rel not in self._fileset:
+            raise FileNotFoundError(self.origin(rel))
+        with self._lock:
+            return self._handle().read(self._member(rel))
+
+    def exists(self, rel: str) -> bool:
+        return rel in self._fileset
+
+    def list_files(self, prefix: str) -> list[str]:
+        pre = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        if not pre:
+            return list(self._files)
+        # The names are sorted, so everything under ``pre`` is one contiguous run: two bisections
+        # instead of a scan (opening a 25k-file archive lists 200 class folders).
+        lo = bisect.bisect_left(self._files, pre)
+        hi = bisect.bisect_left(self._files, pre[:-1] + chr(ord("/") + 1))
+        return self._files[lo:hi]
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        pre = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        dirs = set()
+        for f in self.list_files(prefix):
+            rest = f[len(pre) :]
+            if "/" in rest:
+                dirs.add(rest.split("/", 1)[0])
+        return sorted(dirs)
+
+    def origin(self, rel: str) -> str:
+        return f"{self.archive}:{self._member(rel)}"
+
+    def sub(self, prefix: str) -> ZipStore:
+        prefix = prefix.strip("/")
+        child = object.__new__(ZipStore)
+        child.__setstate__(self.__getstate__())
+        child.root = f"{self.root}/{prefix}" if self.root else prefix
+        pre = prefix + "/"
+        child._files = [f[len(pre) :] for f in self._files if f.startswith(pre)]
+        child._fileset = frozenset(child._files)
+        return child
+
+
+def open_store(path: str | os.PathLike[str]) -> FileStore:
+    """A store for a folder or a ``.zip`` file."""
+    p = Path(path)
+    if p.is_dir():
+        return FolderStore(p)
+    if p.is_file() and zipfile.is_zipfile(p):
+        return ZipStore(p)
+    if p.exists():
+        raise DataError(f"{p} is neither a folder nor a zip archive")
+    raise DataError(f"{p} does not exist")

@@ -1,0 +1,30 @@
+"""Exceptions whose message is meant for the user.
+
+The CLI prints ``str(err)`` of a :class:`TransferlabError` without a traceback, so every message must
+say what was wrong (naming the file or option) and what to do about it.
+"""
+
+
+class TransferlabError(Exception):
+    """Base class for errors the CLI reports as a one-paragraph message and exit status 2."""
+
+
+class DataError(TransferlabError):
+    """A dataset is missing, malformed, or cannot be found."""
+
+
+class BadImageError(DataError):
+    """One image file cannot be decoded. Carries the file's origin and the reason."""
+
+    def __init__(self, origin: str, reason: str) -> None:
+        super().__init__(f"{origin}: {reason}")
+        self.origin = origin
+        self.reason = reason
+
+
+class WeightsError(TransferlabError):
+    """Pretrained weights are missing, unreadable or do not fit the model."""
+
+
+class ConfigError(TransferlabError):
+    """An option or config value is invalid."""

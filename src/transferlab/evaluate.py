@@ -1,0 +1,322 @@
+"""Evaluate a backbone on a dataset split: predictions, metrics and per-class accuracy on disk.
+
+Zero-shot evaluation uses the pretrained ImageNet head as it is and keeps only the outputs of the
+dataset's classes (Tiny ImageNet's 200 WordNet ids are ImageNet-1k classes), so the argmax is over
+the dataset's classes. That number answers "how good is the pretrained model with no training".
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from transferlab import __version__
+from transferlab.data import ImageSplit, open_dataset
+from transferlab.data.transforms import CROP_MODES, INTERPOLATIONS, EvalTransform, normalize_batch
+from transferlab.errors import ConfigError, DataError
+from transferlab.io import atomic_write_json, atomic_write_text, atomic_write_with
+from transferlab.metrics import per_class_accuracy, summarize
+from transferlab.models.backbones import Backbone, create_backbone
+from transferlab.models.imagenet import imagenet_indices
+from transferlab.models.preprocessing import Preprocessing
+from transferlab.runtime import Precision, eval_mode, resolve_device, resolve_precision
+
+log = logging.getLogger(__name__)
+
+IMAGENET_OVERLAP_WARNING = (
+    "the dataset's classes are ImageNet classes and its images likely come from ImageNet itself: "
+    "ImageNet-pretrained weights have probably seen them, so these numbers may be optimistic"
+)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything an evaluation depends on. Invalid values fail here with a sentence naming the option."""
+
+    model: str
+    data: str
+    out: Path
+    weights: str = "auto"
+    split: str = "val"
+    zero_shot: bool = False
+    img_size: int | None = None
+    crop: str = "auto"
+    interpolation: str = "auto"
+    batch_size: int = 32
+    workers: int = -1
+    precision: str = "auto"
+    channels_last: str = "auto"
+    device: str = "auto"
+    limit: int | None = None
+    seed: int = 0
+    n_boot: int = 1000
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.crop not in CROP_MODES:
+            raise ConfigError(f"--crop must be one of {', '.join(CROP_MODES)}, not {self.crop!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, not {self.interpolation!r}")
+        if self.img_size is not None and not 16 <= self.img_size <= 1024:
+            raise ConfigError(f"--img-size must be between 16 and 1024, got {self.img_size}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be >= 1, got {self.limit}")
+        if self.n_boot < 0:
+            raise ConfigError(f"--n-boot must be >= 0, got {self.n_boot}")
+
+
+class _SplitDataset(Dataset):
+    """Maps an ImageSplit through a transform; yields (uint8 image, index)."""
+
+    def __init__(self, split: ImageSplit, transform: EvalTransform, indices: np.ndarray) -> None:
+        self.split = split
+        self.transform = transform
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        j = int(self.indices[i])
+        return self.transform(self.split.load(j)), j
+
+
+def make_eval_transform(
+    pre: Preprocessing, size: int, crop: str = "auto", interpolation: str = "auto"
+) -> EvalTransform:
+    """The eval transform for a backbone's preprocessing. ``interpolation='auto'`` keeps the weights'
+    own method for down-scaling and uses bilinear for up-scaling; a named method is used for both."""
+    if interpolation == "auto":
+        return EvalTransform(size, pre.interpolation, pre.crop_pct, crop, upsample="auto")
+    return EvalTransform(size, interpolation, pre.crop_pct, crop, upsample=interpolation)
+
+
+def default_workers() -> int:
+    """Decode in one or more worker processes, leaving at least one core to the model."""
+    import os
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, n - 1))
+
+
+def subset_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """All indices, or a seeded random ``limit`` of them in ascending order (reproducible subsets)."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=limit, replace=False))
+
+
+@torch.inference_mode()
+def predict_logits(
+    backbone: Backbone,
+    split: ImageSplit,
+    transform: EvalTransform,
+    *,
+    indices: np.ndarray,
+    precision: Precision,
+    device: torch.device,
+    batch_size: int = 64,
+    workers: int = 1,
+    progress: bool | None = None,
+) -> np.ndarray:
+    """Run the model over ``split[indices]`` and return float32 logits in that order."""
+    model = backbone.model.to(device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    pre = backbone.preprocessing
+    loader = DataLoader(
+        _SplitDataset(split, transform, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    out = np.empty((len(indices), backbone.num_classes), dtype=np.float32)
+    pos = 0
+    disable = None if progress is None else not progress
+    with eval_mode(model):
+        for x, _ in tqdm(loader, desc=f"eval {split.name}", unit="batch", disable=disable, leave=False):
+            x = normalize_batch(
+                x.to(device, non_blocking=True), pre.mean, pre.std, channels_last=precision.channels_last
+            )
+            with precision.autocast():
+                logits = model(x)
+            out[pos : pos + len(x)] = logits.float().cpu().numpy()
+            pos += len(x)
+    return out
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.model`` on ``cfg.data``/``cfg.split`` and write results under ``cfg.out``.
+
+    Writes ``metrics.json``, ``predictions.npz`` (logits, targets, sample_ids, class_ids) and
+    ``per_class.csv``, each atomically. Returns the metrics dict.
+    """
+    torch.manual_seed(cfg.seed)
+    source = open_dataset(cfg.data)
+    split = source.split(cfg.split)
+    if not split.labeled:
+        raise DataError(
+            f"split {cfg.split!r} of {source.location} has no labels, so it cannot be evaluated; "
+            "use `transferlab predict` for unlabeled images"
+        )
+    backbone = create_backbone(cfg.model, cfg.weights)
+    warnings: list[str] = []
+    if cfg.zero_shot:
+        if not backbone.has_imagenet_head:
+            raise ConfigError(
+                f"--zero-shot needs a model with an ImageNet-1k head, but {cfg.model} with weights "
+                f"'{backbone.weights}' has {backbone.num_classes} outputs"
+            )
+        cols = imagenet_indices(source.classes.ids)
+    else:
+        if backbone.class_ids is not None and tuple(backbone.class_ids) != source.classes.ids:
+            hint = " (add --zero-shot to use the ImageNet head)" if source.imagenet_classes else ""
+            raise ConfigError(
+                f"the model's head predicts {backbone.num_classes} classes that are not the dataset's "
+                f"{len(source.classes)} classes{hint}"
+            )
+        if backbone.num_classes != len(source.classes):
+            raise ConfigError(
+                f"the model has {backbone.num_classes} outputs but {source.location} has "
+                f"{len(source.classes)} classes; pass weights trained on this dataset, or --zero-shot"
+            )
+        cols = None
+    if source.imagenet_classes and backbone.has_imagenet_head:
+        warnings.append(IMAGENET_OVERLAP_WARNING)
+        log.warning(IMAGENET_OVERLAP_WARNING)
+
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, cfg.channels_last, device)
+    pre = backbone.preprocessing
+    size = cfg.img_size or pre.input_size
+    transform = make_eval_transform(pre, size, cfg.crop, cfg.interpolation)
+    workers = default_workers() if cfg.workers < 0 else cfg.workers
+    indices = subset_indices(len(split), cfg.limit, cfg.seed)
+    log.info(
+        "evaluating %s (%s) on %s/%s: %d images, %s, %s",
+        cfg.model,
+        backbone.weights,
+        source.location,
+        cfg.split,
+        len(indices),
+        transform,
+        precision.describe(),
+    )
+
+    t0 = time.perf_counter()
+    logits_all = predict_logits(
+        backbone,
+        split,
+        transform,
+        indices=indices,
+        precision=precision,
+        device=device,
+        batch_size=cfg.batch_size,
+        workers=workers,
+        progress=cfg.progress,
+    )
+    wall = time.perf_counter() - t0
+    logits = logits_all[:, cols] if cols is not None else logits_all
+    targets = split.targets[indices]
+
+    metrics: dict[str, Any] = {
+        "model": cfg.model,
+        "weights": backbone.weights,
+        "data": source.location,
+        "dataset": source.name,
+        "split": cfg.split,
+        "mode": "zero-shot" if cfg.zero_shot else "head",
+        **summarize(logits, targets, n_boot=cfg.n_boot, seed=cfg.seed),
+        "num_classes": len(source.classes),
+        "wall_s": round(wall, 3),
+        "images_per_s": round(len(indices) / wall, 2) if wall > 0 else None,
+        "img_size": size,
+        "transform": repr(transform),
+        "preprocessing": pre.to_dict(),
+        "precision": precision.name,
+        "channels_last": precision.channels_last,
+        "device": str(device),
+        "workers": workers,
+        "subset": None if cfg.limit is None else {"limit": cfg.limit, "seed": cfg.seed},
+        "warnings": warnings,
+        "config": _config_dict(cfg),
+        "versions": versions(),
+    }
+    write_outputs(cfg.out, metrics, logits, targets, [split.sample_ids[i] for i in indices], source.classes)
+    return metrics
+
+
+def _config_dict(cfg: EvalConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["out"] = str(cfg.out)
+    return d
+
+
+def versions() -> dict[str, str]:
+    """Versions that decide the numbers (for provenance in metrics and reports)."""
+    import timm
+
+    return {
+        "transferlab": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+@dataclass
+class _Outputs:
+    files: list[str] = field(default_factory=list)
+
+
+def write_outputs(
+    out: Path,
+    metrics: dict[str, Any],
+    logits: np.ndarray,
+    targets: np.ndarray,
+    sample_ids: list[str],
+    classes: Any,
+) -> None:
+    """Write predictions.npz, per_class.csv and metrics.json (last, so its presence means complete)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def _npz(f: Any) -> None:
+        np.savez(
+            f,
+            logits=logits.astype(np.float32),
+            targets=targets.astype(np.int64),
+            sample_ids=np.asarray(sample_ids, dtype=str),
+            class_ids=np.asarray(classes.ids, dtype=str),
+        )
+
+    atomic_write_with(out / "predictions.npz", _npz)
+    acc = per_class_accuracy(logits, targets, len(classes))
+    counts = np.bincount(targets, minlength=len(classes))
+    lines = ["class_index,class_id,class_name,n,top1"]
+    for i, (cid, name) in enumerate(zip(classes.ids, classes.names, strict=True)):
+        safe = name.replace('"', "'")
+        lines.append(f'{i},{cid},"{safe}",{counts[i]},{"" if np.isnan(acc[i]) else f"{acc[i]:.4f}"}')
+    atomic_write_text(out / "per_class.csv", "\n".join(lines) + "\n")
+    atomic_write_json(out / "metrics.json", metrics)
+
+
+def load_predictions(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a predictions.npz written by :func:`write_outputs` (no pickles allowed)."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

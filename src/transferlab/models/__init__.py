@@ -1,0 +1,1 @@
+"""Backbones, their weights and preprocessing, and the ImageNet label map."""
