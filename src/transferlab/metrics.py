@@ -27,6 +27,10 @@ def topk_correct(scores: np.ndarray, targets: np.ndarray, k: int) -> np.ndarray:
     Ties are broken towards the lower class index (stable sort), so the result is deterministic.
     """
     scores = np.asarray(scores)
+    if not np.issubdtype(scores.dtype, np.floating):
+        # Negating unsigned ints wraps (-0 stays the smallest) and negating bools raises: vote counts
+        # or 0/1 scores are ranked as floats.
+        scores = scores.astype(np.float64)
     targets = np.asarray(targets)
     k = min(k, scores.shape[1])
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]

@@ -74,11 +74,18 @@ def open_image(data: bytes, origin: str) -> Image.Image:
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB the way a person would expect it to look."""
     mode = img.mode
+    if mode in ("L", "RGB") and "transparency" in img.info:
+        # A PNG tRNS colour key is transparency too: composite it on white like an alpha channel.
+        img = img.convert("RGBA")
+        mode = "RGBA"
     if mode == "RGB":
         return img
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        # PIL's decoders put 16-bit samples (16-bit PGM/PPM, some TIFFs) in mode "I" scaled to 0..65535,
+        # so that is the range unless the values exceed it. Never stretch per image: a dark 16-bit
+        # image must stay dark, and look the same whether it was stored as PGM or PNG.
+        hi = 65535.0 if mode.startswith("I;16") else max(float(arr.max()), 65535.0)
         arr8 = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr8, "L").convert("RGB")
     if mode == "F":

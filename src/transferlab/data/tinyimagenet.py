@@ -28,20 +28,41 @@ log = logging.getLogger(__name__)
 MARKER = "wnids.txt"
 
 
+#: Files only Tiny ImageNet's layout has. A copy that lost ``wnids.txt`` is still recognised by them,
+#: so it fails with a message naming the missing file instead of being read as a generic ImageFolder
+#: (which would silently turn ``val/images`` into a class called "images").
+LAYOUT_MARKERS = (MARKER, "val/val_annotations.txt")
+
+
+def _is_root(store: FileStore, prefix: str) -> bool:
+    pre = f"{prefix}/" if prefix else ""
+    if any(store.exists(pre + m) for m in LAYOUT_MARKERS):
+        return True
+    # train/<wnid>/<wnid>_boxes.txt: a copy with only the train split and no wnids.txt.
+    classes = store.list_dirs(f"{pre}train")
+    return bool(classes) and store.exists(f"{pre}train/{classes[0]}/{classes[0]}_boxes.txt")
+
+
 def find_root(store: FileStore) -> str:
-    """The folder inside ``store`` that holds ``wnids.txt`` ("" for the top), or "" if none does."""
+    """The folder inside ``store`` that holds the Tiny ImageNet layout ("" for the top, also when none does)."""
     if store.exists(MARKER):
         return ""
-    for d in store.list_dirs(""):
+    dirs = store.list_dirs("")
+    for d in dirs:
         if store.exists(f"{d}/{MARKER}"):
+            return d
+    if _is_root(store, ""):
+        return ""
+    for d in dirs:
+        if _is_root(store, d):
             return d
     return ""
 
 
 def looks_like_tiny_imagenet(store: FileStore) -> bool:
-    """True if the store has ``wnids.txt`` at the top or one folder down."""
-    root = find_root(store)
-    return store.exists(f"{root}/{MARKER}" if root else MARKER)
+    """True if the store has Tiny ImageNet's layout (``wnids.txt``, ``val/val_annotations.txt`` or
+    ``train/<wnid>/<wnid>_boxes.txt``) at the top or one folder down."""
+    return _is_root(store, find_root(store))
 
 
 def parse_words(text: str) -> dict[str, str]:

@@ -24,6 +24,7 @@ from transferlab.models.weights import (
     WeightSpec,
     check_compatible,
     hub_cached,
+    hub_cached_file,
     hub_offline,
     map_by_position,
     package_available,
@@ -115,7 +116,8 @@ def _from_hub(name: str) -> Backbone:
     cfg = probe.pretrained_cfg or {}
     hub_id = cfg.get("hf_hub_id")
     where = f"the Hugging Face hub ({hub_id})" if hub_id else (cfg.get("url") or "timm's default location")
-    if hub_offline() and not hub_cached(hub_id):
+    cached = hub_cached_file(hub_id) if hub_offline() else None
+    if hub_offline() and cached is None:
         raise WeightsError(
             f"pretrained weights for {name} are not in the local cache and the hub is switched off "
             "(HF_HUB_OFFLINE/TRANSFERLAB_OFFLINE is set). Either run once with network access and "
@@ -123,7 +125,10 @@ def _from_hub(name: str) -> Backbone:
             f"/path/to/{name}.safetensors (or .pth)."
         )
     try:
-        model = timm.create_model(name, pretrained=True)
+        # Offline with a cached copy: hand timm the file itself, so no hub client is asked anything
+        # (huggingface_hub reads HF_HUB_OFFLINE only at import, so TRANSFERLAB_OFFLINE alone would not stop it).
+        overlay = {"file": str(cached)} if cached is not None else None
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
     except Exception as e:  # network, auth, missing file: all end in the same advice
         raise WeightsError(
             f"could not get pretrained weights for {name} from {where}: {type(e).__name__}: {e}. "
@@ -161,7 +166,18 @@ def _from_file(name: str, path) -> Backbone:  # type: ignore[no-untyped-def]
         log.info("%s carries no preprocessing; using timm's default for %s", path, name)
     class_ids: tuple[str, ...] | None = None
     if META_CLASS_IDS in meta:
-        class_ids = tuple(json.loads(meta[META_CLASS_IDS]))
+        try:
+            ids = json.loads(meta[META_CLASS_IDS])
+        except ValueError as e:
+            raise WeightsError(f"{path}: bad {META_CLASS_IDS} metadata: {e}") from e
+        if not isinstance(ids, list) or not all(isinstance(c, str) for c in ids):
+            raise WeightsError(f"{path}: bad {META_CLASS_IDS} metadata: expected a JSON list of strings")
+        if len(ids) != model.num_classes:
+            raise WeightsError(
+                f"{path}: {META_CLASS_IDS} metadata names {len(ids)} classes but the head has "
+                f"{model.num_classes} outputs"
+            )
+        class_ids = tuple(ids)
     elif model.num_classes == 1000:
         class_ids = imagenet_synsets()
     return Backbone(model, name, f"file {path}", pre, class_ids)

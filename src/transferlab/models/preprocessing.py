@@ -3,6 +3,7 @@ re-type a mean/std or an input size."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,8 +22,23 @@ class Preprocessing:
     crop_pct: float = 0.875
 
     def __post_init__(self) -> None:
+        if isinstance(self.input_size, bool) or not isinstance(self.input_size, int):
+            raise ValueError(f"input_size must be an integer, got {self.input_size!r}")
         if self.input_size < 8:
             raise ValueError(f"input_size must be >= 8, got {self.input_size}")
+        # Normalise lists (e.g. from JSON) to float tuples so equal settings compare and hash equal.
+        for name in ("mean", "std"):
+            try:
+                vals = tuple(float(v) for v in getattr(self, name))
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be three numbers, got {getattr(self, name)!r}") from None
+            if not all(math.isfinite(v) for v in vals):
+                raise ValueError(f"{name} must be finite, got {vals}")
+            object.__setattr__(self, name, vals)
+        try:
+            object.__setattr__(self, "crop_pct", float(self.crop_pct))
+        except (TypeError, ValueError):
+            raise ValueError(f"crop_pct must be a number, got {self.crop_pct!r}") from None
         if self.interpolation not in ("bilinear", "bicubic", "nearest"):
             raise ValueError(f"interpolation must be bilinear, bicubic or nearest, not {self.interpolation!r}")
         if not 0.0 < self.crop_pct <= 1.0:
@@ -60,8 +76,4 @@ class Preprocessing:
         extra = set(d) - known
         if extra:
             raise ValueError(f"unknown preprocessing keys: {sorted(extra)}")
-        kw = dict(d)
-        for k in ("mean", "std"):
-            if k in kw:
-                kw[k] = tuple(float(v) for v in kw[k])
-        return cls(**kw)
+        return cls(**d)  # __post_init__ validates and turns the mean/std lists into tuples

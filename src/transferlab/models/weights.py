@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -118,12 +119,29 @@ def read_weight_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
     except pickle.UnpicklingError as e:
         raise WeightsError(
             f"refusing to load {p}: it contains Python objects other than tensors, and unpickling them could "
-            f"run arbitrary code ({str(e).splitlines()[0]}). Convert it to .safetensors where it came from."
+            f"run arbitrary code ({_unpickling_reason(e)}). Convert it to .safetensors where it came from."
         ) from e
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise WeightsError(f"{p} is not a readable PyTorch weights file: {e}") from e
+    except Exception as e:  # a corrupt or foreign file fails in many ways (KeyError, EOFError, RuntimeError...)
+        why = f"{type(e).__name__}: {e}" if str(e) else f"{type(e).__name__} (empty or truncated?)"
+        raise WeightsError(f"{p} is not a readable PyTorch weights file: {why}") from e
     sd = _unwrap_state_dict(obj, p)
     return sd, meta
+
+
+def _unpickling_reason(err: Exception) -> str:
+    """The line of torch's weights-only refusal that says what was refused.
+
+    torch's message starts with advice to retry with ``weights_only=False``, which is exactly what must
+    not be done with an untrusted file, so only the specific reason is quoted.
+    """
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for marker in ("GLOBAL", "Unsupported", "WeightsUnpickler error:"):
+        for ln in lines:
+            if marker in ln:
+                reason = ln.split("WeightsUnpickler error:", 1)[-1].strip()
+                if reason:
+                    return reason.split(" Please use ", 1)[0]
+    return lines[-1] if lines else type(err).__name__
 
 
 def _unwrap_state_dict(obj: object, origin: Path) -> dict[str, torch.Tensor]:
@@ -232,19 +250,24 @@ def package_available(arch: str) -> bool:
     return importlib.util.find_spec(LITE_PACKAGES[arch][1]) is not None
 
 
-def hub_cached(hf_hub_id: str | None) -> bool:
-    """True if timm's hub weights for ``hf_hub_id`` are already in the local Hugging Face cache."""
+def hub_cached_file(hf_hub_id: str | None) -> Path | None:
+    """The cached weight file of ``hf_hub_id`` in the local Hugging Face cache, or None."""
     if not hf_hub_id:
-        return False
+        return None
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover
-        return False
+        return None
     for fname in ("model.safetensors", "pytorch_model.bin"):
         hit = try_to_load_from_cache(hf_hub_id, fname)
         if isinstance(hit, str):
-            return True
-    return False
+            return Path(hit)
+    return None
+
+
+def hub_cached(hf_hub_id: str | None) -> bool:
+    """True if timm's hub weights for ``hf_hub_id`` are already in the local Hugging Face cache."""
+    return hub_cached_file(hf_hub_id) is not None
 
 
 def hub_offline() -> bool:

@@ -1,0 +1,47 @@
+# transferlab: `make demo` runs the main job on the mini Tiny ImageNet copy; `make test` runs the suite.
+# Both create .venv if absent and install what they need (torch comes from the pinned wheel pair).
+
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+SHARED_DATA := $(abspath ../shared/datasets)
+OUT ?= runs
+
+# Put ../shared/datasets on the dataset search path when it exists, so `--data tiny-imagenet-mini`
+# (the default) finds the mini zip with no flag.
+ifneq ($(wildcard $(SHARED_DATA)),)
+export TRANSFERLAB_DATA := $(SHARED_DATA)$(if $(TRANSFERLAB_DATA),:$(TRANSFERLAB_DATA))
+endif
+
+.PHONY: install demo test lint format clean
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=python3.x)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/transferlab data check tiny-imagenet-mini
+	$(BIN)/transferlab evaluate --model tf_efficientnet_lite0 --zero-shot --data tiny-imagenet-mini \
+		--split val --out $(OUT)/demo/lite0-zero-shot
+	@echo "results: $(OUT)/demo/lite0-zero-shot/metrics.json"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: install
+	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests
+
+clean:
+	rm -rf $(OUT) .pytest_cache .ruff_cache

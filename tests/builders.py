@@ -1,0 +1,78 @@
+"""Synthetic datasets in the exact official formats, for fast offline tests."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+#: Real ImageNet-1k WordNet ids (also Tiny ImageNet classes), deliberately not in sorted order, so a
+#: loader that sorts instead of following wnids.txt gets the labels wrong.
+WNIDS = ("n02124075", "n01443537", "n04067472")
+WORDS = {"n02124075": "Egyptian cat", "n01443537": "goldfish, Carassius auratus", "n04067472": "reel"}
+
+
+def jpeg_bytes(color: tuple[int, int, int], size: int = 64, mode: str = "RGB") -> bytes:
+    """A small JPEG of one colour with a little texture (mode RGB or L)."""
+    rng = np.random.default_rng(sum(color))
+    arr = np.clip(np.array(color, dtype=np.int16) + rng.integers(-8, 8, (size, size, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    if mode == "L":
+        img = img.convert("L")
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def tiny_imagenet_files(n_train: int = 3, n_val_per_class: int = 2, n_test: int = 2) -> dict[str, bytes]:
+    """The files of a small Tiny ImageNet copy in the official layout, keyed by relative path.
+
+    Class k's images are dominated by colour channel k, so a model can learn them. The first val image
+    is grayscale, as some real ones are.
+    """
+    files: dict[str, bytes] = {}
+    files["wnids.txt"] = ("\n".join(WNIDS) + "\n").encode()
+    words = "n00001740\tentity\n" + "".join(f"{w}\t{WORDS[w]}\n" for w in WNIDS)
+    files["words.txt"] = words.encode()
+    for k, w in enumerate(WNIDS):
+        color = [30, 30, 30]
+        color[k] = 220
+        boxes = []
+        for i in range(n_train):
+            files[f"train/{w}/images/{w}_{i}.JPEG"] = jpeg_bytes(tuple(color))  # type: ignore[arg-type]
+            boxes.append(f"{w}_{i}.JPEG\t0\t0\t63\t63")
+        files[f"train/{w}/{w}_boxes.txt"] = ("\n".join(boxes) + "\n").encode()
+    ann = []
+    v = 0
+    for _ in range(n_val_per_class):
+        for k, w in enumerate(WNIDS):
+            color = [40, 40, 40]
+            color[k] = 200
+            files[f"val/images/val_{v}.JPEG"] = jpeg_bytes(tuple(color), mode="L" if v == 0 else "RGB")  # type: ignore[arg-type]
+            ann.append(f"val_{v}.JPEG\t{w}\t1\t2\t60\t61")
+            v += 1
+    files["val/val_annotations.txt"] = ("\n".join(ann) + "\n").encode()
+    for i in range(n_test):
+        files[f"test/images/test_{i}.JPEG"] = jpeg_bytes((100, 100, 100))
+    return files
+
+
+def write_folder(root: Path, files: dict[str, bytes]) -> Path:
+    """Write ``files`` below ``root``."""
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return root
+
+
+def write_zip(path: Path, files: dict[str, bytes], top: str = "tiny-imagenet-200") -> Path:
+    """Write ``files`` into a zip below the folder ``top`` (the official archive's layout)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        for rel, data in files.items():
+            zf.writestr(f"{top}/{rel}" if top else rel, data)
+    return path

@@ -1,0 +1,53 @@
+"""Test-wide setup: no network, ever, and where the real mini dataset is."""
+
+from __future__ import annotations
+
+import os
+
+# Must be set before huggingface_hub is imported anywhere: tests never reach a hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFERLAB_OFFLINE"] = "1"
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from pathlib import Path
+
+import pytest
+
+from builders import tiny_imagenet_files, write_folder, write_zip
+
+REPO = Path(__file__).resolve().parents[1]
+MINI_NAME = "tiny-imagenet-200-mini.zip"
+
+
+def find_mini_zip() -> Path | None:
+    """The real mini Tiny ImageNet zip: $TRANSFERLAB_DATA folders, then ../shared/datasets."""
+    dirs = [d for d in os.environ.get("TRANSFERLAB_DATA", "").split(os.pathsep) if d]
+    dirs.append(str(REPO.parent / "shared" / "datasets"))
+    for d in dirs:
+        p = Path(d) / MINI_NAME
+        if p.is_file():
+            return p
+    return None
+
+
+@pytest.fixture(scope="session")
+def mini_zip() -> Path:
+    """Path to the real mini Tiny ImageNet zip (read-only); skips where it is absent."""
+    p = find_mini_zip()
+    if p is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{MINI_NAME} not found in $TRANSFERLAB_DATA or ../shared/datasets; CI must provide it")
+        pytest.skip(f"{MINI_NAME} not available")
+    return p
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    """A small synthetic Tiny ImageNet in the official folder layout (3 classes)."""
+    return write_folder(tmp_path / "tiny-imagenet-200", tiny_imagenet_files())
+
+
+@pytest.fixture
+def tiny_zip(tmp_path: Path) -> Path:
+    """The same small dataset as an official-layout zip (top folder tiny-imagenet-200/)."""
+    return write_zip(tmp_path / "tiny-imagenet-200.zip", tiny_imagenet_files())
