@@ -125,6 +125,92 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(ev)
     ev.set_defaults(func=cmd_evaluate)
 
+    # train
+    tr = sub.add_parser(
+        "train",
+        help="adapt a backbone to a dataset (linear probe on cached features)",
+        description="Train a new head on a frozen backbone. --strategy linear-probe runs the backbone once per "
+        "split (features cached on disk, reused across runs), fits a linear head, picks the best epoch on a "
+        "class-stratified holdout of train, and reports on --report-split, which nothing was chosen on. "
+        "Writes config.yaml, history.csv, metrics.json, predictions/<split>.npz and model.safetensors to --out.",
+    )
+    tr.add_argument("--model", required=True, help="timm architecture name, e.g. tf_efficientnet_lite0")
+    tr.add_argument("--weights", default="auto", help="auto, hub, package, none, or a .safetensors/.pth file")
+    tr.add_argument("--data", default="tiny-imagenet-mini", help=DATA_HELP + " (default: tiny-imagenet-mini)")
+    tr.add_argument(
+        "--strategy",
+        choices=("linear-probe",),
+        default="linear-probe",
+        help="what trains: linear-probe = backbone frozen with BatchNorm in eval mode, new linear head",
+    )
+    tr.add_argument(
+        "--head-init",
+        choices=("auto", "imagenet", "random"),
+        default="auto",
+        help="imagenet: start the head from the matching rows of the ImageNet classifier (when the "
+        "dataset's classes are ImageNet classes); auto = imagenet where it applies (default: auto)",
+    )
+    tr.add_argument("--epochs", type=int, default=10, help="passes over the training features (default: 10)")
+    tr.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
+    tr.add_argument(
+        "--optimizer",
+        choices=("adamw", "rmsprop", "sgd"),
+        default="adamw",
+        help="optimizer for the head (default: adamw)",
+    )
+    tr.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default: 0)")
+    tr.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing (default: 0)")
+    tr.add_argument("--batch-size", type=int, default=256, help="feature vectors per step (default: 256)")
+    tr.add_argument(
+        "--holdout",
+        type=float,
+        default=0.1,
+        help="fraction of each train class held out to pick the best epoch (default: 0.1)",
+    )
+    tr.add_argument(
+        "--report-split",
+        default="val",
+        help="split the final numbers come from; never used for any choice (default: val)",
+    )
+    tr.add_argument("--img-size", type=int, default=None, help="input resolution (default: the weights')")
+    tr.add_argument(
+        "--crop", choices=("auto", "center", "none"), default="auto", help="as for evaluate (default: auto)"
+    )
+    tr.add_argument(
+        "--interpolation",
+        choices=("auto", "bilinear", "bicubic", "nearest"),
+        default="auto",
+        help="as for evaluate (default: auto)",
+    )
+    tr.add_argument(
+        "--feature-batch-size",
+        type=int,
+        default=32,
+        help="images per backbone forward pass while extracting features (default: 32)",
+    )
+    tr.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="feature cache folder (default: $TRANSFERLAB_CACHE/features or the user cache dir)",
+    )
+    tr.add_argument("--train-limit", type=int, default=None, help="use a seeded subset of train (default: all)")
+    tr.add_argument(
+        "--report-limit", type=int, default=None, help="report on a seeded subset of --report-split (default: all)"
+    )
+    tr.add_argument(
+        "--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="as for evaluate (default: auto)"
+    )
+    tr.add_argument(
+        "--channels-last", choices=("auto", "on", "off"), default="auto", help="as for evaluate (default: auto)"
+    )
+    tr.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
+    tr.add_argument("--workers", type=int, default=-1, help="decoding processes; -1 = cores-1, at most 4")
+    tr.add_argument("--seed", type=int, default=0, help="seed for the holdout, init and data order (default: 0)")
+    tr.add_argument("--out", required=True, type=Path, help="run directory (created)")
+    _add_common(tr)
+    tr.set_defaults(func=cmd_train)
+
     # data
     data = sub.add_parser("data", help="inspect datasets", description="Inspect datasets.")
     dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
@@ -196,6 +282,55 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"{m['device']}), {m['wall_s']} s"
     )
     print(f"  wrote {args.out / 'metrics.json'}, predictions.npz, per_class.csv")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``transferlab train``."""
+    from transferlab.train.run import TrainConfig, train
+
+    cfg = TrainConfig(
+        model=args.model,
+        data=args.data,
+        out=args.out,
+        weights=args.weights,
+        strategy=args.strategy,
+        head_init=args.head_init,
+        img_size=args.img_size,
+        crop=args.crop,
+        interpolation=args.interpolation,
+        holdout=args.holdout,
+        report_split=args.report_split,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        seed=args.seed,
+        precision=args.precision,
+        channels_last=args.channels_last,
+        device=args.device,
+        workers=args.workers,
+        feature_batch_size=args.feature_batch_size,
+        cache_dir=args.cache_dir,
+        train_limit=args.train_limit,
+        report_limit=args.report_limit,
+        progress=_progress(args),
+    )
+    m = train(cfg)
+    lo, hi = m["top1_ci"]
+    print(f"{m['model']} {m['strategy']} (head init {m['head_init']}), best epoch {m['best_epoch']}/{m['epochs']}")
+    print(
+        f"  {m['split']}: top-1 {100 * m['top1']:.2f}%  (95% CI {100 * lo:.2f}-{100 * hi:.2f})  "
+        f"top-5 {100 * m['top5']:.2f}%  NLL {m['nll']:.4f}  ({m['n']} images)"
+    )
+    fc = m["feature_cache"]
+    print(
+        f"  features {m['feature_seconds']} s (cache {'hit' if fc['train_hit'] else 'built'}), "
+        f"fit {m['fit_seconds']} s, total {m['wall_s']} s"
+    )
+    print(f"  wrote {args.out}/")
     return 0
 
 

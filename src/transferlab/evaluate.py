@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +131,14 @@ def predict_logits(
     batch_size: int = 64,
     workers: int = 1,
     progress: bool | None = None,
+    forward: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    desc: str | None = None,
 ) -> np.ndarray:
-    """Run the model over ``split[indices]`` and return float32 logits in that order."""
+    """Run the model over ``split[indices]`` and return float32 outputs in that order.
+
+    ``forward(model, x)`` replaces ``model(x)``, e.g. to return pre-logits features for the feature
+    cache; the output width is taken from the first batch.
+    """
     model = backbone.model.to(device)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -144,18 +151,23 @@ def predict_logits(
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    out = np.empty((len(indices), backbone.num_classes), dtype=np.float32)
+    out: np.ndarray | None = None
     pos = 0
     disable = None if progress is None else not progress
     with eval_mode(model):
-        for x, _ in tqdm(loader, desc=f"eval {split.name}", unit="batch", disable=disable, leave=False):
+        for x, _ in tqdm(loader, desc=desc or f"eval {split.name}", unit="batch", disable=disable, leave=False):
             x = normalize_batch(
                 x.to(device, non_blocking=True), pre.mean, pre.std, channels_last=precision.channels_last
             )
             with precision.autocast():
-                logits = model(x)
-            out[pos : pos + len(x)] = logits.float().cpu().numpy()
-            pos += len(x)
+                y = model(x) if forward is None else forward(model, x)
+            y = y.float().cpu().numpy()
+            if out is None:
+                out = np.empty((len(indices), *y.shape[1:]), dtype=np.float32)
+            out[pos : pos + len(y)] = y
+            pos += len(y)
+    if out is None:
+        return np.empty((0, backbone.num_classes), dtype=np.float32)
     return out
 
 
@@ -279,11 +291,6 @@ def versions() -> dict[str, str]:
     }
 
 
-@dataclass
-class _Outputs:
-    files: list[str] = field(default_factory=list)
-
-
 def write_outputs(
     out: Path,
     metrics: dict[str, Any],
@@ -295,6 +302,19 @@ def write_outputs(
     """Write predictions.npz, per_class.csv and metrics.json (last, so its presence means complete)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    write_predictions(out / "predictions.npz", logits, targets, sample_ids, classes)
+    acc = per_class_accuracy(logits, targets, len(classes))
+    counts = np.bincount(targets, minlength=len(classes))
+    lines = ["class_index,class_id,class_name,n,top1"]
+    for i, (cid, name) in enumerate(zip(classes.ids, classes.names, strict=True)):
+        safe = name.replace('"', "'")
+        lines.append(f'{i},{cid},"{safe}",{counts[i]},{"" if np.isnan(acc[i]) else f"{acc[i]:.4f}"}')
+    atomic_write_text(out / "per_class.csv", "\n".join(lines) + "\n")
+    atomic_write_json(out / "metrics.json", metrics)
+
+
+def write_predictions(path: Path, logits: np.ndarray, targets: np.ndarray, sample_ids: list[str], classes: Any) -> None:
+    """A predictions file: logits, targets, sample ids and class ids (no pickles; atomic)."""
 
     def _npz(f: Any) -> None:
         np.savez(
@@ -305,15 +325,7 @@ def write_outputs(
             class_ids=np.asarray(classes.ids, dtype=str),
         )
 
-    atomic_write_with(out / "predictions.npz", _npz)
-    acc = per_class_accuracy(logits, targets, len(classes))
-    counts = np.bincount(targets, minlength=len(classes))
-    lines = ["class_index,class_id,class_name,n,top1"]
-    for i, (cid, name) in enumerate(zip(classes.ids, classes.names, strict=True)):
-        safe = name.replace('"', "'")
-        lines.append(f'{i},{cid},"{safe}",{counts[i]},{"" if np.isnan(acc[i]) else f"{acc[i]:.4f}"}')
-    atomic_write_text(out / "per_class.csv", "\n".join(lines) + "\n")
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_with(path, _npz)
 
 
 def load_predictions(path: str | Path) -> dict[str, np.ndarray]:

@@ -87,7 +87,7 @@ def summarize(logits: np.ndarray, targets: np.ndarray, *, n_boot: int = 1000, se
     return {
         "n": len(targets),
         "top1": float(c1.mean()) if len(targets) else float("nan"),
-        "top1_ci": [lo, hi],
+        "top1_ci": [round(lo, 6), round(hi, 6)],
         "top5": topk_accuracy(logits, targets, 5),
         "nll": nll(logits, targets),
     }

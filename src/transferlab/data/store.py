@@ -47,6 +47,10 @@ class FileStore(ABC):
         """The folder or archive this store reads."""
 
     @abstractmethod
+    def stamp(self, rel: str) -> str:
+        """A cheap content stamp of ``rel`` (size and CRC or mtime) for cache fingerprints."""
+
+    @abstractmethod
     def sub(self, prefix: str) -> FileStore:
         """A store rooted at the folder ``prefix`` inside this one."""
 
@@ -93,6 +97,10 @@ class FolderStore(FileStore):
     def origin(self, rel: str) -> str:
         return str(self.root / rel)
 
+    def stamp(self, rel: str) -> str:
+        st = (self.root / rel).stat()
+        return f"{st.st_size}:{st.st_mtime_ns}"
+
     def sub(self, prefix: str) -> FolderStore:
         return FolderStore(self.root / prefix)
 
@@ -112,13 +120,17 @@ class ZipStore(FileStore):
         self._lock = threading.Lock()
         try:
             with zipfile.ZipFile(self.archive) as zf:
-                names = [i.filename for i in zf.infolist() if not i.is_dir()]
+                infos = [i for i in zf.infolist() if not i.is_dir()]
         except zipfile.BadZipFile as e:
             raise DataError(f"{self.archive} is not a readable zip archive ({e}); re-download it.") from e
         except FileNotFoundError:
             raise DataError(f"{self.archive} does not exist") from None
         pre = f"{self.root}/" if self.root else ""
-        self._files = sorted(n[len(pre) :] for n in names if n.startswith(pre))
+        self._files = sorted(i.filename[len(pre) :] for i in infos if i.filename.startswith(pre))
+        #: CRC-32 and size of every member: a content fingerprint without reading any data.
+        self._stamp = {
+            i.filename[len(pre) :]: f"{i.CRC:08x}:{i.file_size}" for i in infos if i.filename.startswith(pre)
+        }
         self._fileset = frozenset(self._files)
 
     @property
@@ -177,6 +189,9 @@ class ZipStore(FileStore):
     def origin(self, rel: str) -> str:
         return f"{self.archive}:{self._member(rel)}"
 
+    def stamp(self, rel: str) -> str:
+        return self._stamp[rel]
+
     def sub(self, prefix: str) -> ZipStore:
         prefix = prefix.strip("/")
         child = object.__new__(ZipStore)
@@ -185,6 +200,7 @@ class ZipStore(FileStore):
         pre = prefix + "/"
         child._files = [f[len(pre) :] for f in self._files if f.startswith(pre)]
         child._fileset = frozenset(child._files)
+        child._stamp = {f[len(pre) :]: v for f, v in self._stamp.items() if f.startswith(pre)}
         return child
 
 

@@ -132,7 +132,8 @@ def _from_hub(name: str) -> Backbone:
     except Exception as e:  # network, auth, missing file: all end in the same advice
         raise WeightsError(
             f"could not get pretrained weights for {name} from {where}: {type(e).__name__}: {e}. "
-            f"Check network access, or pass --weights /path/to/{name}.safetensors (or .pth)."
+            f"Check network access, or pass --weights /path/to/{name}.safetensors (or .pth); "
+            "set HF_HUB_OFFLINE=1 to skip network attempts."
         ) from e
     num = int(getattr(model, "num_classes", 0))
     class_ids = imagenet_synsets() if num == 1000 else None

@@ -1,0 +1,148 @@
+"""The feature cache: run a frozen backbone once per split and keep its pre-logits features on disk.
+
+When nothing before the head trains and no random augmentation reaches the backbone (a linear probe),
+the backbone's outputs are identical every epoch, so computing them once turns an hour of CPU
+training into seconds per epoch. Entries are keyed by a hash of everything the features depend on
+(architecture, every weight tensor, the exact samples and their content stamps, the transform,
+preprocessing and precision), so a change anywhere gives a new entry, never a stale one. An entry that
+does not load or does not match its own metadata is rebuilt, with a warning naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transferlab.data.base import ArraySplit, FileSplit, ImageSplit
+from transferlab.data.transforms import EvalTransform
+from transferlab.evaluate import predict_logits
+from transferlab.io import atomic_write_with
+from transferlab.models.backbones import Backbone
+from transferlab.runtime import Precision
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes) of ``model``."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def samples_fingerprint(split: ImageSplit, indices: np.ndarray) -> str:
+    """sha256 over the chosen samples' ids, targets and content stamps (zip CRCs, file size+mtime)."""
+    h = hashlib.sha256()
+    h.update(split.name.encode())
+    for i in indices:
+        i = int(i)
+        h.update(split.sample_ids[i].encode())
+        h.update(int(split.targets[i]).to_bytes(8, "little", signed=True))
+        if isinstance(split, FileSplit):
+            h.update(split.store.stamp(split.sample_ids[i]).encode())
+        elif isinstance(split, ArraySplit):
+            h.update(split.images[i].tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class FeatureKey:
+    """What a cached feature array depends on."""
+
+    model: str
+    weights: str
+    samples: str
+    transform: str
+    preprocessing: str
+    precision: str
+
+    def digest(self) -> str:
+        """Short hex id used as the file name."""
+        blob = json.dumps(self.__dict__ | {"format": FORMAT_VERSION}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def pre_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The pooled features a timm classifier sees (``forward_head(pre_logits=True)``)."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
+
+
+def cached_features(
+    backbone: Backbone,
+    split: ImageSplit,
+    transform: EvalTransform,
+    *,
+    indices: np.ndarray,
+    precision: Precision,
+    device: torch.device,
+    cache_dir: Path,
+    batch_size: int = 32,
+    workers: int = 1,
+    progress: bool | None = None,
+) -> tuple[np.ndarray, Path, bool]:
+    """Pre-logits features of ``split[indices]``: from the cache when present, else computed and stored.
+
+    Returns (features float32 (N, D), cache file, whether it was a cache hit).
+    """
+    key = FeatureKey(
+        model=backbone.name,
+        weights=weights_fingerprint(backbone.model),
+        samples=samples_fingerprint(split, indices),
+        transform=repr(transform),
+        preprocessing=json.dumps(backbone.preprocessing.to_dict(), sort_keys=True),
+        precision=precision.name,
+    )
+    path = Path(cache_dir) / f"{backbone.name}-{split.name}-{key.digest()}.npz"
+    if path.exists():
+        feats = _load(path, len(indices), key)
+        if feats is not None:
+            log.info("feature cache hit: %s (%d x %d)", path, *feats.shape)
+            return feats, path, True
+    log.info(
+        "feature cache: extracting %s features for %d %s images -> %s", backbone.name, len(indices), split.name, path
+    )
+    feats = predict_logits(
+        backbone,
+        split,
+        transform,
+        indices=indices,
+        precision=precision,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+        forward=pre_logits,
+        desc=f"features {split.name}",
+    )
+
+    def _write(f):  # type: ignore[no-untyped-def]
+        np.savez(f, features=feats.astype(np.float32), key=np.asarray(json.dumps(key.__dict__)))
+
+    atomic_write_with(path, _write)
+    return feats, path, False
+
+
+def _load(path: Path, n: int, key: FeatureKey) -> np.ndarray | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            feats = z["features"]
+            stored = json.loads(str(z["key"]))
+    except Exception as e:
+        log.warning("feature cache entry %s is unreadable (%s); rebuilding it", path, e)
+        return None
+    if stored != key.__dict__ or feats.ndim != 2 or len(feats) != n or not np.isfinite(feats).all():
+        log.warning("feature cache entry %s does not match what it should hold; rebuilding it", path)
+        return None
+    return feats
