@@ -126,7 +126,10 @@ class StrategySpec:
             object.__setattr__(self, "unfreeze_epoch", epoch)
             object.__setattr__(self, "unfreeze_lr_scale", float(scale))
         else:
-            for option, value in (("--unfreeze-epoch", self.unfreeze_epoch), ("--unfreeze-lr-scale", self.unfreeze_lr_scale)):
+            for option, value in (
+                ("--unfreeze-epoch", self.unfreeze_epoch),
+                ("--unfreeze-lr-scale", self.unfreeze_lr_scale),
+            ):
                 if value is not None:
                     raise ConfigError(f"{option} applies only to --strategy freeze-unfreeze, not {self.name}")
 
