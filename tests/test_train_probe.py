@@ -155,16 +155,13 @@ def test_train_run_directory_is_complete_and_consistent(tiny_zip: Path, tmp_path
         main(
             [
                 "evaluate",
+                str(out),
                 "--progress",
                 "off",
                 "--workers",
                 "0",
                 "--precision",
                 "fp32",
-                "--model",
-                "test_resnet",
-                "--weights",
-                str(out / "model.safetensors"),
                 "--data",
                 str(tiny_zip),
                 "--out",

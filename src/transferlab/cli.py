@@ -72,7 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
         "95%% interval, top5, nll, images/s), predictions.npz and per_class.csv to --out. "
         "--zero-shot uses the ImageNet-1k head restricted to the dataset's classes.",
     )
-    ev.add_argument("--model", required=True, help="timm architecture name, e.g. tf_efficientnet_lite0, resnet50")
+    ev.add_argument(
+        "run",
+        nargs="?",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="a run directory from `transferlab train` (instead of --model)",
+    )
+    ev.add_argument("--model", default=None, help="timm architecture name, e.g. tf_efficientnet_lite0, resnet50")
     ev.add_argument(
         "--weights",
         default="auto",
@@ -128,86 +136,189 @@ def build_parser() -> argparse.ArgumentParser:
     # train
     tr = sub.add_parser(
         "train",
-        help="adapt a backbone to a dataset (linear probe on cached features)",
-        description="Train a new head on a frozen backbone. --strategy linear-probe runs the backbone once per "
-        "split (features cached on disk, reused across runs), fits a linear head, picks the best epoch on a "
-        "class-stratified holdout of train, and reports on --report-split, which nothing was chosen on. "
-        "Writes config.yaml, history.csv, metrics.json, predictions/<split>.npz and model.safetensors to --out.",
+        help="adapt a backbone to a dataset (linear probe, BatchNorm-only, full, freeze-unfreeze, scratch)",
+        description="Adapt a backbone to a dataset and write a run directory: config.yaml, history.csv, "
+        "steps.csv, curves.png, checkpoints/, predictions/<split>.npz, metrics.json, model.safetensors. The epoch "
+        "kept is chosen on a class-stratified --holdout of train; the reported numbers come from --report-split, "
+        "which nothing was chosen on. A linear probe without augmentation trains on cached backbone features. "
+        "Runs unchanged under torchrun (DistributedDataParallel).",
     )
-    tr.add_argument("--model", required=True, help="timm architecture name, e.g. tf_efficientnet_lite0")
-    tr.add_argument("--weights", default="auto", help="auto, hub, package, none, or a .safetensors/.pth file")
-    tr.add_argument("--data", default="tiny-imagenet-mini", help=DATA_HELP + " (default: tiny-imagenet-mini)")
-    tr.add_argument(
+    g = tr.add_argument_group("model")
+    g.add_argument("--model", required=True, help="timm architecture name, e.g. tf_efficientnet_lite0, resnet50")
+    g.add_argument("--weights", default="auto", help="auto, hub, package, none, or a .safetensors/.pth file")
+    g.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from the backbone of an earlier run directory (e.g. a CNN trained on CIFAR-10)",
+    )
+    g.add_argument(
         "--strategy",
-        choices=("linear-probe",),
         default="linear-probe",
-        help="what trains: linear-probe = backbone frozen with BatchNorm in eval mode, new linear head",
+        choices=("linear-probe", "bn-only", "full", "freeze-unfreeze", "scratch"),
+        help="what trains: linear-probe (head only, BN eval), bn-only (BatchNorm + head: the seed's "
+        "fine-tuning), full, freeze-unfreeze (head first, then everything at a lower LR), scratch "
+        "(random init) (default: linear-probe)",
     )
-    tr.add_argument(
+    g.add_argument(
+        "--bn",
+        choices=("train", "frozen-stats", "eval"),
+        default=None,
+        help="BatchNorm policy: train (affine and running stats update), frozen-stats (affine trains, "
+        "stats fixed), eval (nothing changes) (default: eval for linear-probe, else train)",
+    )
+    g.add_argument(
+        "--head",
+        default="linear",
+        help="linear, or seed (Conv3x3x32 -> GAP -> dropout 0.2 -> dense 1024 -> dense N); "
+        "options as seed:conv=32,hidden=1024,dropout=0.2 (default: linear)",
+    )
+    g.add_argument(
         "--head-init",
         choices=("auto", "imagenet", "random"),
         default="auto",
-        help="imagenet: start the head from the matching rows of the ImageNet classifier (when the "
-        "dataset's classes are ImageNet classes); auto = imagenet where it applies (default: auto)",
+        help="imagenet: start a linear head from the matching rows of the ImageNet classifier; "
+        "auto = imagenet where it applies (default: auto)",
     )
-    tr.add_argument("--epochs", type=int, default=10, help="passes over the training features (default: 10)")
-    tr.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
-    tr.add_argument(
-        "--optimizer",
-        choices=("adamw", "rmsprop", "sgd"),
-        default="adamw",
-        help="optimizer for the head (default: adamw)",
+    g.add_argument(
+        "--layer-decay",
+        type=float,
+        default=None,
+        help="full only: each layer towards the stem gets this factor less LR (e.g. 0.75)",
     )
-    tr.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default: 0)")
-    tr.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing (default: 0)")
-    tr.add_argument("--batch-size", type=int, default=256, help="feature vectors per step (default: 256)")
-    tr.add_argument(
+    g.add_argument(
+        "--unfreeze-epoch",
+        type=int,
+        default=None,
+        help="freeze-unfreeze: epochs with the body frozen before unfreezing (default: 1)",
+    )
+    g.add_argument(
+        "--unfreeze-lr-scale",
+        type=float,
+        default=None,
+        help="freeze-unfreeze: backbone LR factor after unfreezing (default: 0.1)",
+    )
+    g = tr.add_argument_group("data")
+    g.add_argument("--data", default="tiny-imagenet-mini", help=DATA_HELP + " (default: tiny-imagenet-mini)")
+    g.add_argument("--img-size", type=int, default=None, help="input resolution (default: the weights')")
+    g.add_argument("--crop", choices=("auto", "center", "none"), default="auto", help="eval crop, as for evaluate")
+    g.add_argument(
+        "--interpolation",
+        choices=("auto", "bilinear", "bicubic", "nearest"),
+        default="auto",
+        help="resize method, as for evaluate (default: auto)",
+    )
+    g.add_argument(
+        "--aug",
+        choices=("none", "flip", "seed", "randaugment", "trivialaugment"),
+        default="none",
+        help="training augmentation; seed = shear 0.2 / zoom 0.2 / horizontal flip (default: none)",
+    )
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha, 0 = off (default: 0)")
+    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha, 0 = off (default: 0)")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing (default: 0)")
+    g.add_argument(
+        "--standardize",
+        choices=("pretrained", "dataset"),
+        default="pretrained",
+        help="input standardisation: the weights' mean/std, or the training set's (default: pretrained)",
+    )
+    g.add_argument(
+        "--class-weights",
+        choices=("none", "balanced"),
+        default="none",
+        help="weight the loss by inverse class frequency (default: none)",
+    )
+    g.add_argument(
+        "--sampler",
+        choices=("shuffle", "balanced"),
+        default="shuffle",
+        help="balanced draws each class equally often (default: shuffle)",
+    )
+    g.add_argument(
         "--holdout",
         type=float,
         default=0.1,
-        help="fraction of each train class held out to pick the best epoch (default: 0.1)",
+        help="fraction of each train class held out to pick the epoch kept (default: 0.1)",
     )
-    tr.add_argument(
+    g.add_argument(
         "--report-split",
         default="val",
         help="split the final numbers come from; never used for any choice (default: val)",
     )
-    tr.add_argument("--img-size", type=int, default=None, help="input resolution (default: the weights')")
-    tr.add_argument(
-        "--crop", choices=("auto", "center", "none"), default="auto", help="as for evaluate (default: auto)"
+    g.add_argument("--train-limit", type=int, default=None, help="use a seeded subset of train (default: all)")
+    g.add_argument(
+        "--report-limit", type=int, default=None, help="report on a seeded subset of --report-split (default: all)"
     )
-    tr.add_argument(
-        "--interpolation",
-        choices=("auto", "bilinear", "bicubic", "nearest"),
+    g = tr.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=10, help="maximum epochs (default: 10)")
+    g.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3; the seed: 1e-4)")
+    g.add_argument("--batch-size", type=int, default=256, help="images per step (default: 256; the seed: 128)")
+    g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps (default: 1)")
+    g.add_argument(
+        "--optimizer",
+        choices=("adamw", "rmsprop", "sgd"),
+        default="adamw",
+        help="optimizer; rmsprop uses Keras' defaults like the seed (default: adamw)",
+    )
+    g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default: 0)")
+    g.add_argument(
+        "--schedule",
+        choices=("constant", "cosine", "step"),
+        default="constant",
+        help="learning-rate schedule (default: constant)",
+    )
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default: 0)")
+    g.add_argument("--step-size", type=int, default=None, help="steps between decays for --schedule step")
+    g.add_argument("--gamma", type=float, default=0.1, help="decay factor for --schedule step (default: 0.1)")
+    g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this (default: off)")
+    g.add_argument(
+        "--early-stop",
+        choices=("val_loss", "val_acc"),
+        default="val_loss",
+        help="holdout metric that picks the best epoch and drives --patience (default: val_loss)",
+    )
+    g.add_argument(
+        "--patience", type=int, default=None, help="stop after this many epochs without improvement (default: never)"
+    )
+    g = tr.add_argument_group("runtime")
+    g.add_argument(
+        "--feature-cache",
+        choices=("auto", "on", "off"),
         default="auto",
-        help="as for evaluate (default: auto)",
+        help="train a linear probe on cached backbone features (auto: whenever possible)",
     )
-    tr.add_argument(
+    g.add_argument(
         "--feature-batch-size",
         type=int,
         default=32,
-        help="images per backbone forward pass while extracting features (default: 32)",
+        help="images per backbone pass while extracting features (default: 32)",
     )
-    tr.add_argument(
+    g.add_argument(
         "--cache-dir",
         type=Path,
         default=None,
-        help="feature cache folder (default: $TRANSFERLAB_CACHE/features or the user cache dir)",
+        help="cache folder for features and dataset stats (default: $TRANSFERLAB_CACHE or user cache)",
     )
-    tr.add_argument("--train-limit", type=int, default=None, help="use a seeded subset of train (default: all)")
-    tr.add_argument(
-        "--report-limit", type=int, default=None, help="report on a seeded subset of --report-split (default: all)"
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="also checkpoint every N steps, besides each epoch end (default: 0 = epoch ends only)",
     )
-    tr.add_argument(
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="step checkpoints kept (default: 2)")
+    g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    g.add_argument("--seed", type=int, default=0, help="seed for holdout, init, data order, augmentation")
+    g.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (slower)")
+    g.add_argument(
         "--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="as for evaluate (default: auto)"
     )
-    tr.add_argument(
+    g.add_argument(
         "--channels-last", choices=("auto", "on", "off"), default="auto", help="as for evaluate (default: auto)"
     )
-    tr.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
-    tr.add_argument("--workers", type=int, default=-1, help="decoding processes; -1 = cores-1, at most 4")
-    tr.add_argument("--seed", type=int, default=0, help="seed for the holdout, init and data order (default: 0)")
-    tr.add_argument("--out", required=True, type=Path, help="run directory (created)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
+    g.add_argument("--workers", type=int, default=-1, help="decoding processes; -1 = cores-1, at most 4")
+    g.add_argument("--out", required=True, type=Path, help="run directory (created)")
     _add_common(tr)
     tr.set_defaults(func=cmd_train)
 
@@ -252,6 +363,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from transferlab.evaluate import EvalConfig, evaluate
 
     cfg = EvalConfig(
+        run=args.run,
         model=args.model,
         data=args.data,
         out=args.out,
@@ -287,50 +399,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``transferlab train``."""
+    from dataclasses import fields
+
     from transferlab.train.run import TrainConfig, train
 
-    cfg = TrainConfig(
-        model=args.model,
-        data=args.data,
-        out=args.out,
-        weights=args.weights,
-        strategy=args.strategy,
-        head_init=args.head_init,
-        img_size=args.img_size,
-        crop=args.crop,
-        interpolation=args.interpolation,
-        holdout=args.holdout,
-        report_split=args.report_split,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing,
-        seed=args.seed,
-        precision=args.precision,
-        channels_last=args.channels_last,
-        device=args.device,
-        workers=args.workers,
-        feature_batch_size=args.feature_batch_size,
-        cache_dir=args.cache_dir,
-        train_limit=args.train_limit,
-        report_limit=args.report_limit,
-        progress=_progress(args),
-    )
-    m = train(cfg)
+    names = {f.name for f in fields(TrainConfig)}
+    kw = {k: v for k, v in vars(args).items() if k in names}
+    kw["progress"] = _progress(args)
+    m = train(TrainConfig(**kw))
+    if not m:  # a non-zero rank under torchrun
+        return 0
     lo, hi = m["top1_ci"]
-    print(f"{m['model']} {m['strategy']} (head init {m['head_init']}), best epoch {m['best_epoch']}/{m['epochs']}")
+    print(
+        f"{m['model']} {m['strategy']} ({m['head']} head, BN {m['bn']}, head init {m['head_init']}), "
+        f"best epoch {m['best_epoch']}/{m['epochs_run']}, {m['params_trained']:,} parameters trained"
+    )
     print(
         f"  {m['split']}: top-1 {100 * m['top1']:.2f}%  (95% CI {100 * lo:.2f}-{100 * hi:.2f})  "
         f"top-5 {100 * m['top5']:.2f}%  NLL {m['nll']:.4f}  ({m['n']} images)"
     )
-    fc = m["feature_cache"]
-    print(
-        f"  features {m['feature_seconds']} s (cache {'hit' if fc['train_hit'] else 'built'}), "
-        f"fit {m['fit_seconds']} s, total {m['wall_s']} s"
-    )
-    print(f"  wrote {args.out}/")
+    if "feature_cache" in m:
+        fc = m["feature_cache"]
+        print(
+            f"  features {m['feature_seconds']} s (cache {'hit' if fc['train_hit'] else 'built'}), "
+            f"head fit {m['fit_seconds']} s"
+        )
+    print(f"  total {m['wall_s']} s; wrote {args.out}/")
     return 0
 
 

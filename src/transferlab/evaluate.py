@@ -43,9 +43,10 @@ IMAGENET_OVERLAP_WARNING = (
 class EvalConfig:
     """Everything an evaluation depends on. Invalid values fail here with a sentence naming the option."""
 
-    model: str
     data: str
     out: Path
+    model: str | None = None
+    run: Path | None = None
     weights: str = "auto"
     split: str = "val"
     zero_shot: bool = False
@@ -63,6 +64,10 @@ class EvalConfig:
     progress: bool | None = None
 
     def __post_init__(self) -> None:
+        if (self.model is None) == (self.run is None):
+            raise ConfigError("give either a run directory (transferlab evaluate RUN_DIR) or --model, not both")
+        if self.run is not None and self.zero_shot:
+            raise ConfigError("--zero-shot uses a pretrained ImageNet head; a run directory has its own trained head")
         if self.crop not in CROP_MODES:
             raise ConfigError(f"--crop must be one of {', '.join(CROP_MODES)}, not {self.crop!r}")
         if self.interpolation not in INTERPOLATIONS:
@@ -185,12 +190,24 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             f"split {cfg.split!r} of {source.location} has no labels, so it cannot be evaluated; "
             "use `transferlab predict` for unlabeled images"
         )
-    backbone = create_backbone(cfg.model, cfg.weights)
+    if cfg.run is not None:
+        from transferlab.train.runs import load_run
+
+        run = load_run(cfg.run)
+        if run.class_ids != source.classes.ids:
+            raise ConfigError(
+                f"{cfg.run} was trained on {len(run.class_ids)} classes that differ from the {len(source.classes)} "
+                f"classes of {source.location}; evaluate it on data with the same class list"
+            )
+        backbone = Backbone(run.model, run.config.model, f"run {cfg.run}", run.preprocessing, run.class_ids)
+    else:
+        assert cfg.model is not None
+        backbone = create_backbone(cfg.model, cfg.weights)
     warnings: list[str] = []
     if cfg.zero_shot:
         if not backbone.has_imagenet_head:
             raise ConfigError(
-                f"--zero-shot needs a model with an ImageNet-1k head, but {cfg.model} with weights "
+                f"--zero-shot needs a model with an ImageNet-1k head, but {backbone.name} with weights "
                 f"'{backbone.weights}' has {backbone.num_classes} outputs"
             )
         cols = imagenet_indices(source.classes.ids)
@@ -220,7 +237,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     indices = subset_indices(len(split), cfg.limit, cfg.seed)
     log.info(
         "evaluating %s (%s) on %s/%s: %d images, %s, %s",
-        cfg.model,
+        backbone.name,
         backbone.weights,
         source.location,
         cfg.split,
@@ -246,12 +263,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     targets = split.targets[indices]
 
     metrics: dict[str, Any] = {
-        "model": cfg.model,
+        "model": backbone.name,
+        "run": None if cfg.run is None else str(cfg.run),
         "weights": backbone.weights,
         "data": source.location,
         "dataset": source.name,
         "split": cfg.split,
-        "mode": "zero-shot" if cfg.zero_shot else "head",
+        "mode": "zero-shot" if cfg.zero_shot else ("run" if cfg.run is not None else "head"),
         **summarize(logits, targets, n_boot=cfg.n_boot, seed=cfg.seed),
         "num_classes": len(source.classes),
         "wall_s": round(wall, 3),

@@ -49,7 +49,10 @@ class Backbone:
     @property
     def num_classes(self) -> int:
         """Number of outputs of the current classifier head."""
-        return int(getattr(self.model, "num_classes", 0))
+        n = getattr(self.model, "num_classes", None)
+        if n is None and self.class_ids is not None:
+            return len(self.class_ids)
+        return int(n or 0)
 
     @property
     def has_imagenet_head(self) -> bool:

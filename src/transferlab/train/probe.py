@@ -58,6 +58,14 @@ class ProbeResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which an epoch visits ``n`` samples: a permutation from (seed, epoch) alone.
+
+    Shared by the feature-cache path and the image loop, so both see the data in the same order.
+    """
+    return np.random.default_rng([seed, epoch, 7]).permutation(n)
+
+
 def stratified_holdout(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split indices into (fit, holdout) with ``fraction`` of every class held out (at least one when
     the class has two or more samples). Seeded, so the same run always holds out the same images."""
@@ -141,7 +149,7 @@ def fit_linear_probe(
     n = len(yf)
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen)
+        perm = torch.from_numpy(epoch_order(n, cfg.seed, epoch - 1))
         tot_loss, tot_hit = 0.0, 0
         for s in range(0, n, cfg.batch_size):
             idx = perm[s : s + cfg.batch_size]

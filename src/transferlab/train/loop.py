@@ -1,0 +1,474 @@
+"""The training loop: one plain function a person can read top to bottom.
+
+What makes it trustworthy:
+
+* the data order is a permutation drawn from (seed, epoch) and every augmentation from
+  (seed, epoch, sample index), so neither the number of DataLoader workers nor an interruption
+  changes what the model sees;
+* checkpoints (every ``--checkpoint-every`` steps and at each epoch end) hold the model, optimizer,
+  step, position inside the epoch and every RNG state, so ``--resume`` continues bit-exactly;
+* the epoch kept is chosen on a holdout carved from the training split, and the reported numbers come
+  from ``--report-split``, which nothing was chosen on;
+* under ``torchrun`` the same code runs DistributedDataParallel, rank 0 alone writes, and evaluation
+  gathers every sample exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from transferlab.data.augment import TrainTransform, mix_batch, sample_rng, soft_cross_entropy
+from transferlab.data.base import ImageSplit
+from transferlab.data.transforms import EvalTransform, normalize_batch
+from transferlab.errors import TransferlabError
+from transferlab.models.heads import TransferModel
+from transferlab.models.strategies import apply_strategy, param_groups, set_train_mode, unfreeze
+from transferlab.runtime import Precision
+from transferlab.train.config import TrainConfig
+from transferlab.train.optim import EarlyStopping, ScheduleSpec, build_optimizer, clip_gradients, lr_factor, set_lr
+from transferlab.train.probe import epoch_order
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(TransferlabError):
+    """The loss or the gradients became NaN/inf; training stopped before the optimizer step."""
+
+
+# ------------------------------------------------------------------------------------------------
+# distributed helpers (no-ops in a single process)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Rank and world size; ``world == 1`` outside torchrun."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 alone writes files and logs progress."""
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        """Initialise the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+        return cls(dist.get_rank(), dist.get_world_size())
+
+
+def _all_reduce_sum(values: list[float], d: Dist) -> list[float]:
+    if d.world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation of ``n`` positions from (seed, epoch), sharded ``rank::world``, starting at ``start``.
+
+    ``start`` counts positions of the *global* order already consumed (resume mid-epoch). With
+    ``weights`` (balanced sampling) the epoch draws ``n`` positions with replacement instead.
+    """
+
+    def __init__(self, n: int, seed: int, *, weights: np.ndarray | None = None, rank: int = 0, world: int = 1) -> None:
+        self.n, self.seed, self.weights, self.rank, self.world = n, seed, weights, rank, world
+        self.epoch = 0
+        self.start = 0
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The global order of positions for ``epoch``."""
+        if self.weights is None:
+            return epoch_order(self.n, self.seed, epoch)
+        rng = np.random.default_rng([self.seed, epoch, 8])
+        p = self.weights / self.weights.sum()
+        return rng.choice(self.n, size=self.n, replace=True, p=p)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Choose the epoch (and the position to start from) before iterating."""
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.order(self.epoch)
+        # Drop a tail so every rank gets the same number of steps (DDP needs equal step counts).
+        usable = (len(order) // self.world) * self.world
+        order = order[:usable]
+        return iter(order[self.start + self.rank : usable : self.world].tolist())
+
+    def __len__(self) -> int:
+        usable = (self.n // self.world) * self.world
+        return max(0, (usable - self.start) // self.world)
+
+
+class TrainImages(Dataset):
+    """Training samples: ``split[indices[pos]]`` augmented with randomness from (seed, epoch, index)."""
+
+    def __init__(self, split: ImageSplit, indices: np.ndarray, transform: TrainTransform, seed: int) -> None:
+        self.split, self.indices, self.transform, self.seed = split, indices, transform, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, pos: int) -> tuple[torch.Tensor, int, int]:
+        i = int(self.indices[pos])
+        img = self.transform(self.split.load(i), sample_rng(self.seed, self.epoch, i))
+        return img, int(self.split.targets[i]), pos
+
+
+class EvalImages(Dataset):
+    """Evaluation samples through the deterministic eval transform."""
+
+    def __init__(self, split: ImageSplit, indices: np.ndarray, transform: EvalTransform) -> None:
+        self.split, self.indices, self.transform = split, indices, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, pos: int) -> tuple[torch.Tensor, int, int]:
+        i = int(self.indices[pos])
+        return self.transform(self.split.load(i)), int(self.split.targets[i]), pos
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation (exact under DDP: every sample once, gathered in order)
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module,
+    data: EvalImages,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    precision: Precision,
+    device: torch.device,
+    batch_size: int,
+    workers: int,
+    d: Dist,
+    progress: bool | None = None,
+) -> np.ndarray:
+    """Logits for every sample of ``data`` in order; each rank computes ``rank::world`` and rank 0 gathers."""
+    mine = list(range(d.rank, len(data), d.world))
+    loader = DataLoader(torch.utils.data.Subset(data, mine), batch_size=batch_size, shuffle=False, num_workers=workers)
+    was = model.training
+    model.eval()
+    outs, poss = [], []
+    disable = (None if progress is None else not progress) if d.main else True
+    for x, _, pos in tqdm(loader, desc="eval", unit="batch", leave=False, disable=disable):
+        x = normalize_batch(x.to(device), mean, std, channels_last=precision.channels_last)
+        with precision.autocast():
+            outs.append(model(x).float().cpu())
+        poss.append(pos)
+    model.train(was)
+    logits = torch.cat(outs) if outs else torch.empty(0)
+    pos_t = torch.cat(poss) if poss else torch.empty(0, dtype=torch.long)
+    if d.world > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * d.world
+        dist.all_gather_object(gathered, (pos_t.numpy(), logits.numpy()))
+        pos_all = np.concatenate([g[0] for g in gathered])
+        log_all = np.concatenate([g[1] for g in gathered if len(g[1])])
+        out = np.empty((len(data), log_all.shape[1]), dtype=np.float32)
+        out[pos_all] = log_all
+        return out
+    return logits.numpy()
+
+
+def _score(logits: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
+    t = torch.from_numpy(logits)
+    y = torch.from_numpy(targets.astype(np.int64))
+    return float(F.cross_entropy(t, y)), float((t.argmax(1) == y).float().mean())
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class FitData:
+    """What the loop trains and selects on."""
+
+    train: TrainImages
+    holdout: EvalImages
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_weights: torch.Tensor | None = None
+    sample_weights: np.ndarray | None = None
+
+
+@dataclass
+class FitResult:
+    """History and the epoch whose weights were kept."""
+
+    history: list[dict[str, float]]
+    best_epoch: int
+    steps: list[dict[str, float]]
+    stopped_early: bool
+
+
+def fit(
+    model: TransferModel,
+    data: FitData,
+    cfg: TrainConfig,
+    *,
+    run_dir: Path,
+    precision: Precision,
+    device: torch.device,
+    workers: int,
+    d: Dist | None = None,
+) -> FitResult:
+    """Train ``model`` under ``cfg`` and leave the best epoch's weights in it.
+
+    Checkpoints go to ``run_dir/checkpoints`` (``step-*``, ``last``, ``best``); with ``cfg.resume`` the
+    newest complete one is continued exactly.
+    """
+    from transferlab.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+
+    d = d or Dist()
+    spec = cfg.strategy_spec()
+    ckpt_dir = run_dir / "checkpoints"
+    model.to(device)
+    if precision.channels_last:
+        model.to(memory_format=torch.channels_last)
+    apply_strategy(model, spec)
+
+    steps_per_epoch = math.ceil(len(EpochSampler(len(data.train), cfg.seed, world=d.world)) / cfg.batch_size)
+    opt_steps_per_epoch = math.ceil(steps_per_epoch / cfg.accum_steps)
+    total_opt_steps = opt_steps_per_epoch * cfg.epochs
+    schedule = ScheduleSpec(cfg.schedule, warmup_steps=cfg.warmup_steps, step_size=cfg.step_size, gamma=cfg.gamma)
+    stopper = EarlyStopping(cfg.early_stop, patience=cfg.patience)
+
+    # State that a checkpoint carries besides model/optimizer/RNG.
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "pos": 0,
+        "step": 0,
+        "opt_step": 0,
+        "sums": [0.0, 0.0, 0.0],
+        "history": [],
+        "steps": [],
+        "early_stop": stopper.state_dict(),
+        "unfrozen": False,
+        "accum": 0,
+    }
+    resume_from = latest_checkpoint(ckpt_dir, prefix="") if cfg.resume else None
+    if resume_from is not None:
+        peek = load_checkpoint(ckpt_dir, resume_from, restore_rng=False)
+        if peek.state.get("unfrozen"):
+            unfreeze(model, spec)
+
+    def make_optimizer() -> torch.optim.Optimizer:
+        return build_optimizer(param_groups(model, spec, cfg.lr), cfg.optimizer, cfg.lr, cfg.weight_decay)
+
+    optimizer = make_optimizer()
+    if resume_from is not None:
+        ck = load_checkpoint(ckpt_dir, resume_from, optimizer=optimizer, restore_rng=True)
+        model.load_state_dict(ck.model_state)
+        state = ck.state
+        stopper.load_state_dict(state["early_stop"])
+        log.info(
+            "resuming from %s: epoch %d, position %d, step %d", ck.path, state["epoch"], state["pos"], state["step"]
+        )
+    elif cfg.resume:
+        log.info("--resume: no checkpoint in %s, starting fresh", ckpt_dir)
+
+    ddp_model: nn.Module = model
+    if d.world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+
+    sampler = EpochSampler(len(data.train), cfg.seed, weights=data.sample_weights, rank=d.rank, world=d.world)
+    disable = (None if cfg.progress is None else not cfg.progress) if d.main else True
+    mix = cfg.mixup > 0 or cfg.cutmix > 0
+
+    def checkpoint(name: str) -> None:
+        if d.main:
+            state["early_stop"] = stopper.state_dict()
+            save_checkpoint(
+                ckpt_dir, name, model_state=model.state_dict(), optimizer=optimizer, scaler_state=None, state=state
+            )
+        if d.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def optimizer_step() -> None:
+        norm = clip_gradients([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
+        if norm is not None and not math.isfinite(norm):
+            raise NonFiniteLossError(
+                f"the gradient norm became {norm} at step {state['step']}; stopped before the "
+                "optimizer step, the last checkpoint is intact"
+            )
+        set_lr(optimizer, lr_factor(state["opt_step"], total_opt_steps, schedule))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["opt_step"] += 1
+        state["accum"] = 0
+
+    for epoch in range(state["epoch"], cfg.epochs):
+        if spec.name == "freeze-unfreeze" and epoch >= (spec.unfreeze_epoch or 0) and not state["unfrozen"]:
+            unfreeze(model, spec)
+            state["unfrozen"] = True
+            optimizer = make_optimizer()
+            if d.world > 1:
+                ddp_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+        set_train_mode(model, spec)
+        data.train.epoch = epoch
+        sampler.set_epoch(epoch, state["pos"])
+        loader = DataLoader(
+            data.train,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            persistent_workers=False,
+        )
+        t0 = time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False, disable=disable)
+        for x, y, _ in bar:
+            x = normalize_batch(
+                x.to(device, non_blocking=True), data.mean, data.std, channels_last=precision.channels_last
+            )
+            y = y.to(device)
+            if mix:
+                gen = torch.Generator().manual_seed(
+                    int(np.random.SeedSequence([cfg.seed, epoch, state["step"]]).generate_state(1)[0])
+                )
+                x, soft = mix_batch(
+                    x,
+                    y,
+                    data.num_classes,
+                    mixup_alpha=cfg.mixup,
+                    cutmix_alpha=cfg.cutmix,
+                    label_smoothing=cfg.label_smoothing,
+                    generator=gen,
+                )
+            with precision.autocast():
+                logits = ddp_model(x)
+            logits = logits.float()
+            if mix:
+                loss = soft_cross_entropy(logits, soft)
+            else:
+                loss = F.cross_entropy(logits, y, weight=data.class_weights, label_smoothing=cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"the loss became {float(loss)} at step {state['step']} (epoch {epoch + 1}); stopped before "
+                    "the optimizer step, the last checkpoint is intact. Lower --lr, set --clip-grad, or use "
+                    "--precision fp32"
+                )
+            (loss / cfg.accum_steps).backward()
+            state["step"] += 1
+            n = len(y)
+            hits = float((logits.argmax(1) == y).sum())
+            state["sums"] = [state["sums"][0] + float(loss.detach()) * n, state["sums"][1] + hits, state["sums"][2] + n]
+            state["pos"] += n * d.world
+            state["accum"] += 1
+            if state["accum"] == cfg.accum_steps:
+                optimizer_step()
+            state["steps"].append(
+                {
+                    "step": state["step"],
+                    "epoch": epoch + 1,
+                    "loss": float(loss.detach()),
+                    "lr": optimizer.param_groups[-1]["lr"],
+                }
+            )
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            # Checkpoints only fall between optimizer steps: accumulated gradients are never lost.
+            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and state["accum"] == 0:
+                checkpoint(f"step-{state['step']:08d}")
+                if d.main:
+                    prune_checkpoints(ckpt_dir, "step-", keep=cfg.keep_checkpoints)
+        if state["accum"]:
+            optimizer_step()  # the epoch's last, partial accumulation
+        secs = time.perf_counter() - t0
+        loss_sum, hit_sum, count = _all_reduce_sum(state["sums"], d)
+        hold_logits = predict(
+            model,
+            data.holdout,
+            mean=data.mean,
+            std=data.std,
+            precision=precision,
+            device=device,
+            batch_size=cfg.batch_size,
+            workers=workers,
+            d=d,
+            progress=cfg.progress,
+        )
+        hold_targets = data.holdout.split.targets[data.holdout.indices]
+        val_loss, val_acc = _score(hold_logits, hold_targets)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(count, 1),
+            "train_acc": hit_sum / max(count, 1),
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": optimizer.param_groups[-1]["lr"],
+            "seconds": secs,
+            "images_per_s": (count - 0) / max(secs, 1e-9),
+        }
+        state["history"].append(row)
+        if d.main:
+            log.info(
+                "epoch %d/%d: train loss %.4f acc %.4f | holdout loss %.4f acc %.4f | %.0f img/s",
+                epoch + 1,
+                cfg.epochs,
+                row["train_loss"],
+                row["train_acc"],
+                val_loss,
+                val_acc,
+                row["images_per_s"],
+            )
+        improved = stopper.update(val_loss if cfg.early_stop == "val_loss" else val_acc, epoch + 1)
+        state.update(epoch=epoch + 1, pos=0, sums=[0.0, 0.0, 0.0])
+        if improved:
+            checkpoint("best")
+        checkpoint("last")
+        if stopper.should_stop:
+            log.info(
+                "early stopping after epoch %d: no improvement of %s for %s epochs",
+                epoch + 1,
+                cfg.early_stop,
+                cfg.patience,
+            )
+            break
+
+    best = load_checkpoint(ckpt_dir, "best", restore_rng=False)
+    model.load_state_dict(best.model_state)
+    return FitResult(
+        history=state["history"],
+        best_epoch=stopper.best_epoch or len(state["history"]),
+        steps=state["steps"],
+        stopped_early=stopper.should_stop,
+    )
