@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from transferlab import __version__
-from transferlab.errors import TransferlabError
+from transferlab.errors import ConfigError, TransferlabError
 
 log = logging.getLogger("transferlab")
 
@@ -144,7 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
         "Runs unchanged under torchrun (DistributedDataParallel).",
     )
     g = tr.add_argument_group("model")
-    g.add_argument("--model", required=True, help="timm architecture name, e.g. tf_efficientnet_lite0, resnet50")
+    g.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="replay a run: read options from its config.yaml; flags given here override them",
+    )
+    g.add_argument(
+        "--model",
+        default=None,
+        help="timm architecture, e.g. tf_efficientnet_lite0, resnet50 (required unless --config)",
+    )
     g.add_argument("--weights", default="auto", help="auto, hub, package, none, or a .safetensors/.pth file")
     g.add_argument(
         "--init-from",
@@ -318,9 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
     g.add_argument("--workers", type=int, default=-1, help="decoding processes; -1 = cores-1, at most 4")
-    g.add_argument("--out", required=True, type=Path, help="run directory (created)")
+    g.add_argument("--out", type=Path, default=None, help="run directory (created; required unless --config)")
     _add_common(tr)
-    tr.set_defaults(func=cmd_train)
+    tr.set_defaults(func=cmd_train, subparser=tr)
 
     # data
     data = sub.add_parser("data", help="inspect datasets", description="Inspect datasets.")
@@ -404,6 +414,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from transferlab.train.run import TrainConfig, train
 
     names = {f.name for f in fields(TrainConfig)}
+    if args.config is not None:
+        args = _reparse_with_config(args, names)
+    for opt in ("model", "out"):
+        if getattr(args, opt) is None:
+            raise ConfigError(f"--{opt} is required (or --config RUN_DIR/config.yaml)")
     kw = {k: v for k, v in vars(args).items() if k in names}
     kw["progress"] = _progress(args)
     m = train(TrainConfig(**kw))
@@ -426,6 +441,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     print(f"  total {m['wall_s']} s; wrote {args.out}/")
     return 0
+
+
+def _reparse_with_config(args: argparse.Namespace, names: set[str]) -> argparse.Namespace:
+    """Parse the train flags again with a config.yaml's values as defaults, so explicit flags win."""
+    import yaml
+
+    from transferlab.train.config import TrainConfig
+
+    try:
+        d = yaml.safe_load(Path(args.config).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"--config {args.config}: cannot read it ({e})") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"--config {args.config}: expected a mapping of options")
+    TrainConfig.from_dict(d)  # unknown keys and bad values fail here, naming the key
+    d.pop("progress", None)
+    parser: argparse.ArgumentParser = args.subparser
+    parser.set_defaults(**{k: v for k, v in d.items() if k in names})
+    argv = list(args.argv)
+    rest = argv[argv.index("train") + 1 :]
+    new = parser.parse_args(rest)
+    new.func, new.subparser, new.argv = args.func, parser, args.argv
+    return new
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
@@ -478,7 +516,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``transferlab`` console script. Returns the exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
