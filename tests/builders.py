@@ -76,3 +76,31 @@ def write_zip(path: Path, files: dict[str, bytes], top: str = "tiny-imagenet-200
         for rel, data in files.items():
             zf.writestr(f"{top}/{rel}" if top else rel, data)
     return path
+
+
+def train_argv(ds: Path, weights: Path, out: Path, *extra: str) -> list[str]:
+    """``transferlab train`` arguments for a fast, deterministic run of test_resnet on CPU."""
+    return [
+        "train",
+        "--progress",
+        "off",
+        "--workers",
+        "0",
+        "--precision",
+        "fp32",
+        "--model",
+        "test_resnet",
+        "--weights",
+        str(weights),
+        "--data",
+        str(ds),
+        "--batch-size",
+        "6",
+        "--holdout",
+        "0.2",
+        "--cache-dir",
+        str(out.parent / "cache"),
+        "--out",
+        str(out),
+        *extra,
+    ]

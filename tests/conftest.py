@@ -51,3 +51,38 @@ def tiny_folder(tmp_path: Path) -> Path:
 def tiny_zip(tmp_path: Path) -> Path:
     """The same small dataset as an official-layout zip (top folder tiny-imagenet-200/)."""
     return write_zip(tmp_path / "tiny-imagenet-200.zip", tiny_imagenet_files())
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models are dominated by thread overhead: one torch thread is faster and steadier on 2 cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def train_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-class Tiny ImageNet folder with 10 train and 4 val images per class."""
+    root = tmp_path_factory.mktemp("ds") / "tiny-imagenet-200"
+    return write_folder(root, tiny_imagenet_files(n_train=10, n_val_per_class=4, n_test=1))
+
+
+@pytest.fixture(scope="module")
+def in1k32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """timm's tiny test_resnet with a random ImageNet-1k head at 32px, saved as safetensors."""
+    import timm
+    import torch
+
+    from transferlab.models.preprocessing import Preprocessing
+    from transferlab.models.weights import save_weights
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=1000)
+    path = tmp_path_factory.mktemp("w") / "test_resnet_in1k.safetensors"
+    pre = Preprocessing(input_size=32, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
+    save_weights(path, model.state_dict(), preprocessing=pre)
+    return path

@@ -13,81 +13,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
 
-from builders import tiny_imagenet_files, write_folder
+from builders import train_argv
 from transferlab.cli import main
 from transferlab.evaluate import load_predictions
-from transferlab.models.preprocessing import Preprocessing
-from transferlab.models.weights import read_weight_file, save_weights
+from transferlab.models.weights import read_weight_file
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are dominated by thread overhead; one thread is faster and steadier on 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ds") / "tiny-imagenet-200"
-    return write_folder(root, tiny_imagenet_files(n_train=10, n_val_per_class=4, n_test=1))
-
-
-@pytest.fixture(scope="module")
-def in1k(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", pretrained=False, num_classes=1000)
-    path = tmp_path_factory.mktemp("w") / "test_resnet_in1k.safetensors"
-    pre = Preprocessing(input_size=32, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
-    save_weights(path, model.state_dict(), preprocessing=pre)
-    return path
-
-
-def _argv(ds: Path, w: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--progress",
-        "off",
-        "--workers",
-        "0",
-        "--precision",
-        "fp32",
-        "--model",
-        "test_resnet",
-        "--weights",
-        str(w),
-        "--data",
-        str(ds),
-        "--batch-size",
-        "6",
-        "--holdout",
-        "0.2",
-        "--cache-dir",
-        str(out.parent / "cache"),
-        "--out",
-        str(out),
-        *extra,
-    ]
 
 
 def _history(run: Path) -> list[dict[str, float]]:
     return [{k: float(v) for k, v in r.items()} for r in csv.DictReader((run / "history.csv").open())]
 
 
-def test_bn_only_seed_head_trains_only_batchnorm_and_head(ds: Path, in1k: Path, tmp_path: Path) -> None:
+def test_bn_only_seed_head_trains_only_batchnorm_and_head(train_ds: Path, in1k32: Path, tmp_path: Path) -> None:
     run = tmp_path / "bn"
     assert (
         main(
-            _argv(
-                ds,
-                in1k,
+            train_argv(
+                train_ds,
+                in1k32,
                 run,
                 "--strategy",
                 "bn-only",
@@ -108,7 +55,7 @@ def test_bn_only_seed_head_trains_only_batchnorm_and_head(ds: Path, in1k: Path, 
     m = json.loads((run / "metrics.json").read_text())
     assert m["strategy"] == "bn-only" and m["bn"] == "train" and m["head"].startswith("seed")
     assert (run / "curves.png").stat().st_size > 1000
-    before, _ = read_weight_file(in1k)
+    before, _ = read_weight_file(in1k32)
     after, _ = read_weight_file(run / "model.safetensors")
     conv = [k for k in before if k.endswith(".weight") and before[k].ndim == 4]
     bn_w = [k for k in before if k.startswith(("bn1.", "layer1.0.bn1.")) and k.endswith("running_mean")]
@@ -119,10 +66,10 @@ def test_bn_only_seed_head_trains_only_batchnorm_and_head(ds: Path, in1k: Path, 
 
 
 @pytest.mark.parametrize("strategy", ["full", "freeze-unfreeze", "scratch"])
-def test_other_strategies_run_and_learn(strategy: str, ds: Path, in1k: Path, tmp_path: Path) -> None:
+def test_other_strategies_run_and_learn(strategy: str, train_ds: Path, in1k32: Path, tmp_path: Path) -> None:
     run = tmp_path / strategy
     extra = ["--unfreeze-epoch", "1"] if strategy == "freeze-unfreeze" else []
-    assert main(_argv(ds, in1k, run, "--strategy", strategy, "--epochs", "3", "--lr", "3e-3", *extra)) == 0
+    assert main(train_argv(train_ds, in1k32, run, "--strategy", strategy, "--epochs", "3", "--lr", "3e-3", *extra)) == 0
     h = _history(run)
     assert len(h) == 3 and h[-1]["train_loss"] < h[0]["train_loss"]
     m = json.loads((run / "metrics.json").read_text())
@@ -130,12 +77,12 @@ def test_other_strategies_run_and_learn(strategy: str, ds: Path, in1k: Path, tmp
     assert m["head_init"] == ("random" if strategy == "scratch" else "imagenet")
 
 
-def test_feature_cache_path_equals_the_image_loop(ds: Path, in1k: Path, tmp_path: Path) -> None:
+def test_feature_cache_path_equals_the_image_loop(train_ds: Path, in1k32: Path, tmp_path: Path) -> None:
     """The fast path is the same computation: same order, same init, same optimizer -> same head."""
     fast, slow = tmp_path / "fast", tmp_path / "slow"
     common = ["--epochs", "3", "--lr", "1e-2"]
-    assert main(_argv(ds, in1k, fast, "--feature-cache", "on", *common)) == 0
-    assert main(_argv(ds, in1k, slow, "--feature-cache", "off", *common)) == 0
+    assert main(train_argv(train_ds, in1k32, fast, "--feature-cache", "on", *common)) == 0
+    assert main(train_argv(train_ds, in1k32, slow, "--feature-cache", "off", *common)) == 0
     mf = json.loads((fast / "metrics.json").read_text())
     ms = json.loads((slow / "metrics.json").read_text())
     assert "feature_cache" in mf and "feature_cache" not in ms
@@ -148,9 +95,9 @@ def test_feature_cache_path_equals_the_image_loop(ds: Path, in1k: Path, tmp_path
     assert mf["top1"] == ms["top1"] and mf["best_epoch"] == ms["best_epoch"]
 
 
-def test_evaluate_run_dir_on_another_split(ds: Path, in1k: Path, tmp_path: Path) -> None:
+def test_evaluate_run_dir_on_another_split(train_ds: Path, in1k32: Path, tmp_path: Path) -> None:
     run = tmp_path / "r"
-    assert main(_argv(ds, in1k, run, "--strategy", "bn-only", "--head", "seed", "--epochs", "1")) == 0
+    assert main(train_argv(train_ds, in1k32, run, "--strategy", "bn-only", "--head", "seed", "--epochs", "1")) == 0
     ev = tmp_path / "ev"
     assert (
         main(
@@ -158,7 +105,7 @@ def test_evaluate_run_dir_on_another_split(ds: Path, in1k: Path, tmp_path: Path)
                 "evaluate",
                 str(run),
                 "--data",
-                str(ds),
+                str(train_ds),
                 "--split",
                 "val",
                 "--progress",
@@ -181,10 +128,10 @@ def test_evaluate_run_dir_on_another_split(ds: Path, in1k: Path, tmp_path: Path)
     )
 
 
-def test_bad_combinations_are_refused(ds: Path, in1k: Path, tmp_path: Path, capsys) -> None:
-    assert main(_argv(ds, in1k, tmp_path / "x", "--feature-cache", "on", "--aug", "seed")) == 2
+def test_bad_combinations_are_refused(train_ds: Path, in1k32: Path, tmp_path: Path, capsys) -> None:
+    assert main(train_argv(train_ds, in1k32, tmp_path / "x", "--feature-cache", "on", "--aug", "seed")) == 2
     assert "random augmentation" in capsys.readouterr().err
-    assert main(_argv(ds, in1k, tmp_path / "y", "--strategy", "linear-probe", "--bn", "train")) == 2
+    assert main(train_argv(train_ds, in1k32, tmp_path / "y", "--strategy", "linear-probe", "--bn", "train")) == 2
     assert "--bn" in capsys.readouterr().err
 
 
@@ -192,7 +139,7 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "transferlab", *args]
 
 
-def test_sigkill_mid_epoch_then_resume_is_exact(ds: Path, in1k: Path, tmp_path: Path) -> None:
+def test_sigkill_mid_epoch_then_resume_is_exact(train_ds: Path, in1k32: Path, tmp_path: Path) -> None:
     args = [
         "--strategy",
         "bn-only",
@@ -210,12 +157,16 @@ def test_sigkill_mid_epoch_then_resume_is_exact(ds: Path, in1k: Path, tmp_path: 
         "3e-3",
     ]
     ref = tmp_path / "ref"
-    assert main(_argv(ds, in1k, ref, *args)) == 0
+    assert main(train_argv(train_ds, in1k32, ref, *args)) == 0
 
     run = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        _cli(*_argv(ds, in1k, run, *args)), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        _cli(*train_argv(train_ds, in1k32, run, *args)),
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     ckpts = run / "checkpoints"
     deadline = time.time() + 120
@@ -230,7 +181,12 @@ def test_sigkill_mid_epoch_then_resume_is_exact(ds: Path, in1k: Path, tmp_path: 
     assert not (run / "metrics.json").exists(), "the run finished before it could be killed"
 
     res = subprocess.run(
-        _cli(*_argv(ds, in1k, run, *args, "--resume")), env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+        _cli(*train_argv(train_ds, in1k32, run, *args, "--resume")),
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode == 0, res.stderr
     assert "resuming from" in res.stderr
@@ -243,9 +199,9 @@ def test_sigkill_mid_epoch_then_resume_is_exact(ds: Path, in1k: Path, tmp_path: 
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_single_process_evaluation(ds: Path, in1k: Path, tmp_path: Path) -> None:
+def test_ddp_two_processes_match_single_process_evaluation(train_ds: Path, in1k32: Path, tmp_path: Path) -> None:
     run = tmp_path / "ddp"
-    argv = _argv(ds, in1k, run, "--strategy", "bn-only", "--head", "seed", "--epochs", "2")[1:]
+    argv = train_argv(train_ds, in1k32, run, "--strategy", "bn-only", "--head", "seed", "--epochs", "2")[1:]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
@@ -270,7 +226,7 @@ def test_ddp_two_processes_match_single_process_evaluation(ds: Path, in1k: Path,
                 "evaluate",
                 str(run),
                 "--data",
-                str(ds),
+                str(train_ds),
                 "--progress",
                 "off",
                 "--workers",

@@ -8,77 +8,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
 import yaml
 
-from builders import jpeg_bytes, tiny_imagenet_files, write_folder
+from builders import jpeg_bytes, train_argv, write_folder
 from transferlab.cli import main
 from transferlab.data import open_dataset
 from transferlab.data.stats import channel_stats
-from transferlab.models.preprocessing import Preprocessing
-from transferlab.models.weights import read_weight_file, save_weights
+from transferlab.models.weights import read_weight_file
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ds") / "tiny-imagenet-200"
-    return write_folder(root, tiny_imagenet_files(n_train=10, n_val_per_class=4, n_test=1))
-
-
-@pytest.fixture(scope="module")
-def in1k(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", pretrained=False, num_classes=1000)
-    path = tmp_path_factory.mktemp("w") / "test_resnet_in1k.safetensors"
-    pre = Preprocessing(input_size=32, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
-    save_weights(path, model.state_dict(), preprocessing=pre)
-    return path
-
-
-def _argv(ds: Path, w: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--progress",
-        "off",
-        "--workers",
-        "0",
-        "--precision",
-        "fp32",
-        "--model",
-        "test_resnet",
-        "--weights",
-        str(w),
-        "--data",
-        str(ds),
-        "--batch-size",
-        "6",
-        "--holdout",
-        "0.2",
-        "--cache-dir",
-        str(out.parent / "cache"),
-        "--out",
-        str(out),
-        *extra,
-    ]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
 
-def test_gradient_accumulation_equals_the_large_batch(ds: Path, in1k: Path, tmp_path: Path) -> None:
+def test_gradient_accumulation_equals_the_large_batch(train_ds: Path, in1k32: Path, tmp_path: Path) -> None:
     common = ["--feature-cache", "off", "--optimizer", "sgd", "--lr", "0.05", "--epochs", "2"]
-    assert main(_argv(ds, in1k, tmp_path / "big", *common)) == 0
-    small = _argv(ds, in1k, tmp_path / "acc", *common, "--accum-steps", "2")
+    assert main(train_argv(train_ds, in1k32, tmp_path / "big", *common)) == 0
+    small = train_argv(train_ds, in1k32, tmp_path / "acc", *common, "--accum-steps", "2")
     small[small.index("--batch-size") + 1] = "3"
     assert main(small) == 0
     a, _ = read_weight_file(tmp_path / "big" / "model.safetensors")
@@ -86,13 +35,13 @@ def test_gradient_accumulation_equals_the_large_batch(ds: Path, in1k: Path, tmp_
     torch.testing.assert_close(a["head.fc.weight"], b["head.fc.weight"], rtol=1e-5, atol=1e-6)
 
 
-def test_early_stopping_keeps_the_best_holdout_epoch(ds: Path, in1k: Path, tmp_path: Path) -> None:
+def test_early_stopping_keeps_the_best_holdout_epoch(train_ds: Path, in1k32: Path, tmp_path: Path) -> None:
     run = tmp_path / "es"
     assert (
         main(
-            _argv(
-                ds,
-                in1k,
+            train_argv(
+                train_ds,
+                in1k32,
                 run,
                 "--feature-cache",
                 "off",
@@ -118,8 +67,8 @@ def test_early_stopping_keeps_the_best_holdout_epoch(ds: Path, in1k: Path, tmp_p
     assert m["epochs_run"] == m["best_epoch"] + 2
 
 
-def test_dataset_standardization(ds: Path, in1k: Path, tmp_path: Path) -> None:
-    split = open_dataset(ds).split("train")
+def test_dataset_standardization(train_ds: Path, in1k32: Path, tmp_path: Path) -> None:
+    split = open_dataset(train_ds).split("train")
     idx = np.arange(len(split))
     mean, std = channel_stats(split, idx, cache_dir=tmp_path / "stats")
     px = np.concatenate([np.asarray(split.load(i), dtype=np.float64).reshape(-1, 3) / 255 for i in idx])
@@ -128,18 +77,22 @@ def test_dataset_standardization(ds: Path, in1k: Path, tmp_path: Path) -> None:
     assert list((tmp_path / "stats").glob("stats-*.json"))  # cached for the next run
     assert channel_stats(split, idx, cache_dir=tmp_path / "stats") == (mean, std)
     assert (
-        main(_argv(ds, in1k, tmp_path / "std", "--strategy", "bn-only", "--standardize", "dataset", "--epochs", "1"))
+        main(
+            train_argv(
+                train_ds, in1k32, tmp_path / "std", "--strategy", "bn-only", "--standardize", "dataset", "--epochs", "1"
+            )
+        )
         == 0
     )
 
 
-def test_mixing_smoothing_and_imbalance_options_train(ds: Path, in1k: Path, tmp_path: Path) -> None:
+def test_mixing_smoothing_and_imbalance_options_train(train_ds: Path, in1k32: Path, tmp_path: Path) -> None:
     run = tmp_path / "mix"
     assert (
         main(
-            _argv(
-                ds,
-                in1k,
+            train_argv(
+                train_ds,
+                in1k32,
                 run,
                 "--strategy",
                 "full",
@@ -171,9 +124,9 @@ def test_mixing_smoothing_and_imbalance_options_train(ds: Path, in1k: Path, tmp_
     assert np.isfinite(m["nll"]) and m["n"] == 12
 
 
-def test_init_from_carries_the_backbone_to_a_new_dataset(ds: Path, in1k: Path, tmp_path: Path) -> None:
+def test_init_from_carries_the_backbone_to_a_new_dataset(train_ds: Path, in1k32: Path, tmp_path: Path) -> None:
     src = tmp_path / "src"
-    assert main(_argv(ds, in1k, src, "--strategy", "scratch", "--epochs", "1")) == 0
+    assert main(train_argv(train_ds, in1k32, src, "--strategy", "scratch", "--epochs", "1")) == 0
     files = {
         f"{s}/{c}/{i}.jpg": jpeg_bytes((40 * i, 60, 200 - 40 * i))
         for s in ("train", "val")
@@ -182,9 +135,9 @@ def test_init_from_carries_the_backbone_to_a_new_dataset(ds: Path, in1k: Path, t
     }
     pets = write_folder(tmp_path / "pets", files)
     dst = tmp_path / "dst"
-    argv = _argv(pets, in1k, dst, "--init-from", str(src), "--epochs", "1")
+    argv = train_argv(pets, in1k32, dst, "--init-from", str(src), "--epochs", "1")
     argv.remove("--weights")
-    argv.remove(str(in1k))
+    argv.remove(str(in1k32))
     assert main(argv) == 0
     a, _ = read_weight_file(src / "model.safetensors")
     b, _ = read_weight_file(dst / "model.safetensors")
@@ -194,9 +147,9 @@ def test_init_from_carries_the_backbone_to_a_new_dataset(ds: Path, in1k: Path, t
     assert _metrics(dst)["head_init"] == "random"
 
 
-def test_config_yaml_replays_the_run(ds: Path, in1k: Path, tmp_path: Path, capsys) -> None:
+def test_config_yaml_replays_the_run(train_ds: Path, in1k32: Path, tmp_path: Path, capsys) -> None:
     first = tmp_path / "first"
-    assert main(_argv(ds, in1k, first, "--epochs", "2")) == 0
+    assert main(train_argv(train_ds, in1k32, first, "--epochs", "2")) == 0
     again = tmp_path / "again"
     assert main(["train", "--config", str(first / "config.yaml"), "--out", str(again), "--progress", "off"]) == 0
     a, _ = read_weight_file(first / "model.safetensors")

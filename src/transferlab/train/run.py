@@ -19,6 +19,7 @@ import csv
 import io
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +90,91 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return _train(cfg, d)
 
 
-def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
-    from transferlab.data.resolve import cache_dir as user_cache_dir
+@dataclass
+class _Setup:
+    """Everything both training paths share, resolved once."""
 
+    cfg: TrainConfig
+    d: Any
+    source: DatasetSource
+    backbone: Backbone
+    head_init: str
+    device: torch.device
+    precision: Any
+    size: int
+    workers: int
+    train_idx: np.ndarray
+    report_idx: np.ndarray
+    fit_pos: np.ndarray
+    hold_pos: np.ndarray
+
+    @property
+    def train_split(self) -> Any:
+        return self.source.split("train")
+
+    @property
+    def report(self) -> Any:
+        return self.source.split(self.cfg.report_split)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.source.classes)
+
+    def eval_transform(self) -> Any:
+        pre = self.backbone.preprocessing
+        return make_eval_transform(pre, self.size, self.cfg.crop, self.cfg.interpolation)
+
+    def cache_root(self) -> Path:
+        from transferlab.data.resolve import cache_dir as user_cache_dir
+
+        return Path(self.cfg.cache_dir) if self.cfg.cache_dir else user_cache_dir()
+
+
+@dataclass
+class _Outcome:
+    """What a training path hands back for the run directory."""
+
+    logits: np.ndarray
+    history: list[dict[str, float]]
+    best_epoch: int
+    params_trained: int
+    model_state: dict[str, torch.Tensor]
+    strategy: dict[str, str]
+    steps: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _setup(cfg: TrainConfig, d: Any) -> _Setup:
+    source = open_dataset(cfg.data)
+    train_split = source.split("train")
+    report = source.split(cfg.report_split)
+    if not train_split.labeled or not report.labeled:
+        raise DataError(f"training needs labeled train and {cfg.report_split} splits in {source.location}")
+    backbone = _load_backbone(cfg)
+    device = resolve_device(cfg.device)
+    if d.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", d.rank % torch.cuda.device_count())
+    train_idx = subset_indices(len(train_split), cfg.train_limit, cfg.seed)
+    fit_pos, hold_pos = stratified_holdout(train_split.targets[train_idx], cfg.holdout, cfg.seed)
+    return _Setup(
+        cfg=cfg,
+        d=d,
+        source=source,
+        backbone=backbone,
+        head_init=_head_init(cfg, backbone, source),
+        device=device,
+        precision=resolve_precision(cfg.precision, cfg.channels_last, device),
+        size=cfg.img_size or backbone.preprocessing.input_size,
+        workers=default_workers() if cfg.workers < 0 else cfg.workers,
+        train_idx=train_idx,
+        report_idx=subset_indices(len(report), cfg.report_limit, cfg.seed),
+        fit_pos=fit_pos,
+        hold_pos=hold_pos,
+    )
+
+
+def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
@@ -100,267 +183,180 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
     out = Path(cfg.out)
     if d.main:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    source = open_dataset(cfg.data)
-    train_split = source.split("train")
-    report = source.split(cfg.report_split)
-    if not train_split.labeled or not report.labeled:
-        raise DataError(f"training needs labeled train and {cfg.report_split} splits in {source.location}")
-    backbone = _load_backbone(cfg)
-    num_classes = len(source.classes)
-    head_init = _head_init(cfg, backbone, source)
-    warnings = [IMAGENET_OVERLAP_WARNING] if source.imagenet_classes and backbone.has_imagenet_head else []
-
-    device = resolve_device(cfg.device)
-    if d.world > 1 and device.type == "cuda":
-        device = torch.device("cuda", d.rank % torch.cuda.device_count())
-    precision = resolve_precision(cfg.precision, cfg.channels_last, device)
-    pre = backbone.preprocessing
-    size = cfg.img_size or pre.input_size
-    transform = make_eval_transform(pre, size, cfg.crop, cfg.interpolation)
-    workers = default_workers() if cfg.workers < 0 else cfg.workers
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else user_cache_dir() / "features"
-
-    train_idx = subset_indices(len(train_split), cfg.train_limit, cfg.seed)
-    report_idx = subset_indices(len(report), cfg.report_limit, cfg.seed)
-    y_train = train_split.targets[train_idx]
-    fit_pos, hold_pos = stratified_holdout(y_train, cfg.holdout, cfg.seed)
-
-    info: dict[str, Any] = {}
-    if cfg.use_feature_cache:
-        logits, history, best_epoch, trained, model_state, extra = _probe_on_features(
-            cfg,
-            backbone,
-            source,
-            transform,
-            train_idx,
-            report_idx,
-            fit_pos,
-            hold_pos,
-            head_init,
-            precision=precision,
-            device=device,
-            cache=cache,
-            workers=workers,
-        )
-        info.update(extra)
-        steps: list[dict[str, float]] = []
-        strategy = {"strategy": "linear-probe", "bn": "eval", "head": "linear"}
-        stopped_early = False
-    else:
-        logits, history, best_epoch, trained, steps, model_state, strategy, stopped_early = _fit_loop(
-            cfg,
-            backbone,
-            source,
-            train_idx,
-            fit_pos,
-            hold_pos,
-            report_idx,
-            head_init,
-            size,
-            d,
-            precision=precision,
-            device=device,
-            workers=workers,
-        )
+    s = _setup(cfg, d)
+    res = _probe_on_features(s) if cfg.use_feature_cache else _fit_loop(s)
     if not d.main:
         return {}
 
-    y_report = report.targets[report_idx]
+    source, report, pre = s.source, s.report, s.backbone.preprocessing
+    y_report = report.targets[s.report_idx]
     save_weights(
         out / "model.safetensors",
-        model_state,
+        res.model_state,
         preprocessing=pre,
         class_ids=list(source.classes.ids),
         architecture=cfg.model,
     )
-    write_history(out / "history.csv", history)
-    if steps:
-        write_steps(out / "steps.csv", steps)
-    write_predictions(
-        out / "predictions" / f"{cfg.report_split}.npz",
-        logits,
-        y_report,
-        [report.sample_ids[i] for i in report_idx],
-        source.classes,
-    )
+    write_history(out / "history.csv", res.history)
+    if res.steps:
+        write_steps(out / "steps.csv", res.steps)
+    sample_ids = [report.sample_ids[i] for i in s.report_idx]
+    write_predictions(out / "predictions" / f"{cfg.report_split}.npz", res.logits, y_report, sample_ids, source.classes)
     from transferlab.report.plots import plot_curves
 
-    plot_curves(
-        [r for r in history if r["epoch"] >= 1],
-        out / "curves.png",
-        best_epoch=best_epoch,
-        title=f"{cfg.model} {strategy['strategy']} ({strategy['head']} head)",
-        val_label="holdout",
-    )
+    title = f"{cfg.model} {res.strategy['strategy']} ({res.strategy['head']} head)"
+    epochs = [r for r in res.history if r["epoch"] >= 1]
+    plot_curves(epochs, out / "curves.png", best_epoch=res.best_epoch, title=title, val_label="holdout")
+    overlap = source.imagenet_classes and s.backbone.has_imagenet_head
     metrics: dict[str, Any] = {
         "model": cfg.model,
-        "weights": backbone.weights,
-        **strategy,
-        "head_init": head_init,
-        "params_trained": trained,
+        "weights": s.backbone.weights,
+        **res.strategy,
+        "head_init": s.head_init,
+        "params_trained": res.params_trained,
         "data": source.location,
         "dataset": source.name,
         "split": cfg.report_split,
-        **summarize(logits, y_report, seed=cfg.seed),
-        "num_classes": num_classes,
-        "best_epoch": best_epoch,
+        **summarize(res.logits, y_report, seed=cfg.seed),
+        "num_classes": s.num_classes,
+        "best_epoch": res.best_epoch,
         "epochs": cfg.epochs,
-        "epochs_run": max((int(r["epoch"]) for r in history), default=0),
-        "stopped_early": stopped_early,
+        "epochs_run": max((int(r["epoch"]) for r in res.history), default=0),
+        "stopped_early": res.stopped_early,
         "selection": f"{cfg.early_stop} on a {cfg.holdout:.0%} class-stratified holdout of train "
-        f"({len(hold_pos)} images); {cfg.report_split} was not used for any choice",
-        "n_fit": len(fit_pos),
-        "n_holdout": len(hold_pos),
-        "img_size": size,
+        f"({len(s.hold_pos)} images); {cfg.report_split} was not used for any choice",
+        "n_fit": len(s.fit_pos),
+        "n_holdout": len(s.hold_pos),
+        "img_size": s.size,
         "preprocessing": pre.to_dict(),
-        "precision": precision.name,
-        "channels_last": precision.channels_last,
-        "device": str(device),
+        "precision": s.precision.name,
+        "channels_last": s.precision.channels_last,
+        "device": str(s.device),
         "world_size": d.world,
-        **info,
-        "train_seconds": round(sum(r.get("seconds", 0.0) for r in history), 2),
+        **res.info,
+        "train_seconds": round(sum(r.get("seconds", 0.0) for r in res.history), 2),
         "wall_s": round(time.perf_counter() - t_start, 2),
-        "warnings": warnings,
+        "warnings": [IMAGENET_OVERLAP_WARNING] if overlap else [],
         "versions": versions(),
     }
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
 
-def _probe_on_features(
-    cfg,
-    backbone,
-    source,
-    transform,
-    train_idx,
-    report_idx,
-    fit_pos,
-    hold_pos,
-    head_init,
-    *,
-    precision,
-    device,
-    cache,
-    workers,
-):  # type: ignore[no-untyped-def]
+def _probe_on_features(s: _Setup) -> _Outcome:
     """The linear probe's fast path: cached features, then a few seconds of head training."""
-    train_split, report = source.split("train"), source.split(cfg.report_split)
-    num_classes = len(source.classes)
+    from transferlab.models.heads import HeadSpec, TransferModel
+
+    cfg, backbone, n_cls = s.cfg, s.backbone, s.num_classes
+    cache = s.cache_root() / "features"
     log.info(
         "strategy linear-probe: backbone %s frozen (BatchNorm eval), new linear head %d -> %d, head init %s; "
         "training on cached features (%s)",
         cfg.model,
         backbone.model.num_features,
-        num_classes,
-        head_init,
+        n_cls,
+        s.head_init,
         cache,
     )
     init = None
-    if head_init == "imagenet":
+    if s.head_init == "imagenet":
         clf = backbone.model.get_classifier()
-        rows = torch.from_numpy(imagenet_indices(source.classes.ids))
+        rows = torch.from_numpy(imagenet_indices(s.source.classes.ids))
         init = (clf.weight.detach()[rows].numpy().copy(), clf.bias.detach()[rows].numpy().copy())
-    common = dict(
-        precision=precision,
-        device=device,
+    tf = s.eval_transform()
+    kw = dict(
+        precision=s.precision,
+        device=s.device,
         cache_dir=cache,
         batch_size=cfg.feature_batch_size,
-        workers=workers,
+        workers=s.workers,
         progress=cfg.progress,
     )
     t0 = time.perf_counter()
-    x_train, _, hit_train = cached_features(backbone, train_split, transform, indices=train_idx, **common)
-    x_report, _, hit_report = cached_features(backbone, report, transform, indices=report_idx, **common)
+    x_train, _, hit_train = cached_features(backbone, s.train_split, tf, indices=s.train_idx, **kw)
+    x_report, _, hit_report = cached_features(backbone, s.report, tf, indices=s.report_idx, **kw)
     t_feat = time.perf_counter() - t0
-    y_train = train_split.targets[train_idx]
+    y = s.train_split.targets[s.train_idx]
     probe = ProbeConfig(
         cfg.epochs, cfg.lr, cfg.batch_size, cfg.optimizer, cfg.weight_decay, cfg.label_smoothing, cfg.seed
     )
     t1 = time.perf_counter()
-    result = fit_linear_probe(
-        x_train[fit_pos], y_train[fit_pos], x_train[hold_pos], y_train[hold_pos], num_classes, probe, init=init
-    )
+    fit_x, hold_x = x_train[s.fit_pos], x_train[s.hold_pos]
+    result = fit_linear_probe(fit_x, y[s.fit_pos], hold_x, y[s.hold_pos], n_cls, probe, init=init)
     t_fit = time.perf_counter() - t1
     w, b = result.weight, result.bias
-    logits = (torch.from_numpy(x_report) @ w.T + b).numpy()
-    from transferlab.models.heads import HeadSpec, TransferModel
-
-    model = TransferModel.from_backbone(backbone.model, HeadSpec("linear"), num_classes)
+    model = TransferModel.from_backbone(backbone.model, HeadSpec("linear"), n_cls)
     with torch.no_grad():
         model.head.fc.weight.copy_(w)
         model.head.fc.bias.copy_(b)
-    extra = {
-        "feature_cache": {"train_hit": hit_train, "report_hit": hit_report, "dir": str(cache)},
-        "feature_seconds": round(t_feat, 2),
-        "fit_seconds": round(t_fit, 2),
-    }
-    return logits, result.history, result.best_epoch, int(w.numel() + b.numel()), model.state_dict(), extra
+    return _Outcome(
+        logits=(torch.from_numpy(x_report) @ w.T + b).numpy(),
+        history=result.history,
+        best_epoch=result.best_epoch,
+        params_trained=int(w.numel() + b.numel()),
+        model_state=model.state_dict(),
+        strategy={"strategy": "linear-probe", "bn": "eval", "head": "linear"},
+        info={
+            "feature_cache": {"train_hit": hit_train, "report_hit": hit_report, "dir": str(cache)},
+            "feature_seconds": round(t_feat, 2),
+            "fit_seconds": round(t_fit, 2),
+        },
+    )
 
 
-def _fit_loop(
-    cfg, backbone, source, train_idx, fit_pos, hold_pos, report_idx, head_init, size, d, *, precision, device, workers
-):  # type: ignore[no-untyped-def]
-    """Every strategy through the training loop; returns report logits and the trained state."""
+def _fit_loop(s: _Setup) -> _Outcome:
+    """Every strategy through the training loop."""
     from transferlab.data.augment import TrainTransform
     from transferlab.models.heads import TransferModel
     from transferlab.models.strategies import trainable_counts
     from transferlab.train.loop import EvalImages, FitData, TrainImages, fit, predict
 
-    train_split, report = source.split("train"), source.split(cfg.report_split)
-    num_classes = len(source.classes)
-    pre = backbone.preprocessing
-    warm = list(source.classes.ids) if head_init == "imagenet" else None
-    model = TransferModel.from_backbone(backbone.model, cfg.head_spec(), num_classes, warm_start_ids=warm)
+    cfg, n_cls, train_split = s.cfg, s.num_classes, s.train_split
+    pre = s.backbone.preprocessing
+    warm = list(s.source.classes.ids) if s.head_init == "imagenet" else None
+    model = TransferModel.from_backbone(s.backbone.model, cfg.head_spec(), n_cls, warm_start_ids=warm)
+    fit_idx = s.train_idx[s.fit_pos]
     mean, std = pre.mean, pre.std
     if cfg.standardize == "dataset":
-        from transferlab.data.resolve import cache_dir as user_cache_dir
         from transferlab.data.stats import channel_stats
 
-        stats_dir = (Path(cfg.cache_dir) if cfg.cache_dir else user_cache_dir()) / "stats"
-        mean, std = channel_stats(train_split, train_idx[fit_pos], cache_dir=stats_dir)
+        mean, std = channel_stats(train_split, fit_idx, cache_dir=s.cache_root() / "stats")
         log.info("standardizing with the training set's channel mean %s and std %s", mean, std)
+    eval_tf = s.eval_transform()
     up = "bilinear" if cfg.interpolation == "auto" else cfg.interpolation
-    eval_tf = make_eval_transform(pre, size, cfg.crop, cfg.interpolation)
     # Without augmentation the model trains on exactly the images it is evaluated on (and the feature
     # cache computes): the eval transform, which ignores the per-sample generator.
-    train_tf = TrainTransform(size, interpolation=up, aug=cfg.aug) if cfg.aug != "none" else _NoAug(eval_tf)
-    fit_idx = train_idx[fit_pos]
+    train_tf = TrainTransform(s.size, interpolation=up, aug=cfg.aug) if cfg.aug != "none" else _NoAug(eval_tf)
     y_fit = train_split.targets[fit_idx]
+    counts = np.bincount(y_fit, minlength=n_cls).astype(np.float64)
     class_weights = None
-    sample_weights = None
-    counts = np.bincount(y_fit, minlength=num_classes).astype(np.float64)
     if cfg.class_weights == "balanced":
-        cw = np.where(counts > 0, len(y_fit) / (num_classes * np.maximum(counts, 1)), 0.0)
-        class_weights = torch.tensor(cw, dtype=torch.float32, device=device)
-    if cfg.sampler == "balanced":
-        sample_weights = 1.0 / np.maximum(counts[y_fit], 1)
+        cw = np.where(counts > 0, len(y_fit) / (n_cls * np.maximum(counts, 1)), 0.0)
+        class_weights = torch.tensor(cw, dtype=torch.float32, device=s.device)
     data = FitData(
         train=TrainImages(train_split, fit_idx, train_tf, cfg.seed),
-        holdout=EvalImages(train_split, train_idx[hold_pos], eval_tf),
-        num_classes=num_classes,
+        holdout=EvalImages(train_split, s.train_idx[s.hold_pos], eval_tf),
+        num_classes=n_cls,
         mean=mean,
         std=std,
         class_weights=class_weights,
-        sample_weights=sample_weights,
+        sample_weights=1.0 / np.maximum(counts[y_fit], 1) if cfg.sampler == "balanced" else None,
     )
-    res = fit(model, data, cfg, run_dir=Path(cfg.out), precision=precision, device=device, workers=workers, d=d)
-    logits = predict(
-        model,
-        EvalImages(report, report_idx, eval_tf),
-        mean=mean,
-        std=std,
-        precision=precision,
-        device=device,
-        batch_size=cfg.batch_size,
-        workers=workers,
-        d=d,
-        progress=cfg.progress,
-    )
+    run = dict(precision=s.precision, device=s.device, workers=s.workers, d=s.d)
+    res = fit(model, data, cfg, run_dir=Path(cfg.out), **run)
+    report = EvalImages(s.report, s.report_idx, eval_tf)
+    logits = predict(model, report, mean=mean, std=std, batch_size=cfg.batch_size, progress=cfg.progress, **run)
     spec = cfg.strategy_spec()
-    trained = trainable_counts(model)["total"]
-    state = model.state_dict()
-    strategy = {"strategy": spec.name, "bn": spec.policy, "head": str(cfg.head_spec())}
-    return logits, res.history, res.best_epoch, trained, res.steps, state, strategy, res.stopped_early
+    return _Outcome(
+        logits=logits,
+        history=res.history,
+        best_epoch=res.best_epoch,
+        params_trained=trainable_counts(model)["total"],
+        model_state=model.state_dict(),
+        strategy={"strategy": spec.name, "bn": spec.policy, "head": str(cfg.head_spec())},
+        steps=res.steps,
+        stopped_early=res.stopped_early,
+    )
 
 
 class _NoAug:
