@@ -95,19 +95,25 @@ def _blobs(n_per: int, d: int = 16, c: int = 4, seed: int = 0) -> tuple[np.ndarr
 def test_probe_loss_falls_and_beats_chance() -> None:
     x, y = _blobs(50)
     xh, yh = _blobs(10, seed=1)
-    res = fit_linear_probe(x, y, xh, yh, 4, ProbeConfig(epochs=15, lr=0.05, batch_size=32))
+    head, res = fit_linear_probe(x, y, xh, yh, 4, ProbeConfig(epochs=15, lr=0.05, batch_size=32))
     losses = [r["train_loss"] for r in res.history[1:]]
     assert losses[-1] < 0.5 * losses[0]
     assert res.history[-1]["val_acc"] > 0.9
     best = min(res.history, key=lambda r: r["val_loss"])
     assert res.best_epoch == best["epoch"]
+    # The head handed back is the best epoch's, not the last one's.
+    from transferlab.train.probe import head_logits
+
+    logits = torch.from_numpy(head_logits(head, xh))
+    loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(yh))
+    assert float(loss) == pytest.approx(best["val_loss"], rel=1e-5)
 
 
 def test_probe_warm_start_is_the_starting_point() -> None:
     x, y = _blobs(20)
     w0 = np.zeros((4, 16), dtype=np.float32)
     b0 = np.array([0, 0, 5, 0], dtype=np.float32)  # predicts class 2 for everything
-    res = fit_linear_probe(x, y, x, y, 4, ProbeConfig(epochs=1, lr=1e-9), init=(w0, b0))
+    _, res = fit_linear_probe(x, y, x, y, 4, ProbeConfig(epochs=1, lr=1e-9), init=(w0, b0))
     assert res.history[0]["train_acc"] == pytest.approx(0.25)
     with pytest.raises(ConfigError, match="shape"):
         fit_linear_probe(x, y, x, y, 4, ProbeConfig(epochs=1), init=(w0[:3], b0[:3]))
@@ -270,3 +276,46 @@ def test_imagenet_head_init_refused_for_other_classes(tmp_path: Path, in1k_weigh
         == 0
     )
     assert json.loads((tmp_path / "o2" / "metrics.json").read_text())["head_init"] == "random"
+
+
+def test_seed_head_trains_on_cached_feature_maps(train_ds: Path, in1k32: Path, tmp_path: Path) -> None:
+    """A frozen backbone with the seed head (BN eval) is cacheable too: its feature maps are cached."""
+    from builders import train_argv
+
+    run = tmp_path / "seedcache"
+    argv = train_argv(train_ds, in1k32, run, "--head", "seed", "--epochs", "8", "--lr", "3e-3")
+    assert main(argv) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["head"].startswith("seed") and m["feature_cache"]["what"] == "feature_map"
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    assert float(rows[-1]["train_loss"]) < float(rows[1]["train_loss"])
+    # Cached maps hold (N, C, H, W); a second run hits the cache.
+    assert main(train_argv(train_ds, in1k32, tmp_path / "again", "--head", "seed", "--epochs", "1")) == 0
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text())["feature_cache"]["train_hit"]
+    # The run directory reproduces its predictions through the ordinary model.
+    ev = tmp_path / "ev"
+    assert (
+        main(
+            [
+                "evaluate",
+                str(run),
+                "--data",
+                str(train_ds),
+                "--progress",
+                "off",
+                "--workers",
+                "0",
+                "--precision",
+                "fp32",
+                "--out",
+                str(ev),
+            ]
+        )
+        == 0
+    )
+    np.testing.assert_allclose(
+        load_predictions(ev / "predictions.npz")["logits"],
+        load_predictions(run / "predictions" / "val.npz")["logits"],
+        rtol=1e-4,
+        atol=1e-4,
+    )

@@ -123,7 +123,7 @@ class TrainConfig:
         if self.feature_cache == "on" and not self.cacheable:
             raise ConfigError(
                 "--feature-cache on needs a frozen backbone whose inputs never change: --strategy linear-probe, "
-                "--head linear, --aug none, no --mixup/--cutmix, --sampler shuffle (random augmentation would "
+                "--aug none, no --mixup/--cutmix, --sampler shuffle (random augmentation would "
                 "reach the backbone, so cached features would be wrong)"
             )
         if self.strategy == "scratch" and self.head_init == "imagenet":
@@ -137,7 +137,6 @@ class TrainConfig:
         """True when the backbone's outputs are the same every epoch, so features can be cached."""
         return (
             self.strategy == "linear-probe"
-            and self.head == "linear"
             and self.aug == "none"
             and self.mixup == 0
             and self.cutmix == 0

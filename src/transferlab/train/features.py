@@ -67,6 +67,7 @@ class FeatureKey:
     transform: str
     preprocessing: str
     precision: str
+    what: str = "pre_logits"
 
     def digest(self) -> str:
         """Short hex id used as the file name."""
@@ -77,6 +78,14 @@ class FeatureKey:
 def pre_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The pooled features a timm classifier sees (``forward_head(pre_logits=True)``)."""
     return model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
+
+
+def feature_map(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The last feature map (B, C, H, W), what a convolutional head such as the seed's sees."""
+    return model.forward_features(x)  # type: ignore[operator]
+
+
+FORWARDS = {"pre_logits": pre_logits, "feature_map": feature_map}
 
 
 def cached_features(
@@ -91,11 +100,15 @@ def cached_features(
     batch_size: int = 32,
     workers: int = 1,
     progress: bool | None = None,
+    what: str = "pre_logits",
 ) -> tuple[np.ndarray, Path, bool]:
-    """Pre-logits features of ``split[indices]``: from the cache when present, else computed and stored.
+    """Backbone outputs of ``split[indices]``: from the cache when present, else computed and stored.
 
-    Returns (features float32 (N, D), cache file, whether it was a cache hit).
+    ``what`` is ``pre_logits`` (pooled vectors, for a linear head) or ``feature_map`` (for the seed
+    head). Returns (features float32 (N, ...), cache file, whether it was a cache hit).
     """
+    if what not in FORWARDS:
+        raise ValueError(f"what must be one of {sorted(FORWARDS)}, not {what!r}")
     key = FeatureKey(
         model=backbone.name,
         weights=weights_fingerprint(backbone.model),
@@ -103,8 +116,9 @@ def cached_features(
         transform=repr(transform),
         preprocessing=json.dumps(backbone.preprocessing.to_dict(), sort_keys=True),
         precision=precision.name,
+        what=what,
     )
-    path = Path(cache_dir) / f"{backbone.name}-{split.name}-{key.digest()}.npz"
+    path = Path(cache_dir) / f"{backbone.name}-{split.name}-{what}-{key.digest()}.npz"
     if path.exists():
         feats = _load(path, len(indices), key)
         if feats is not None:
@@ -123,7 +137,7 @@ def cached_features(
         batch_size=batch_size,
         workers=workers,
         progress=progress,
-        forward=pre_logits,
+        forward=FORWARDS[what],
         desc=f"features {split.name}",
     )
 
@@ -142,7 +156,7 @@ def _load(path: Path, n: int, key: FeatureKey) -> np.ndarray | None:
     except Exception as e:
         log.warning("feature cache entry %s is unreadable (%s); rebuilding it", path, e)
         return None
-    if stored != key.__dict__ or feats.ndim != 2 or len(feats) != n or not np.isfinite(feats).all():
+    if stored != key.__dict__ or feats.ndim < 2 or len(feats) != n or not np.isfinite(feats).all():
         log.warning("feature cache entry %s does not match what it should hold; rebuilding it", path)
         return None
     return feats

@@ -293,9 +293,13 @@ def fit(
         return build_optimizer(param_groups(model, spec, cfg.lr), cfg.optimizer, cfg.lr, cfg.weight_decay)
 
     optimizer = make_optimizer()
+    # fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not (the scaler is then a no-op).
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.dtype == torch.float16)
     if resume_from is not None:
         ck = load_checkpoint(ckpt_dir, resume_from, optimizer=optimizer, restore_rng=True)
         model.load_state_dict(ck.model_state)
+        if ck.scaler_state and scaler.is_enabled():
+            scaler.load_state_dict(ck.scaler_state)
         state = ck.state
         stopper.load_state_dict(state["early_stop"])
         log.info(
@@ -316,7 +320,12 @@ def fit(
         if d.main:
             state["early_stop"] = stopper.state_dict()
             save_checkpoint(
-                ckpt_dir, name, model_state=model.state_dict(), optimizer=optimizer, scaler_state=None, state=state
+                ckpt_dir,
+                name,
+                model_state=model.state_dict(),
+                optimizer=optimizer,
+                scaler_state=scaler.state_dict() if scaler.is_enabled() else None,
+                state=state,
             )
         if d.world > 1:
             import torch.distributed as dist
@@ -324,14 +333,17 @@ def fit(
             dist.barrier()
 
     def optimizer_step() -> None:
+        scaler.unscale_(optimizer)  # clip and check the true gradients, not the fp16-scaled ones
         norm = clip_gradients([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
-        if norm is not None and not math.isfinite(norm):
+        # With fp16 loss scaling an overflow is expected now and then: the scaler skips that step.
+        if norm is not None and not math.isfinite(norm) and not scaler.is_enabled():
             raise NonFiniteLossError(
                 f"the gradient norm became {norm} at step {state['step']}; stopped before the "
                 "optimizer step, the last checkpoint is intact"
             )
         set_lr(optimizer, lr_factor(state["opt_step"], total_opt_steps, schedule))
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         state["opt_step"] += 1
         state["accum"] = 0
@@ -387,7 +399,7 @@ def fit(
                     "the optimizer step, the last checkpoint is intact. Lower --lr, set --clip-grad, or use "
                     "--precision fp32"
                 )
-            (loss / cfg.accum_steps).backward()
+            scaler.scale(loss / cfg.accum_steps).backward()
             state["step"] += 1
             n = len(y)
             hits = float((logits.argmax(1) == y).sum())

@@ -6,6 +6,7 @@ nearly all the cost is the one-time feature extraction.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from transferlab.errors import ConfigError
 
@@ -50,10 +52,8 @@ class ProbeConfig:
 
 @dataclass
 class ProbeResult:
-    """The best head (by held-out loss), the last head, and the per-epoch history."""
+    """The epoch kept (lowest held-out loss) and the per-epoch history."""
 
-    weight: torch.Tensor
-    bias: torch.Tensor
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -83,56 +83,51 @@ def stratified_holdout(targets: np.ndarray, fraction: float, seed: int) -> tuple
     return np.sort(np.concatenate(fit)), np.sort(np.concatenate(hold))
 
 
-def _optimizer(params: list[torch.Tensor], cfg: ProbeConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-
-
 @torch.no_grad()
-def _score(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    logits = x @ w.T + b
+def _score(head: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 4096) -> tuple[float, float]:
+    if not len(y):
+        return float("nan"), float("nan")
+    logits = torch.cat([head(x[i : i + batch]) for i in range(0, len(x), batch)]).float()
     return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
 
 
-def fit_linear_probe(
+@torch.no_grad()
+def head_logits(head: nn.Module, x: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """Apply a trained head to cached features, in eval mode."""
+    was = head.training
+    head.eval()
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    out = torch.cat([head(xt[i : i + batch]) for i in range(0, len(xt), batch)]).numpy()
+    head.train(was)
+    return out
+
+
+def fit_head(
+    head: nn.Module,
     x_fit: np.ndarray,
     y_fit: np.ndarray,
     x_hold: np.ndarray,
     y_hold: np.ndarray,
-    num_classes: int,
     cfg: ProbeConfig,
-    *,
-    init: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ProbeResult:
-    """Fit ``logits = x W^T + b`` with cross-entropy; keep the epoch with the lowest held-out loss.
+    """Train ``head`` on cached backbone outputs with cross-entropy; keep the epoch with the lowest
+    held-out loss (its weights are loaded back into ``head``).
 
-    ``init`` (W, b) warm-starts the head, e.g. from the matching rows of an ImageNet classifier.
-    History row 0 scores the initial head, so a warm start's starting point is visible.
+    History row 0 scores the initial head, so a warm start's starting point is visible. The data order
+    is :func:`epoch_order`, the same as the image loop's, so both paths take the same steps.
     """
-    gen = torch.Generator().manual_seed(cfg.seed)
+    from transferlab.train.optim import build_optimizer
+
     xf = torch.from_numpy(np.ascontiguousarray(x_fit, dtype=np.float32))
     yf = torch.from_numpy(np.asarray(y_fit, dtype=np.int64))
     xh = torch.from_numpy(np.ascontiguousarray(x_hold, dtype=np.float32))
     yh = torch.from_numpy(np.asarray(y_hold, dtype=np.int64))
-    d = xf.shape[1]
-    if init is not None:
-        w = torch.tensor(init[0], dtype=torch.float32).clone()
-        b = torch.tensor(init[1], dtype=torch.float32).clone()
-        if tuple(w.shape) != (num_classes, d) or tuple(b.shape) != (num_classes,):
-            raise ConfigError(f"head init has shape {tuple(w.shape)}, expected {(num_classes, d)}")
-    else:
-        bound = 1.0 / np.sqrt(d)
-        w = (torch.rand(num_classes, d, generator=gen) * 2 - 1) * bound
-        b = (torch.rand(num_classes, generator=gen) * 2 - 1) * bound
-    w.requires_grad_(True)
-    b.requires_grad_(True)
-    opt = _optimizer([w, b], cfg)
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = build_optimizer([{"params": params}], cfg.optimizer, cfg.lr, cfg.weight_decay)
 
-    hl, ha = _score(w, b, xh, yh) if len(yh) else (float("nan"), float("nan"))
-    tl, ta = _score(w, b, xf, yf)
+    head.eval()
+    hl, ha = _score(head, xh, yh)
+    tl, ta = _score(head, xf, yf)
     history = [
         {
             "epoch": 0,
@@ -145,15 +140,16 @@ def fit_linear_probe(
             "images_per_s": 0.0,
         }
     ]
-    best = (hl, 0, w.detach().clone(), b.detach().clone())
+    best = (hl, 0, copy.deepcopy(head.state_dict()))
     n = len(yf)
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
+        head.train()
         perm = torch.from_numpy(epoch_order(n, cfg.seed, epoch - 1))
         tot_loss, tot_hit = 0.0, 0
         for s in range(0, n, cfg.batch_size):
             idx = perm[s : s + cfg.batch_size]
-            logits = xf[idx] @ w.T + b
+            logits = head(xf[idx])
             loss = F.cross_entropy(logits, yf[idx], label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -161,7 +157,8 @@ def fit_linear_probe(
             tot_loss += float(loss.detach()) * len(idx)
             tot_hit += int((logits.argmax(1) == yf[idx]).sum())
         secs = time.perf_counter() - t0
-        hl, ha = _score(w, b, xh, yh) if len(yh) else (float("nan"), float("nan"))
+        head.eval()
+        hl, ha = _score(head, xh, yh)
         history.append(
             {
                 "epoch": epoch,
@@ -184,7 +181,37 @@ def fit_linear_probe(
             ha,
         )
         if len(yh) and hl < best[0]:
-            best = (hl, epoch, w.detach().clone(), b.detach().clone())
+            best = (hl, epoch, copy.deepcopy(head.state_dict()))
     if not len(yh):
-        best = (float("nan"), cfg.epochs, w.detach().clone(), b.detach().clone())
-    return ProbeResult(weight=best[2], bias=best[3], best_epoch=best[1], history=history)
+        best = (float("nan"), cfg.epochs, copy.deepcopy(head.state_dict()))
+    head.load_state_dict(best[2])
+    return ProbeResult(best_epoch=best[1], history=history)
+
+
+def fit_linear_probe(
+    x_fit: np.ndarray,
+    y_fit: np.ndarray,
+    x_hold: np.ndarray,
+    y_hold: np.ndarray,
+    num_classes: int,
+    cfg: ProbeConfig,
+    *,
+    init: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[nn.Linear, ProbeResult]:
+    """Fit a linear head ``x W^T + b`` on features (see :func:`fit_head`).
+
+    ``init`` (W, b) warm-starts the head, e.g. from the matching rows of an ImageNet classifier;
+    otherwise it is initialised like ``nn.Linear`` from ``cfg.seed``.
+    """
+    d = int(np.shape(x_fit)[1])
+    torch.manual_seed(cfg.seed)
+    head = nn.Linear(d, num_classes)
+    if init is not None:
+        w = torch.as_tensor(init[0], dtype=torch.float32)
+        b = torch.as_tensor(init[1], dtype=torch.float32)
+        if tuple(w.shape) != (num_classes, d) or tuple(b.shape) != (num_classes,):
+            raise ConfigError(f"head init has shape {tuple(w.shape)}, expected {(num_classes, d)}")
+        with torch.no_grad():
+            head.weight.copy_(w)
+            head.bias.copy_(b)
+    return head, fit_head(head, x_fit, y_fit, x_hold, y_hold, cfg)

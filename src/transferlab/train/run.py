@@ -40,12 +40,11 @@ from transferlab.evaluate import (
 from transferlab.io import atomic_write_json, atomic_write_text
 from transferlab.metrics import summarize
 from transferlab.models.backbones import Backbone, create_backbone
-from transferlab.models.imagenet import imagenet_indices
 from transferlab.models.weights import save_weights
 from transferlab.runtime import resolve_device, resolve_precision
 from transferlab.train.config import TrainConfig
 from transferlab.train.features import cached_features
-from transferlab.train.probe import ProbeConfig, fit_linear_probe, stratified_holdout
+from transferlab.train.probe import ProbeConfig, fit_head, head_logits, stratified_holdout
 
 log = logging.getLogger(__name__)
 
@@ -244,25 +243,25 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
 
 
 def _probe_on_features(s: _Setup) -> _Outcome:
-    """The linear probe's fast path: cached features, then a few seconds of head training."""
-    from transferlab.models.heads import HeadSpec, TransferModel
+    """The frozen-backbone fast path: cached backbone outputs, then seconds of head training."""
+    from transferlab.models.heads import TransferModel
 
     cfg, backbone, n_cls = s.cfg, s.backbone, s.num_classes
     cache = s.cache_root() / "features"
+    warm = list(s.source.classes.ids) if s.head_init == "imagenet" else None
+    # Built before anything else draws random numbers, so its init matches the image loop's.
+    model = TransferModel.from_backbone(backbone.model, cfg.head_spec(), n_cls, warm_start_ids=warm)
+    what = "feature_map" if model.head.needs_feature_map else "pre_logits"
     log.info(
-        "strategy linear-probe: backbone %s frozen (BatchNorm eval), new linear head %d -> %d, head init %s; "
-        "training on cached features (%s)",
+        "strategy linear-probe: backbone %s frozen (BatchNorm eval), new %s head -> %d classes, head init %s; "
+        "training on cached %s features (%s)",
         cfg.model,
-        backbone.model.num_features,
+        cfg.head_spec(),
         n_cls,
         s.head_init,
+        what,
         cache,
     )
-    init = None
-    if s.head_init == "imagenet":
-        clf = backbone.model.get_classifier()
-        rows = torch.from_numpy(imagenet_indices(s.source.classes.ids))
-        init = (clf.weight.detach()[rows].numpy().copy(), clf.bias.detach()[rows].numpy().copy())
     tf = s.eval_transform()
     kw = dict(
         precision=s.precision,
@@ -271,6 +270,7 @@ def _probe_on_features(s: _Setup) -> _Outcome:
         batch_size=cfg.feature_batch_size,
         workers=s.workers,
         progress=cfg.progress,
+        what=what,
     )
     t0 = time.perf_counter()
     x_train, _, hit_train = cached_features(backbone, s.train_split, tf, indices=s.train_idx, **kw)
@@ -281,23 +281,18 @@ def _probe_on_features(s: _Setup) -> _Outcome:
         cfg.epochs, cfg.lr, cfg.batch_size, cfg.optimizer, cfg.weight_decay, cfg.label_smoothing, cfg.seed
     )
     t1 = time.perf_counter()
-    fit_x, hold_x = x_train[s.fit_pos], x_train[s.hold_pos]
-    result = fit_linear_probe(fit_x, y[s.fit_pos], hold_x, y[s.hold_pos], n_cls, probe, init=init)
+    head = model.head
+    result = fit_head(head, x_train[s.fit_pos], y[s.fit_pos], x_train[s.hold_pos], y[s.hold_pos], probe)
     t_fit = time.perf_counter() - t1
-    w, b = result.weight, result.bias
-    model = TransferModel.from_backbone(backbone.model, HeadSpec("linear"), n_cls)
-    with torch.no_grad():
-        model.head.fc.weight.copy_(w)
-        model.head.fc.bias.copy_(b)
     return _Outcome(
-        logits=(torch.from_numpy(x_report) @ w.T + b).numpy(),
+        logits=head_logits(head, x_report),
         history=result.history,
         best_epoch=result.best_epoch,
-        params_trained=int(w.numel() + b.numel()),
+        params_trained=sum(p.numel() for p in head.parameters()),
         model_state=model.state_dict(),
-        strategy={"strategy": "linear-probe", "bn": "eval", "head": "linear"},
+        strategy={"strategy": "linear-probe", "bn": "eval", "head": str(cfg.head_spec())},
         info={
-            "feature_cache": {"train_hit": hit_train, "report_hit": hit_report, "dir": str(cache)},
+            "feature_cache": {"train_hit": hit_train, "report_hit": hit_report, "dir": str(cache), "what": what},
             "feature_seconds": round(t_feat, 2),
             "fit_seconds": round(t_fit, 2),
         },
