@@ -75,6 +75,11 @@ def test_other_strategies_run_and_learn(strategy: str, train_ds: Path, in1k32: P
     m = json.loads((run / "metrics.json").read_text())
     assert m["strategy"] == strategy and m["n"] == 12
     assert m["head_init"] == ("random" if strategy == "scratch" else "imagenet")
+    before, _ = read_weight_file(in1k32)
+    after, _ = read_weight_file(run / "model.safetensors")
+    conv = [k for k in before if before[k].ndim == 4]
+    moved = sum(not torch.equal(before[k], after[f"backbone.{k}"]) for k in conv)
+    assert moved == len(conv)  # every conv trained (after unfreezing, for freeze-unfreeze)
 
 
 def test_feature_cache_path_equals_the_image_loop(train_ds: Path, in1k32: Path, tmp_path: Path) -> None:

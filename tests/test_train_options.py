@@ -180,3 +180,74 @@ def test_config_yaml_replays_the_run(train_ds: Path, in1k32: Path, tmp_path: Pat
     bad.write_text(yaml.safe_dump({**cfg, "epoch": 3}))
     assert main(["train", "--config", str(bad)]) == 2
     assert "did you mean 'epochs'" in capsys.readouterr().err
+
+
+def test_small_cnn_from_cifar10_to_tiny_imagenet(train_ds: Path, tmp_path: Path) -> None:
+    """The seed's cross-domain member: a small CNN trained from scratch on CIFAR-10 batches, its head
+    then retrained on Tiny ImageNet with the CIFAR-trained backbone frozen."""
+    from builders import cifar_files
+
+    cifar = write_folder(tmp_path / "cifar-10-batches-py", cifar_files(n_per_batch=24))
+    src = tmp_path / "cnn-cifar"
+    argv = [
+        "train",
+        "--progress",
+        "off",
+        "--workers",
+        "0",
+        "--precision",
+        "fp32",
+        "--model",
+        "small_cnn",
+        "--strategy",
+        "scratch",
+        "--data",
+        str(cifar),
+        "--report-split",
+        "test",
+        "--epochs",
+        "4",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "16",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(src),
+    ]
+    assert main(argv) == 0
+    m = _metrics(src)
+    assert m["num_classes"] == 10 and m["head_init"] == "random" and m["n"] == 24
+    dst = tmp_path / "cnn-tiny"
+    argv = [
+        "train",
+        "--progress",
+        "off",
+        "--workers",
+        "0",
+        "--precision",
+        "fp32",
+        "--model",
+        "small_cnn",
+        "--init-from",
+        str(src),
+        "--strategy",
+        "linear-probe",
+        "--data",
+        str(train_ds),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "6",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(dst),
+    ]
+    assert main(argv) == 0
+    a, _ = read_weight_file(src / "model.safetensors")
+    b, _ = read_weight_file(dst / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("backbone."))
+    assert b["head.fc.weight"].shape == (3, 128)
+    assert _metrics(dst)["img_size"] == 32  # the CIFAR model's own preprocessing travels with it
