@@ -251,3 +251,13 @@ def test_small_cnn_from_cifar10_to_tiny_imagenet(train_ds: Path, tmp_path: Path)
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("backbone."))
     assert b["head.fc.weight"].shape == (3, 128)
     assert _metrics(dst)["img_size"] == 32  # the CIFAR model's own preprocessing travels with it
+
+
+def test_a_fresh_run_never_overwrites_an_earlier_one(train_ds: Path, in1k32: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "done"
+    assert main(train_argv(train_ds, in1k32, run, "--strategy", "bn-only", "--epochs", "1")) == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(train_argv(train_ds, in1k32, run, "--strategy", "bn-only", "--epochs", "1")) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # byte-identical
+    assert not (run / ".lock").exists()

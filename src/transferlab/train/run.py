@@ -85,8 +85,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if d.main:
         with RunLock(out):
+            _refuse_to_overwrite(cfg)
             return _train(cfg, d)
     return _train(cfg, d)
+
+
+def _refuse_to_overwrite(cfg: TrainConfig) -> None:
+    """A fresh run never clobbers an earlier run's results or checkpoints: they cost compute."""
+    out = Path(cfg.out)
+    ckpts = out / "checkpoints"
+    earlier = (out / "metrics.json").exists() or (ckpts.is_dir() and any(ckpts.glob("*.json")))
+    if earlier and not cfg.resume:
+        raise ConfigError(
+            f"{out} already holds a run (metrics.json or checkpoints/). Pass --resume to continue it, choose "
+            "another --out, or delete the folder to start over"
+        )
 
 
 @dataclass
