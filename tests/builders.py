@@ -132,3 +132,8 @@ def cifar_files(n_per_batch: int = 20, seed: int = 0) -> dict[str, bytes]:
     meta = {b"num_cases_per_batch": n_per_batch, b"label_names": CIFAR_NAMES, b"num_vis": 3072}
     files["batches.meta"] = pickle.dumps(meta, protocol=2)
     return files
+
+
+def eval_argv(*args: str) -> list[str]:
+    """``transferlab evaluate`` arguments with the fast, deterministic CPU settings the tests use."""
+    return ["evaluate", *args, "--progress", "off", "--workers", "0", "--precision", "fp32"]

@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 
-from builders import WNIDS, jpeg_bytes, write_folder
+from builders import WNIDS, eval_argv, jpeg_bytes, write_folder
 from transferlab.cli import build_parser, main
 from transferlab.data.transforms import EvalTransform, normalize_batch
 from transferlab.errors import ConfigError
@@ -37,7 +37,7 @@ def imagenet_test_resnet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
 
 
 def _run(argv: list[str]) -> int:
-    return main(["evaluate", "--progress", "off", "--workers", "0", "--precision", "fp32", *argv])
+    return main(eval_argv(*argv))
 
 
 def test_zero_shot_writes_consistent_outputs(tiny_zip: Path, tmp_path: Path, imagenet_test_resnet) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from builders import train_argv
+from builders import eval_argv, train_argv
 from transferlab.cli import main
 from transferlab.evaluate import load_predictions
 from transferlab.models.weights import read_weight_file
@@ -104,27 +104,7 @@ def test_evaluate_run_dir_on_another_split(train_ds: Path, in1k32: Path, tmp_pat
     run = tmp_path / "r"
     assert main(train_argv(train_ds, in1k32, run, "--strategy", "bn-only", "--head", "seed", "--epochs", "1")) == 0
     ev = tmp_path / "ev"
-    assert (
-        main(
-            [
-                "evaluate",
-                str(run),
-                "--data",
-                str(train_ds),
-                "--split",
-                "val",
-                "--progress",
-                "off",
-                "--workers",
-                "0",
-                "--precision",
-                "fp32",
-                "--out",
-                str(ev),
-            ]
-        )
-        == 0
-    )
+    assert main(eval_argv(str(run), "--data", str(train_ds), "--split", "val", "--out", str(ev))) == 0
     np.testing.assert_allclose(
         load_predictions(ev / "predictions.npz")["logits"],
         load_predictions(run / "predictions" / "val.npz")["logits"],
@@ -225,25 +205,7 @@ def test_ddp_two_processes_match_single_process_evaluation(train_ds: Path, in1k3
     m = json.loads((run / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["n"] == 12
     ev = tmp_path / "ev"
-    assert (
-        main(
-            [
-                "evaluate",
-                str(run),
-                "--data",
-                str(train_ds),
-                "--progress",
-                "off",
-                "--workers",
-                "0",
-                "--precision",
-                "fp32",
-                "--out",
-                str(ev),
-            ]
-        )
-        == 0
-    )
+    assert main(eval_argv(str(run), "--data", str(train_ds), "--out", str(ev))) == 0
     single = json.loads((ev / "metrics.json").read_text())
     assert single["n"] == m["n"] and single["top1"] == m["top1"]
     np.testing.assert_allclose(

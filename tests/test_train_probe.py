@@ -13,7 +13,7 @@ import timm
 import torch
 import yaml
 
-from builders import WNIDS, jpeg_bytes, write_folder
+from builders import WNIDS, eval_argv, jpeg_bytes, write_folder
 from transferlab.cli import main
 from transferlab.data import open_dataset
 from transferlab.errors import ConfigError
@@ -157,25 +157,7 @@ def test_train_run_directory_is_complete_and_consistent(tiny_zip: Path, tmp_path
     assert list(pred["class_ids"]) == list(WNIDS) and pred["logits"].shape == (6, 3)
     # The saved model reproduces the run's predictions through the ordinary evaluate path.
     ev = tmp_path / "ev"
-    assert (
-        main(
-            [
-                "evaluate",
-                str(out),
-                "--progress",
-                "off",
-                "--workers",
-                "0",
-                "--precision",
-                "fp32",
-                "--data",
-                str(tiny_zip),
-                "--out",
-                str(ev),
-            ]
-        )
-        == 0
-    )
+    assert main(eval_argv(str(out), "--data", str(tiny_zip), "--out", str(ev))) == 0
     np.testing.assert_allclose(load_predictions(ev / "predictions.npz")["logits"], pred["logits"], rtol=1e-4, atol=1e-4)
     assert json.loads((ev / "metrics.json").read_text())["top1"] == pytest.approx(m["top1"])
 
@@ -205,14 +187,7 @@ def test_warm_start_reproduces_zero_shot(tiny_zip: Path, tmp_path: Path, in1k_we
     )
     assert (
         main(
-            [
-                "evaluate",
-                "--progress",
-                "off",
-                "--workers",
-                "0",
-                "--precision",
-                "fp32",
+            eval_argv(
                 "--model",
                 "test_resnet",
                 "--weights",
@@ -222,7 +197,7 @@ def test_warm_start_reproduces_zero_shot(tiny_zip: Path, tmp_path: Path, in1k_we
                 str(tiny_zip),
                 "--out",
                 str(tmp_path / "zs"),
-            ]
+            )
         )
         == 0
     )
@@ -294,25 +269,7 @@ def test_seed_head_trains_on_cached_feature_maps(train_ds: Path, in1k32: Path, t
     assert json.loads((tmp_path / "again" / "metrics.json").read_text())["feature_cache"]["train_hit"]
     # The run directory reproduces its predictions through the ordinary model.
     ev = tmp_path / "ev"
-    assert (
-        main(
-            [
-                "evaluate",
-                str(run),
-                "--data",
-                str(train_ds),
-                "--progress",
-                "off",
-                "--workers",
-                "0",
-                "--precision",
-                "fp32",
-                "--out",
-                str(ev),
-            ]
-        )
-        == 0
-    )
+    assert main(eval_argv(str(run), "--data", str(train_ds), "--out", str(ev))) == 0
     np.testing.assert_allclose(
         load_predictions(ev / "predictions.npz")["logits"],
         load_predictions(run / "predictions" / "val.npz")["logits"],
