@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="evaluate a pretrained (or trained) model on a dataset split",
         description="Evaluate a timm model on a labeled split and write metrics.json (top1 with a bootstrap "
-        "95%% interval, top5, nll, images/s), predictions.npz and per_class.csv to --out. "
+        "95% interval, top5, nll, images/s), predictions.npz and per_class.csv to --out. "
         "--zero-shot uses the ImageNet-1k head restricted to the dataset's classes.",
     )
     ev.add_argument(
@@ -360,6 +360,95 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--offline", action="store_true", help="only models whose weights are available offline")
     _add_common(mo)
     mo.set_defaults(func=cmd_models)
+
+    # ensemble
+    en = sub.add_parser(
+        "ensemble",
+        help="combine saved predictions of several models, fitted and measured on separate samples",
+        description="Combine members' saved predictions (no model is run again, so members may differ in "
+        "architecture and resolution). The evaluation data is split once into a seeded, class-stratified select "
+        "part and a report part (or --select-data gives predictions on another split for fitting); everything "
+        "fitted - temperatures, weights, greedy selection, stacking, the best member - uses select only, and every "
+        "number reported comes from report. Writes metrics.json (ensemble and members: top1/top5 with bootstrap "
+        "95% intervals, NLL, 15-bin ECE; paired bootstrap against the best member; diversity), "
+        "predictions/<split>.npz (report rows, log-probabilities in the logits field) and weights.json "
+        "(+ stack.npz for --method stack) to re-apply the combination.",
+    )
+    en.add_argument(
+        "members",
+        nargs="+",
+        metavar="RUN_OR_NPZ",
+        help="members: run directories (their predictions/<split>.npz), evaluate output folders "
+        "(predictions.npz) or .npz files; all on the same samples in the same order, with one class list",
+    )
+    en.add_argument(
+        "--method",
+        choices=("mean", "vote", "weighted", "greedy", "stack"),
+        default="mean",
+        help="mean: average probabilities; vote: majority of top-1, ties by summed probability; weighted: "
+        "convex weights minimising select NLL; greedy: Caruana forward selection with replacement; stack: "
+        "L2-regularised multinomial logistic regression on the members' log-probabilities (default: mean)",
+    )
+    en.add_argument(
+        "--temperature",
+        action="store_true",
+        help="first scale each member's logits by a temperature fitted by NLL on the select part",
+    )
+    en.add_argument(
+        "--split",
+        default="val",
+        help="split whose predictions are read from run directories, and the name of the output "
+        "predictions file (default: val)",
+    )
+    en.add_argument(
+        "--select-fraction",
+        type=float,
+        default=0.5,
+        help="fraction of each class used for fitting; the rest is reported on (default: 0.5)",
+    )
+    en.add_argument(
+        "--seed", type=int, default=0, help="seed of the select/report split and the bootstrap (default: 0)"
+    )
+    en.add_argument(
+        "--select-data",
+        nargs="+",
+        default=None,
+        metavar="RUN_OR_NPZ",
+        help="the same members' predictions on another split, one per member in the same order, to fit on; "
+        "then all of the evaluated data is reported on (default: split the evaluated data)",
+    )
+    en.add_argument(
+        "--select-split",
+        default=None,
+        help="split to read from run directories given to --select-data (default: their only predictions "
+        "file other than --split)",
+    )
+    en.add_argument(
+        "--data",
+        default=None,
+        help="dataset whose class names label the most-confused pairs (e.g. words.txt of Tiny ImageNet): "
+        + DATA_HELP
+        + " (default: show class ids)",
+    )
+    en.add_argument(
+        "--greedy-metric",
+        choices=("nll", "accuracy"),
+        default="nll",
+        help="what greedy selection optimises on select; accuracy ties are broken by NLL (default: nll)",
+    )
+    en.add_argument(
+        "--rounds", type=int, default=25, help="greedy: rounds of forward selection after the best member (default: 25)"
+    )
+    en.add_argument(
+        "--stack-l2",
+        type=float,
+        default=1e-2,
+        help="stack: L2 strength pulling the coefficients towards the equal-weight log-linear pool (default: 0.01)",
+    )
+    en.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for intervals (default: 1000)")
+    en.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    _add_common(en)
+    en.set_defaults(func=cmd_ensemble)
     return parser
 
 
@@ -510,6 +599,67 @@ def cmd_models(args: argparse.Namespace) -> int:
     for n, a in shown:
         print(f"{n:<{width}}  {a}" if a else n)
     print(f"{len(shown)} model(s); {sum(1 for _, a in shown if a)} with weights available offline", file=sys.stderr)
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    """``transferlab ensemble``."""
+    from transferlab.ensemble import EnsembleConfig, run_ensemble
+
+    cfg = EnsembleConfig(
+        members=tuple(args.members),
+        out=args.out,
+        method=args.method,
+        temperature=args.temperature,
+        split=args.split,
+        select_fraction=args.select_fraction,
+        seed=args.seed,
+        select_data=None if args.select_data is None else tuple(args.select_data),
+        select_split=args.select_split,
+        data=args.data,
+        greedy_metric=args.greedy_metric,
+        rounds=args.rounds,
+        stack_l2=args.stack_l2,
+        n_boot=args.n_boot,
+    )
+    m = run_ensemble(cfg)
+    p = m["protocol"]
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.2f}%"
+
+    def line(label: str, r: dict) -> str:
+        lo, hi = r["top1_ci"]
+        ci = "" if lo is None else f" (95% CI {100 * lo:.2f}-{100 * hi:.2f})"
+        ece = "n/a" if r["ece"] is None else f"{r['ece']:.4f}"
+        return f"  {label:<{width}}  top-1 {pct(r['top1'])}{ci}  top-5 {pct(r['top5'])}  NLL {r['nll']:.4f}  ECE {ece}"
+
+    width = max(len("ensemble"), *(len(r["name"]) for r in m["members"]))
+    temp = " with temperature scaling" if m["temperature"] else ""
+    print(f"{m['method']} of {len(m['members'])} members{temp}; fitted on select ({p['select']})")
+    print(f"numbers from report ({p['report']}):")
+    print(line("ensemble", m["ensemble"]))
+    for r in m["members"]:
+        print(line(r["name"], r))
+    if "weights" in m and m["method"] != "mean":
+        print(
+            "  weights: " + ", ".join(f"{r['name']} {w:.3f}" for r, w in zip(m["members"], m["weights"], strict=True))
+        )
+    vs, best = m["vs_best_member"], m["best_member"]
+    if vs["gain"] is not None:
+        lo, hi = vs["gain_ci"]
+        print(
+            f"  vs best member {best['name']} (chosen on select): {100 * vs['gain']:+.2f} points top-1 "
+            f"(95% CI {100 * lo:+.2f} to {100 * hi:+.2f}), P(gain > 0) = {vs['p_gain_positive']:.3f}"
+        )
+    d = m["diversity"]
+    if d["mean_disagreement"] is not None:
+        corr = d["mean_error_correlation"]
+        print(
+            f"  diversity: mean pairwise disagreement {100 * d['mean_disagreement']:.1f}%, "
+            f"error correlation {'n/a' if corr is None else f'{corr:.3f}'}"
+        )
+    print(f"  wrote {args.out / 'metrics.json'}, predictions/{args.split}.npz, weights.json")
     return 0
 
 
