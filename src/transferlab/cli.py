@@ -54,6 +54,45 @@ def _progress(args: argparse.Namespace) -> bool | None:
     return {"auto": None, "on": True, "off": False}[args.progress]
 
 
+def _add_resize_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """How images become model inputs (shared by evaluate and train)."""
+    p.add_argument(
+        "--img-size", type=int, default=None, help="input resolution (default: the one the weights were trained at)"
+    )
+    p.add_argument(
+        "--crop",
+        choices=("auto", "center", "none"),
+        default="auto",
+        help="auto: center-crop only images larger than the input; small images (64px Tiny ImageNet) are resized "
+        "whole (default: auto)",
+    )
+    p.add_argument(
+        "--interpolation",
+        choices=("auto", "bilinear", "bicubic", "nearest"),
+        default="auto",
+        help="resize method; auto: the weights' own when down-scaling, bilinear when up-scaling small images "
+        "(bicubic up-scaling rings and costs ~3 points on Tiny ImageNet) (default: auto)",
+    )
+
+
+def _add_runtime_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Where and how fast the model runs (shared by evaluate and train)."""
+    p.add_argument("--workers", type=int, default=-1, help="decoding processes; -1 = cores-1, at most 4 (default: -1)")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        default="auto",
+        help="auto: bf16 autocast on GPUs and on CPUs with native bf16, else fp32 (default: auto)",
+    )
+    p.add_argument(
+        "--channels-last",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="channels_last memory format; auto = on with bf16/fp16 or a GPU (default: auto)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used to check that every --help is complete)."""
     parser = argparse.ArgumentParser(
@@ -92,39 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--zero-shot", action="store_true", help="use the pretrained ImageNet head, keeping only the dataset's classes"
     )
-    ev.add_argument(
-        "--img-size", type=int, default=None, help="input resolution (default: the one the weights were trained at)"
-    )
-    ev.add_argument(
-        "--crop",
-        choices=("auto", "center", "none"),
-        default="auto",
-        help="auto: center-crop only images larger than the input; small images (64px Tiny "
-        "ImageNet) are resized whole (default: auto)",
-    )
-    ev.add_argument(
-        "--interpolation",
-        choices=("auto", "bilinear", "bicubic", "nearest"),
-        default="auto",
-        help="resize method; auto: the weights' own when down-scaling, bilinear when up-scaling "
-        "small images (bicubic up-scaling rings and costs ~3 points on Tiny ImageNet) "
-        "(default: auto)",
-    )
+    _add_resize_options(ev)
     ev.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
-    ev.add_argument("--workers", type=int, default=-1, help="decoding processes; -1 = cores-1, at most 4 (default: -1)")
-    ev.add_argument(
-        "--precision",
-        choices=("auto", "bf16", "fp16", "fp32"),
-        default="auto",
-        help="auto: bf16 autocast on GPUs and on CPUs with native bf16, else fp32 (default: auto)",
-    )
-    ev.add_argument(
-        "--channels-last",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="channels_last memory format; auto = on with bf16/fp16 or a GPU (default: auto)",
-    )
-    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    _add_runtime_options(ev)
     ev.add_argument(
         "--limit", type=int, default=None, help="evaluate a seeded random subset of this many images (default: all)"
     )
@@ -210,14 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = tr.add_argument_group("data")
     g.add_argument("--data", default="tiny-imagenet-mini", help=DATA_HELP + " (default: tiny-imagenet-mini)")
-    g.add_argument("--img-size", type=int, default=None, help="input resolution (default: the weights')")
-    g.add_argument("--crop", choices=("auto", "center", "none"), default="auto", help="eval crop, as for evaluate")
-    g.add_argument(
-        "--interpolation",
-        choices=("auto", "bilinear", "bicubic", "nearest"),
-        default="auto",
-        help="resize method, as for evaluate (default: auto)",
-    )
+    _add_resize_options(g)
     g.add_argument(
         "--aug",
         choices=("none", "flip", "seed", "randaugment", "trivialaugment"),
@@ -320,14 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     g.add_argument("--seed", type=int, default=0, help="seed for holdout, init, data order, augmentation")
     g.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (slower)")
-    g.add_argument(
-        "--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="as for evaluate (default: auto)"
-    )
-    g.add_argument(
-        "--channels-last", choices=("auto", "on", "off"), default="auto", help="as for evaluate (default: auto)"
-    )
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
-    g.add_argument("--workers", type=int, default=-1, help="decoding processes; -1 = cores-1, at most 4")
+    _add_runtime_options(g)
     g.add_argument("--out", type=Path, default=None, help="run directory (created; required unless --config)")
     _add_common(tr)
     tr.set_defaults(func=cmd_train, subparser=tr)
