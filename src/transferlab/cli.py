@@ -444,6 +444,38 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--out", required=True, type=Path, help="output folder (created)")
     _add_common(en)
     en.set_defaults(func=cmd_ensemble)
+
+    # report
+    rp = sub.add_parser(
+        "report",
+        help="rebuild an HTML and Markdown report from run and ensemble directories (no model is loaded)",
+        description="Rebuild a report from the files that `transferlab train` and `transferlab ensemble` wrote - "
+        "metrics.json, history.csv, config.yaml, predictions/<split>.npz, weights.json - without loading any model. "
+        "Writes OUT/report.html (one self-contained file that works offline: CSS inline, figures embedded as PNG) "
+        "and OUT/report.md with its figures in OUT/figures/. Shows a summary table (top-1 with 95% interval, "
+        "top-5, NLL, ECE; ensembles below their members with the paired-bootstrap verdict against the best "
+        "member), ensemble-vs-member and reliability charts, the most confused class pairs, the best and worst "
+        "classes, training curves, and each run's provenance.",
+    )
+    rp.add_argument(
+        "dirs",
+        nargs="+",
+        metavar="DIR",
+        help="a run directory (config.yaml, metrics.json, history.csv, predictions/<split>.npz), an ensemble "
+        "folder (metrics.json with an ensemble block, weights.json), or a folder holding them (scanned one level "
+        "down; folders without metrics.json, e.g. runs in progress, are skipped)",
+    )
+    rp.add_argument("--out", required=True, type=Path, help="output folder (created): report.html, report.md, figures/")
+    rp.add_argument(
+        "--data",
+        default=None,
+        help="the dataset the runs were evaluated on, for class names (e.g. words.txt of Tiny ImageNet) and a grid "
+        "of misclassified images: a folder, a .zip, CIFAR-10 batches, or a dataset name found in $TRANSFERLAB_DATA "
+        "or the user cache; never downloaded (default: class ids, no images)",
+    )
+    rp.add_argument("--title", default=None, help="title at the top of the report (default: Transfer-learning report)")
+    _add_common(rp)
+    rp.set_defaults(func=cmd_report)
     return parser
 
 
@@ -655,6 +687,18 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
             f"error correlation {'n/a' if corr is None else f'{corr:.3f}'}"
         )
     print(f"  wrote {args.out / 'metrics.json'}, predictions/{args.split}.npz, weights.json")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``transferlab report``."""
+    from transferlab.report.render import ReportConfig, build_report
+
+    cfg = ReportConfig(dirs=tuple(args.dirs), out=args.out, data=args.data, title=args.title)
+    r = build_report(cfg)
+    what = f"{len(r.runs)} run(s)" + (f", {len(r.ensembles)} ensemble(s)" if r.ensembles else "")
+    print(f"report on {what}" + (f"; best: {r.best}" if r.best else ""))
+    print(f"  wrote {r.html} (self-contained), {r.markdown} and {len(r.figures)} figure(s) in {r.html.parent}/figures")
     return 0
 
 

@@ -1,0 +1,1283 @@
+"""``transferlab report``: a report rebuilt from run directories alone.
+
+Everything comes from files that training and ensembling already wrote - ``metrics.json``,
+``history.csv``, ``config.yaml``, ``predictions/<split>.npz``, ``weights.json`` - so a report can be
+rebuilt anywhere, at any time, without a GPU, without the weights and without re-running anything.
+No model is created or loaded (and torch is not even imported): the predictions files hold every
+logit a figure needs.
+
+Output: ``report.html``, one self-contained file that works offline (CSS inline, every figure a base64
+PNG data URI, no scripts and no external references, so it can be mailed or archived), and
+``report.md`` with the same content, its figures written to ``figures/`` and linked relatively. Both
+are composed from one list of blocks, so they cannot drift apart.
+
+Numbers are shown as they were measured: a run's row is its ``--report-split``; an ensemble's row is
+the report half of its split (the other half fitted it), so an ensemble is compared with its members
+through the paired bootstrap that ``transferlab ensemble`` recorded, never through rows measured on
+different samples.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import html
+import json
+import logging
+import math
+import re
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferlab import __version__
+from transferlab.errors import ConfigError, DataError
+from transferlab.io import atomic_write_bytes, atomic_write_text
+from transferlab.metrics import (
+    bootstrap_ci,
+    confusion_matrix,
+    expected_calibration_error,
+    most_confused,
+    per_class_accuracy,
+    softmax,
+)
+from transferlab.report import figures as F
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EnsembleDir",
+    "Predictions",
+    "ReportConfig",
+    "ReportInputs",
+    "ReportResult",
+    "RunDir",
+    "build_report",
+    "find_report_dirs",
+    "load_inputs",
+]
+
+ECE_BINS = 15
+N_CONFUSED = 10
+N_EXTREMES = 5
+N_GRID = 24
+_PRED_KEYS = ("logits", "targets", "sample_ids", "class_ids")
+_WHAT = (
+    "pass run directories from `transferlab train`, ensemble folders from `transferlab ensemble`, or a folder "
+    "holding them"
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What a report is built from. Invalid values fail here, naming the option."""
+
+    dirs: tuple[str, ...]
+    out: Path
+    data: str | None = None
+    title: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.dirs:
+            raise ConfigError(f"no directories given: {_WHAT}")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} is a file; give a folder for report.html, report.md and figures/")
+        if self.title is not None and not self.title.strip():
+            raise ConfigError("--title is empty; leave it out for the default title")
+
+
+@dataclass
+class Predictions:
+    """One predictions file: logits (or log-probabilities) with targets, sample ids and class ids."""
+
+    path: Path
+    logits: np.ndarray
+    targets: np.ndarray
+    sample_ids: np.ndarray
+    class_ids: np.ndarray
+    _probs: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def probs(self) -> np.ndarray:
+        """Softmax of the logits (also right for log-probabilities), computed once."""
+        if self._probs is None:
+            self._probs = softmax(self.logits)
+        return self._probs
+
+    @property
+    def ids_sha256(self) -> str:
+        """sha256 over the sample ids in order: two files with the same value cover the same samples."""
+        h = hashlib.sha256()
+        for s in self.sample_ids.tolist():
+            h.update(str(s).encode("utf-8"))
+            h.update(b"\n")
+        return h.hexdigest()
+
+
+@dataclass
+class RunDir:
+    """A training run directory, as read back from disk."""
+
+    path: Path
+    name: str
+    metrics: dict[str, Any]
+    preds: Predictions
+    config_text: str | None
+    config: dict[str, Any]
+    history: list[dict[str, float]]
+
+    @property
+    def top1(self) -> float:
+        return _num(self.metrics.get("top1"))
+
+    @property
+    def nll(self) -> float:
+        return _num(self.metrics.get("nll"))
+
+    @property
+    def ece(self) -> float:
+        """metrics.json's ECE, or the 15-bin ECE of the predictions file when it has none."""
+        if isinstance(self.metrics.get("ece"), int | float):
+            return float(self.metrics["ece"])
+        return expected_calibration_error(self.preds.probs, self.preds.targets, ECE_BINS)
+
+    @property
+    def top1_ci(self) -> tuple[float, float]:
+        """metrics.json's interval, or a bootstrap of the predictions file when it has none."""
+        ci = self.metrics.get("top1_ci")
+        if isinstance(ci, list) and len(ci) == 2 and all(isinstance(v, int | float) for v in ci):
+            return float(ci[0]), float(ci[1])
+        correct = np.argmax(self.preds.logits, axis=1) == self.preds.targets
+        return bootstrap_ci(correct, seed=int(self.config.get("seed", 0) or 0))
+
+
+@dataclass
+class EnsembleDir:
+    """An ensemble folder from ``transferlab ensemble``, as read back from disk."""
+
+    path: Path
+    name: str
+    metrics: dict[str, Any]
+    preds: Predictions
+    weights: dict[str, Any] | None
+
+    @property
+    def block(self) -> dict[str, Any]:
+        return self.metrics["ensemble"]
+
+    @property
+    def top1(self) -> float:
+        return _num(self.block.get("top1"))
+
+    @property
+    def nll(self) -> float:
+        return _num(self.block.get("nll"))
+
+    @property
+    def ece(self) -> float:
+        if isinstance(self.block.get("ece"), int | float):
+            return float(self.block["ece"])
+        return expected_calibration_error(self.preds.probs, self.preds.targets, ECE_BINS)
+
+    @property
+    def members(self) -> list[dict[str, Any]]:
+        return [m for m in self.metrics.get("members", []) if isinstance(m, dict)]
+
+
+@dataclass
+class ReportInputs:
+    """Every run and ensemble found, in the order given."""
+
+    runs: list[RunDir]
+    ensembles: list[EnsembleDir]
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """Where the report went and what it covers."""
+
+    html: Path
+    markdown: Path
+    figures: tuple[Path, ...]
+    runs: tuple[str, ...]
+    ensembles: tuple[str, ...]
+    best: str | None
+
+
+def _num(x: Any) -> float:
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else math.nan
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read it as JSON ({e}); the run may be incomplete - re-run it") from e
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: expected a JSON object of metrics; was it written by transferlab?")
+    return doc
+
+
+def _kind(path: Path) -> str | None:
+    """``run``, ``ensemble`` or None for a folder that is neither (metrics.json decides)."""
+    metrics = path / "metrics.json"
+    if not metrics.is_file():
+        return None
+    if isinstance(_read_json(metrics).get("ensemble"), dict):
+        return "ensemble"
+    if any((path / f).exists() for f in ("config.yaml", "history.csv", "predictions")):
+        return "run"
+    return None
+
+
+def find_report_dirs(specs: Sequence[str | Path]) -> list[tuple[str, Path]]:
+    """(kind, folder) for every run or ensemble that ``specs`` name, in order, without duplicates.
+
+    A spec that is itself a run or an ensemble is taken as is; any other folder is scanned one level
+    down, and must hold at least one. Raises DataError naming the spec otherwise.
+    """
+    found: list[tuple[str, Path]] = []
+    seen: set[Path] = set()
+
+    def add(kind: str, p: Path) -> None:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            found.append((kind, p))
+
+    for spec in specs:
+        p = Path(spec)
+        if not p.exists():
+            raise DataError(f"{spec}: no such folder; {_WHAT}")
+        if not p.is_dir():
+            raise DataError(f"{spec}: not a folder; {_WHAT}")
+        kind = _kind(p)
+        if kind is not None:
+            add(kind, p)
+            continue
+        inside = [(k, q) for q in sorted(p.iterdir()) if q.is_dir() and (k := _kind(q)) is not None]
+        if not inside:
+            if (p / "metrics.json").is_file():
+                why = "it has a metrics.json but no config.yaml, history.csv or predictions/ (an evaluate output?)"
+            else:
+                why = "it has no metrics.json and no subfolder with one (a run still in progress has none)"
+            raise DataError(
+                f"{spec}: not a run directory, an ensemble folder, or a folder holding them: {why}; {_WHAT}"
+            )
+        for k, q in inside:
+            add(k, q)
+    return found
+
+
+def _read_predictions(path: Path, owner: Path) -> Predictions:
+    """A predictions .npz (no pickles), checked so that a broken file fails here, naming it."""
+    if not path.is_file():
+        have = sorted(f.name for f in path.parent.glob("*.npz")) if path.parent.is_dir() else []
+        hint = f" (it has {', '.join(have)})" if have else ""
+        raise DataError(
+            f"{owner}: no {path.relative_to(owner)}{hint}; the report needs the predictions on the split in "
+            "metrics.json - re-run `transferlab train` / `transferlab ensemble` for this folder"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in _PRED_KEYS if k not in z.files]
+            if missing:
+                raise DataError(f"{path}: missing {', '.join(missing)}; not a transferlab predictions file")
+            d = {k: z[k] for k in _PRED_KEYS}
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: cannot read it as a predictions .npz ({e}); re-run the command that wrote it") from e
+    logits = np.asarray(d["logits"], dtype=np.float64)
+    targets = np.asarray(d["targets"])
+    sample_ids = np.asarray(d["sample_ids"]).astype(str)
+    class_ids = np.asarray(d["class_ids"]).astype(str)
+    if logits.ndim != 2 or logits.shape != (len(sample_ids), len(class_ids)) or targets.shape != sample_ids.shape:
+        raise DataError(
+            f"{path}: logits {logits.shape}, targets {targets.shape}, {len(sample_ids)} sample ids and "
+            f"{len(class_ids)} class ids do not fit together; the file is inconsistent, write it again"
+        )
+    if len(targets) == 0 or not np.issubdtype(targets.dtype, np.integer):
+        raise DataError(f"{path}: no samples or non-integer targets; a report needs labeled predictions")
+    if targets.min() < 0 or targets.max() >= len(class_ids):
+        raise DataError(f"{path}: targets outside 0..{len(class_ids) - 1} (unlabeled samples?); report labeled splits")
+    if not np.isfinite(logits).all():
+        raise DataError(f"{path}: logits contain NaN or infinity; re-evaluate the run")
+    return Predictions(path, logits, targets.astype(np.int64), sample_ids, class_ids)
+
+
+def _read_history(path: Path) -> list[dict[str, float]]:
+    if not path.is_file():
+        return []
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read it as CSV ({e}); delete it to build the report without curves") from e
+    out = []
+    for r in rows:
+        row: dict[str, float] = {}
+        for k, v in r.items():
+            if k is None:
+                continue
+            try:
+                row[k] = float(v) if v not in (None, "") else math.nan
+            except ValueError:
+                row[k] = math.nan
+        if math.isfinite(row.get("epoch", math.nan)):
+            out.append(row)
+    return out
+
+
+def _load_run(path: Path, name: str) -> RunDir:
+    import yaml
+
+    metrics = _read_json(path / "metrics.json")
+    if not isinstance(metrics.get("top1"), int | float):
+        raise DataError(f"{path / 'metrics.json'}: has no top1; it is not a finished run's metrics - re-run it")
+    split = str(metrics.get("split", "val"))
+    preds = _read_predictions(path / "predictions" / f"{split}.npz", path)
+    config_text = None
+    config: dict[str, Any] = {}
+    cfg_path = path / "config.yaml"
+    if cfg_path.is_file():
+        config_text = cfg_path.read_text(encoding="utf-8", errors="replace")
+        try:
+            loaded = yaml.safe_load(config_text)
+            config = loaded if isinstance(loaded, dict) else {}
+        except yaml.YAMLError as e:
+            log.warning("%s: cannot parse it (%s); shown as text only", cfg_path, e)
+    return RunDir(path, name, metrics, preds, config_text, config, _read_history(path / "history.csv"))
+
+
+def _load_ensemble(path: Path, name: str) -> EnsembleDir:
+    metrics = _read_json(path / "metrics.json")
+    if not isinstance(metrics.get("ensemble"), dict) or not isinstance(metrics["ensemble"].get("top1"), int | float):
+        raise DataError(f"{path / 'metrics.json'}: no ensemble results in it; re-run `transferlab ensemble`")
+    split = str(metrics.get("split", "val"))
+    preds = _read_predictions(path / "predictions" / f"{split}.npz", path)
+    weights = _read_json(path / "weights.json") if (path / "weights.json").is_file() else None
+    return EnsembleDir(path, name, metrics, preds, weights)
+
+
+def _names(paths: Sequence[Path]) -> list[str]:
+    """Folder names, prefixed with the parent's where two folders share a name."""
+    base = [p.name or str(p) for p in paths]
+    return [f"{p.parent.name}/{n}" if base.count(n) > 1 else n for p, n in zip(paths, base, strict=True)]
+
+
+def load_inputs(specs: Sequence[str | Path]) -> ReportInputs:
+    """Read every run and ensemble that ``specs`` name (see :func:`find_report_dirs`)."""
+    found = find_report_dirs(specs)
+    names = _names([p for _, p in found])
+    runs, ensembles = [], []
+    for (kind, p), name in zip(found, names, strict=True):
+        if kind == "run":
+            runs.append(_load_run(p, name))
+        else:
+            ensembles.append(_load_ensemble(p, name))
+    log.info("report: %d run(s), %d ensemble(s)", len(runs), len(ensembles))
+    return ReportInputs(runs, ensembles)
+
+
+# --------------------------------------------------------------------------------------------------
+# Document blocks: composed once, rendered to HTML and to Markdown
+
+
+class Strong(str):
+    """A span rendered in bold."""
+
+    __slots__ = ()
+
+
+@dataclass
+class Heading:
+    text: str
+    level: int
+    anchor: str
+
+
+@dataclass
+class Text:
+    parts: tuple[str, ...]
+    style: str = "p"
+    """``p``, ``note`` (muted), ``warn`` (a warning box) or ``verdict`` (a highlighted sentence)."""
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+    marked: frozenset[int] = frozenset()
+    numeric: frozenset[int] = frozenset()
+    kv: bool = False
+    caption: str = ""
+
+
+@dataclass
+class Fig:
+    key: str
+    png: bytes
+    alt: str
+    caption: str = ""
+
+
+@dataclass
+class FigRow:
+    figs: list[Fig]
+
+
+@dataclass
+class Details:
+    summary: str
+    text: str
+    lang: str = ""
+
+
+Block = Heading | Text | Table | Fig | FigRow | Details
+
+
+def _slug(text: str) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s or "x"
+
+
+class _Doc:
+    """Blocks in order, with unique anchors and figure keys."""
+
+    def __init__(self) -> None:
+        self.blocks: list[Block] = []
+        self._used: set[str] = set()
+
+    def unique(self, base: str) -> str:
+        key, i = _slug(base), 2
+        while key in self._used:
+            key = f"{_slug(base)}-{i}"
+            i += 1
+        self._used.add(key)
+        return key
+
+    def h(self, text: str, level: int = 2) -> None:
+        self.blocks.append(Heading(text, level, self.unique(text)))
+
+    def p(self, *parts: str, style: str = "p") -> None:
+        self.blocks.append(Text(tuple(parts), style))
+
+    def fig(self, key: str, png: bytes, alt: str, caption: str = "") -> Fig:
+        return Fig(self.unique(key), png, alt, caption)
+
+    def add(self, block: Block) -> None:
+        self.blocks.append(block)
+
+
+# --------------------------------------------------------------------------------------------------
+# Formatting
+
+
+def _pct(x: float, digits: int = 2) -> str:
+    return "n/a" if not math.isfinite(x) else f"{100 * x:.{digits}f}%"
+
+
+def _ci(lo: Any, hi: Any) -> str:
+    if not isinstance(lo, int | float) or not isinstance(hi, int | float):
+        return ""
+    return f"{100 * lo:.2f}–{100 * hi:.2f}"
+
+
+def _f(x: float, digits: int = 3) -> str:
+    return "n/a" if not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _count(n: Any) -> str:
+    if not isinstance(n, int | float):
+        return "—"
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}k"
+    return f"{int(n)}"
+
+
+def _dur(s: Any) -> str:
+    if not isinstance(s, int | float) or not math.isfinite(s):
+        return "—"
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"
+
+
+def _signed(x: float) -> str:
+    """Percentage points with an explicit sign and a real minus sign (−0.72, +1.20)."""
+    return f"{100 * x:+.2f}".replace("-", "\u2212")
+
+
+def _short(name: str) -> str:
+    """The first synonym of a WordNet-style name ("goldfish, Carassius auratus" -> "goldfish")."""
+    return name.split(",")[0].strip() or name
+
+
+# --------------------------------------------------------------------------------------------------
+# Class names and images
+
+
+class _Classes:
+    """Class names by id: from ``--data``, else from an ensemble's recorded per-class names, else the id."""
+
+    def __init__(self, lookup: Mapping[str, str]) -> None:
+        self.lookup = dict(lookup)
+
+    def names(self, class_ids: Iterable[str]) -> list[str]:
+        return [_short(self.lookup.get(c, c)) for c in class_ids]
+
+
+def _class_lookup(source: Any, data: str | None, inputs: ReportInputs) -> dict[str, str]:
+    lookup: dict[str, str] = {}
+    for e in inputs.ensembles:
+        for row in e.block.get("per_class", []) or []:
+            if isinstance(row, dict) and isinstance(row.get("id"), str) and isinstance(row.get("name"), str):
+                lookup.setdefault(row["id"], row["name"])
+    if source is None:
+        return lookup
+    from_data = dict(zip(source.classes.ids, source.classes.names, strict=True))
+    ours = {c for r in [*inputs.runs, *inputs.ensembles] for c in r.preds.class_ids.tolist()}
+    if ours and not ours & set(from_data):
+        example = sorted(ours)[0]
+        raise ConfigError(
+            f"--data {data}: none of the runs' class ids (e.g. {example}) is a class of {source.location}; pass the "
+            "dataset the runs were trained on, or leave --data out"
+        )
+    lookup.update(from_data)
+    return lookup
+
+
+def _misclassified_tiles(
+    preds: Predictions, source: Any, split: str, classes: _Classes, data: str | None
+) -> tuple[list[F.Tile], int]:
+    """The most confident mistakes as image tiles (and how many mistakes there are in all)."""
+    probs = preds.probs
+    pred = np.argmax(probs, axis=1)
+    wrong = np.flatnonzero(pred != preds.targets)
+    conf = probs[wrong, pred[wrong]]
+    order = wrong[np.lexsort((wrong, -conf))]
+    image_split = source.split(split)
+    index = {sid: i for i, sid in enumerate(image_split.sample_ids)}
+    if len(wrong) and not any(str(s) in index for s in preds.sample_ids[order[: N_GRID * 4]].tolist()):
+        raise DataError(
+            f"--data {data}: none of the sample ids of {preds.path} (e.g. {preds.sample_ids[order[0]]!r}) is in split "
+            f"{split!r} of {source.location}; pass the dataset the runs were evaluated on"
+        )
+    names = classes.names(preds.class_ids.tolist())
+    tiles: list[F.Tile] = []
+    absent = 0
+    for row in order:
+        if len(tiles) == N_GRID:
+            break
+        sid = str(preds.sample_ids[row])
+        if sid not in index:
+            absent += 1
+            continue
+        try:
+            img = image_split.load(index[sid])
+        except DataError as e:
+            log.warning("cannot show %s: %s", sid, e)
+            continue
+        tiles.append(F.Tile(img, names[preds.targets[row]], names[pred[row]], float(probs[row, pred[row]])))
+    if absent:
+        log.warning("%d mistakes of %s are not in %s/%s; skipped", absent, preds.path, source.location, split)
+    return tiles, len(wrong)
+
+
+# --------------------------------------------------------------------------------------------------
+# Composition
+
+
+def _verdict(e: EnsembleDir) -> tuple[str, str]:
+    """(short table label, sentence) for "does the ensemble beat its best member", from metrics.json."""
+    vs = e.metrics.get("vs_best_member") or {}
+    best = (e.metrics.get("best_member") or {}).get("name", "its best member")
+    gain, ci = vs.get("gain"), vs.get("gain_ci") or [None, None]
+    n = (e.metrics.get("protocol") or {}).get("n_report") or e.block.get("n")
+    if not isinstance(gain, int | float) or not all(isinstance(v, int | float) for v in ci):
+        return "not measured", f"{e.name}: the comparison with the best member was not measured."
+    lo, hi = ci
+    p = vs.get("p_gain_positive")
+    detail = (
+        f"{_signed(gain)} points top-1 (95% interval {_signed(lo)} to {_signed(hi)}; paired bootstrap over the "
+        f"same {n} report samples"
+        + (f", the gain was positive in {100 * p:.0f}% of resamples" if isinstance(p, int | float) else "")
+        + ")"
+    )
+    who = f"its best member {best} (chosen on the select half)"
+    if lo > 0:
+        return f"beats best member ({_signed(gain)} pts)", f"{e.name} beats {who}: {detail}."
+    if hi < 0:
+        return f"worse than best member ({_signed(gain)} pts)", f"{e.name} is worse than {who}: {detail}."
+    return (
+        f"no clear difference ({_signed(gain)} pts)",
+        f"{e.name} is not shown to beat {who}: {detail}. The interval includes zero, so the difference may be chance.",
+    )
+
+
+def _run_cells(r: RunDir) -> list[str]:
+    m = r.metrics
+    strategy = str(m.get("strategy", "—"))
+    if m.get("head") not in (None, "linear"):
+        strategy += f", {m['head']} head"
+    if m.get("head_init"):
+        strategy += f", head init {m['head_init']}"
+    epochs = m.get("epochs_run")
+    best = m.get("best_epoch")
+    ep = "—" if epochs is None else f"{epochs}" + (f" (best {best})" if best is not None else "")
+    if m.get("stopped_early"):
+        ep += ", stopped early"
+    lo, hi = r.top1_ci
+    t = _dur(m.get("train_seconds"))
+    if isinstance(m.get("wall_s"), int | float):
+        t += f" (wall {_dur(m['wall_s'])})"
+    return [
+        r.name,
+        str(m.get("model", "—")),
+        strategy,
+        _count(m.get("params_trained")),
+        f"{m['img_size']} px" if m.get("img_size") else "—",
+        ep,
+        t,
+        f"{_pct(r.top1)} ({_ci(lo, hi)})",
+        _pct(_num(m.get("top5"))),
+        _f(r.nll),
+        _f(r.ece),
+        f"{m.get('split', '?')} · {len(r.preds.targets):,}",
+        "—",
+    ]
+
+
+def _ensemble_cells(e: EnsembleDir, runs_by_name: Mapping[str, RunDir]) -> list[str]:
+    b = e.block
+    method = str(e.metrics.get("method", "?"))
+    if e.metrics.get("temperature"):
+        method += ", temperature-scaled"
+    sizes = sorted(
+        {runs_by_name[m["name"]].metrics.get("img_size") for m in e.members if m.get("name") in runs_by_name} - {None}
+    )
+    res = " / ".join(f"{s}" for s in sizes) + " px" if sizes else "—"
+    lo, hi = (b.get("top1_ci") or [None, None])[:2]
+    split = e.metrics.get("split", "?")
+    return [
+        e.name,
+        f"ensemble of {len(e.members)}",
+        method,
+        "—",
+        res,
+        "—",
+        "—",
+        f"{_pct(e.top1)} ({_ci(lo, hi)})",
+        _pct(_num(b.get("top5"))),
+        _f(e.nll),
+        _f(e.ece),
+        f"{split} report half · {len(e.preds.targets):,}",
+        _verdict(e)[0],
+    ]
+
+
+def _member_runs(e: EnsembleDir, runs: Sequence[RunDir]) -> list[int]:
+    """Indices of the runs that are members of ``e`` (by predictions file, then by name)."""
+    paths = set()
+    for m in e.members + list((e.weights or {}).get("members", []) or []):
+        if isinstance(m, dict) and isinstance(m.get("path"), str):
+            paths.add(Path(m["path"]).resolve())
+    names = {m.get("name") for m in e.members}
+    return [i for i, r in enumerate(runs) if r.preds.path.resolve() in paths or r.name in names]
+
+
+def _ordered_rows(inputs: ReportInputs) -> list[RunDir | EnsembleDir]:
+    """Runs in the order given, each ensemble right after the last of its members that is shown."""
+    after: dict[int, list[EnsembleDir]] = {}
+    for e in inputs.ensembles:
+        idx = _member_runs(e, inputs.runs)
+        after.setdefault(max(idx) if idx else len(inputs.runs) - 1, []).append(e)
+    out: list[RunDir | EnsembleDir] = list(after.get(-1, []))
+    for i, r in enumerate(inputs.runs):
+        out.append(r)
+        out.extend(after.get(i, []))
+    return out
+
+
+def _best(items: Sequence[RunDir | EnsembleDir]) -> RunDir | EnsembleDir | None:
+    ok = [x for x in items if math.isfinite(x.top1)]
+    if not ok:
+        return None
+    return max(ok, key=lambda x: (x.top1, -x.nll if math.isfinite(x.nll) else -math.inf))
+
+
+def _summary(doc: _Doc, inputs: ReportInputs, best_row: RunDir | EnsembleDir | None) -> None:
+    doc.h("Summary")
+    runs_by_name = {r.name: r for r in inputs.runs}
+    header = [
+        "",
+        "member",
+        "backbone",
+        "strategy",
+        "params trained",
+        "resolution",
+        "epochs run",
+        "train time",
+        "top-1 (95% interval)",
+        "top-5",
+        "NLL",
+        "ECE",
+        "evaluated on",
+        "vs best member",
+    ]
+    rows, marked = [], set()
+    for i, x in enumerate(_ordered_rows(inputs)):
+        cells = _run_cells(x) if isinstance(x, RunDir) else _ensemble_cells(x, runs_by_name)
+        flag = "★ best" if x is best_row else ""
+        if x is best_row:
+            marked.add(i)
+        rows.append([flag, *cells])
+    doc.add(Table(header, rows, frozenset(marked), frozenset({4, 5, 8, 9, 10, 11})))
+    notes = [
+        "★ marks the highest top-1 (ties: lower NLL). ECE: 15 equal-width confidence bins"
+        + (", computed from the predictions file where metrics.json has none" if inputs.runs else "")
+        + ". Train time is the summed epoch time; wall includes data loading and feature extraction."
+    ]
+    if inputs.ensembles:
+        notes.append(
+            "An ensemble is measured on the report half of its split (the other half fitted it), so its row and its "
+            "members' rows cover different samples; the paired comparison below uses the same samples for both."
+        )
+    doc.p(" ".join(notes), style="note")
+    for e in inputs.ensembles:
+        doc.p(_verdict(e)[1], style="verdict")
+    if len(inputs.runs) >= 2:
+        best_run = _best(inputs.runs)
+        rows_iv = [
+            F.Interval(r.name, r.top1, *r.top1_ci, kind="best" if r is best_run else "member") for r in inputs.runs
+        ]
+        png = F.interval_chart_png(rows_iv, title="Top-1 of each run on its own report split")
+        doc.add(doc.fig("overview-top1", png, "top-1 accuracy of each run with 95% intervals", _overview_caption()))
+
+
+def _overview_caption() -> str:
+    return (
+        "Points are top-1, whiskers the 95% bootstrap interval; the best run is highlighted. Overlapping intervals "
+        "from independent bootstraps do not prove two runs equal - a paired test on the same samples is sharper."
+    )
+
+
+def _ensembles(doc: _Doc, inputs: ReportInputs) -> None:
+    if not inputs.ensembles:
+        return
+    doc.h("Ensembles vs members")
+    for e in inputs.ensembles:
+        doc.h(e.name, 3)
+        best = (e.metrics.get("best_member") or {}).get("name")
+        rows = []
+        for m in e.members:
+            ci = m.get("top1_ci") or [None, None]
+            kind = "best" if m.get("name") == best else "member"
+            rows.append(F.Interval(str(m.get("name")), _num(m.get("top1")), ci[0], ci[1], kind))
+        ci = e.block.get("top1_ci") or [None, None]
+        rows.append(F.Interval(f"{e.name} ({e.metrics.get('method', '?')})", e.top1, ci[0], ci[1], "ensemble"))
+        n = e.block.get("n")
+        png = F.interval_chart_png(rows, title=f"Ensemble and members on the same {n} report samples")
+        doc.add(
+            doc.fig(
+                f"ensemble-{e.name}",
+                png,
+                f"top-1 of {e.name} and its members with 95% intervals",
+                "Every row is measured on the report half only; the best member (highlighted) was chosen on the "
+                "select half, where the ensemble was fitted.",
+            )
+        )
+        facts = []
+        d = e.metrics.get("diversity") or {}
+        if isinstance(d.get("mean_disagreement"), int | float):
+            facts.append(f"members disagree on {100 * d['mean_disagreement']:.1f}% of samples on average")
+        if isinstance(d.get("mean_error_correlation"), int | float):
+            facts.append(f"mean error correlation {d['mean_error_correlation']:.2f}")
+        w = e.metrics.get("weights")
+        if isinstance(w, list) and len(w) == len(e.members) and e.metrics.get("method") != "mean":
+            facts.append("weights " + ", ".join(f"{m['name']} {x:.2f}" for m, x in zip(e.members, w, strict=True)))
+        if facts:
+            doc.p("Diversity: " + "; ".join(facts) + ".", style="note")
+
+
+def _calibration(doc: _Doc, focus: RunDir | None, inputs: ReportInputs) -> None:
+    items: list[RunDir | EnsembleDir] = ([focus] if focus is not None else []) + list(inputs.ensembles)
+    if not items:
+        return
+    doc.h("Calibration")
+    doc.p(
+        "Reliability diagrams (15 equal-width confidence bins): a calibrated model's bars follow the diagonal; bars "
+        "below it are over-confident. ECE is the sample-weighted mean gap.",
+        style="note",
+    )
+    figs = []
+    for x in items:
+        label = f"{x.name} (best member)" if x is focus else f"{x.name} (ensemble)"
+        png = F.reliability_png(x.preds.probs, x.preds.targets, n_bins=ECE_BINS, title=label, ece=x.ece)
+        figs.append(doc.fig(f"reliability-{x.name}", png, f"reliability diagram of {label}"))
+    doc.add(FigRow(figs))
+
+
+def _confused_table(x: RunDir | EnsembleDir, classes: _Classes) -> Table:
+    p = x.preds
+    cm = confusion_matrix(p.logits, p.targets, len(p.class_ids))
+    names = classes.names(p.class_ids.tolist())
+    pairs = most_confused(cm, k=N_CONFUSED, class_ids=p.class_ids.tolist(), class_names=names)
+    rows = [
+        [str(e["true_name"]), str(e["predicted_name"]), str(e["count"]), _pct(float(e["rate"]), 0)]  # type: ignore[arg-type]
+        for e in pairs
+    ]
+    return Table(["true class", "predicted as", "count", "share of the true class"], rows, numeric=frozenset({2, 3}))
+
+
+def _errors(
+    doc: _Doc,
+    focus: RunDir | EnsembleDir | None,
+    inputs: ReportInputs,
+    classes: _Classes,
+    source: Any,
+    data: str | None,
+) -> None:
+    if focus is None:
+        return
+    doc.h(f"Where {focus.name} goes wrong")
+    what = "best member" if isinstance(focus, RunDir) else "best ensemble"
+    split = str(focus.metrics.get("split", "val"))
+    where = split if isinstance(focus, RunDir) else f"the report half of {split}"
+    doc.p(f"The {what}, ", Strong(focus.name), f", on {where} ({len(focus.preds.targets):,} samples).", style="note")
+
+    doc.h("Most confused class pairs", 3)
+    table = _confused_table(focus, classes)
+    if table.rows:
+        doc.add(table)
+    else:
+        doc.p("No mistakes.", style="note")
+    for e in inputs.ensembles:
+        if e is focus:
+            continue
+        doc.p("Ensemble ", Strong(e.name), " (report half):")
+        doc.add(_confused_table(e, classes))
+
+    doc.h("Best and worst classes", 3)
+    p = focus.preds
+    acc = per_class_accuracy(p.logits, p.targets, len(p.class_ids))
+    counts = np.bincount(p.targets, minlength=len(p.class_ids))
+    have = np.flatnonzero(counts > 0)
+    names = classes.names(p.class_ids.tolist())
+    by_best = have[np.lexsort((have, -counts[have], -acc[have]))]
+    by_worst = have[np.lexsort((have, -counts[have], acc[have]))]
+    k = min(N_EXTREMES, len(have) // 2) or min(N_EXTREMES, len(have))
+    best = [(names[i], float(acc[i]), int(counts[i])) for i in by_best[:k]]
+    worst_idx = [i for i in by_worst[:k] if i not in set(by_best[:k].tolist())]
+    worst = [(names[i], float(acc[i]), int(counts[i])) for i in worst_idx]
+    png = F.class_extremes_png(best, worst, title=f"{focus.name}: best {len(best)} and worst {len(worst)} classes")
+    top_ties = int((acc[have] == acc[have].max()).sum())
+    low_ties = int((acc[have] == acc[have].min()).sum())
+    caption = (
+        f"Per-class top-1 on {split} (n = samples of the class). Ties are broken by more samples, then class order"
+    )
+    if top_ties > k or low_ties > k:
+        caption += f"; {top_ties} classes share the top accuracy and {low_ties} the bottom one"
+    doc.add(doc.fig(f"classes-{focus.name}", png, f"best and worst classes of {focus.name}", caption + "."))
+
+    doc.h("Misclassified images", 3)
+    if source is None:
+        doc.p("Pass --data to show images of misclassified samples.", style="note")
+        return
+    tiles, n_wrong = _misclassified_tiles(p, source, split, classes, data)
+    if not tiles:
+        doc.p("No misclassified samples could be shown.", style="note")
+        return
+    png = F.image_grid_png(tiles, columns=6)
+    doc.add(
+        doc.fig(
+            f"misclassified-{focus.name}",
+            png,
+            f"misclassified {split} images of {focus.name}",
+            f"The {len(tiles)} most confident mistakes of {focus.name} (of {n_wrong:,} on {split}): true class in "
+            "green, prediction and its probability in red.",
+        )
+    )
+
+
+def _curves(doc: _Doc, inputs: ReportInputs) -> None:
+    if not inputs.runs:
+        return
+    doc.h("Training curves")
+    doc.p(
+        "Per epoch, train vs the holdout (a class-stratified part of train that picked the epoch kept; the reported "
+        "split was never used for any choice). Epoch 0, where present, scores the head before training.",
+        style="note",
+    )
+    for r in inputs.runs:
+        doc.h(r.name, 3)
+        if not r.history:
+            doc.p(f"No history.csv in {r.path}.", style="note")
+            continue
+        m = r.metrics
+        title = f"{r.name}: {m.get('model', '?')} {m.get('strategy', '')}"
+        best = m.get("best_epoch")
+        png = F.curves_png(r.history, best_epoch=best if isinstance(best, int) else None, title=title)
+        doc.add(doc.fig(f"curves-{r.name}", png, f"loss and accuracy curves of {r.name}", str(m.get("selection", ""))))
+
+
+def _versions(v: Any) -> str:
+    if not isinstance(v, dict):
+        return "not recorded"
+    return ", ".join(f"{k} {val}" for k, val in v.items())
+
+
+def _fingerprint(m: Mapping[str, Any]) -> str:
+    for key in ("data_fingerprint", "data_sha256", "fingerprint"):
+        if isinstance(m.get(key), str):
+            return str(m[key])
+    return f"not recorded; data read from {m.get('data', 'an unrecorded location')}"
+
+
+def _provenance(doc: _Doc, inputs: ReportInputs, cfg: ReportConfig, source: Any) -> None:
+    doc.h("Provenance")
+    doc.p(
+        f"Built by transferlab {__version__} on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} from the files in "
+        "each folder (no model was loaded)"
+        + (f"; class names and images from {source.location}" if source is not None else "")
+        + ".",
+        style="note",
+    )
+    for r in inputs.runs:
+        m = r.metrics
+        doc.h(r.name, 3)
+        rows = [
+            ["folder", str(r.path.resolve())],
+            ["backbone", f"{m.get('model', '?')} ({m.get('weights', '?')})"],
+            [
+                "strategy",
+                f"{m.get('strategy', '?')}, BN {m.get('bn', '?')}, {m.get('head', '?')} head, "
+                f"head init {m.get('head_init', '?')}",
+            ],
+            ["data", f"{m.get('dataset', '?')} at {m.get('data', '?')}, {m.get('num_classes', '?')} classes"],
+            ["data fingerprint", _fingerprint(m)],
+            [
+                "reported on",
+                f"{m.get('split', '?')}, {len(r.preds.targets):,} samples (ids sha256 {r.preds.ids_sha256[:16]})",
+            ],
+            ["epoch selection", str(m.get("selection", "not recorded"))],
+            ["seed", str(r.config.get("seed", "not recorded"))],
+            [
+                "precision / device",
+                f"{m.get('precision', '?')}, {'channels_last' if m.get('channels_last') else 'NCHW'}, "
+                f"{m.get('device', '?')}, world size {m.get('world_size', 1)}",
+            ],
+            ["versions", _versions(m.get("versions"))],
+        ]
+        for w in m.get("warnings") or []:
+            rows.append(["warning", str(w)])
+        doc.add(Table(["", ""], rows, kv=True))
+        if r.config_text is not None:
+            doc.add(Details(f"{r.name}/config.yaml (replay: transferlab train --config)", r.config_text, "yaml"))
+        else:
+            doc.p(f"No config.yaml in {r.path}.", style="note")
+    for e in inputs.ensembles:
+        m = e.metrics
+        doc.h(e.name, 3)
+        proto = m.get("protocol") or {}
+        best = m.get("best_member") or {}
+        rows = [
+            ["folder", str(e.path.resolve())],
+            ["method", f"{m.get('method', '?')}" + (", temperature scaling" if m.get("temperature") else "")],
+            ["members", ", ".join(str(x.get("name")) for x in e.members)],
+            ["fitted on", str(proto.get("select", "?"))],
+            ["reported on", str(proto.get("report", "?")) + f" (ids sha256 {e.preds.ids_sha256[:16]})"],
+            [
+                "best member",
+                f"{best.get('name', '?')}, chosen on {best.get('chosen_on', '?')} by {best.get('criterion', '?')}",
+            ],
+            ["comparison", str((m.get("vs_best_member") or {}).get("test", "?"))],
+        ]
+        if isinstance(proto.get("select_sample_ids_sha256"), str):
+            rows.append(["select ids sha256", proto["select_sample_ids_sha256"][:16]])
+        doc.add(Table(["", ""], rows, kv=True))
+        if e.weights is not None:
+            text = json.dumps(_elide(e.weights), indent=2)
+            doc.add(Details(f"{e.name}/weights.json (long lists elided)", text, "json"))
+
+
+def _elide(x: Any, limit: int = 20) -> Any:
+    """``x`` with every list longer than ``limit`` replaced by a note of its length (class and sample ids)."""
+    if isinstance(x, dict):
+        return {k: _elide(v, limit) for k, v in x.items()}
+    if isinstance(x, list):
+        return f"[{len(x)} items]" if len(x) > limit else [_elide(v, limit) for v in x]
+    return x
+
+
+def _warnings(doc: _Doc, inputs: ReportInputs) -> None:
+    seen: dict[str, list[str]] = {}
+    for x in [*inputs.runs, *inputs.ensembles]:
+        for w in x.metrics.get("warnings") or []:
+            seen.setdefault(str(w), []).append(x.name)
+    for w, who in seen.items():
+        doc.p(Strong("Warning: "), f"{w[:1].upper()}{w[1:]} ({', '.join(who)}).", style="warn")
+
+
+def _compose(inputs: ReportInputs, cfg: ReportConfig, source: Any) -> tuple[list[Block], str | None]:
+    doc = _Doc()
+    classes = _Classes(_class_lookup(source, cfg.data, inputs))
+    best_row = _best([*inputs.runs, *inputs.ensembles])
+    best_run = _best(inputs.runs)
+    focus = best_run if best_run is not None else _best(inputs.ensembles)
+    _warnings(doc, inputs)
+    _summary(doc, inputs, best_row)
+    _ensembles(doc, inputs)
+    _calibration(doc, best_run if isinstance(best_run, RunDir) else None, inputs)
+    _errors(doc, focus, inputs, classes, source, cfg.data)
+    _curves(doc, inputs)
+    _provenance(doc, inputs, cfg, source)
+    return doc.blocks, None if best_row is None else best_row.name
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+
+_CSS = """
+:root{--fg:#1f2933;--muted:#667085;--line:#e4e7ec;--soft:#f6f7f9;--accent:#2a9d8f;--best:#e7f5f2}
+*{box-sizing:border-box}
+html{-webkit-text-size-adjust:100%}
+body{margin:0;background:#fff;color:var(--fg);
+font:15px/1.55 -apple-system,BlinkMacSystemFont,"Segoe UI",Roboto,"Helvetica Neue",Arial,"Noto Sans",sans-serif}
+main{max-width:1180px;margin:0 auto;padding:36px 32px 72px}
+h1{font-size:28px;line-height:1.2;margin:0 0 6px;letter-spacing:-.015em}
+h2{font-size:20px;margin:44px 0 14px;padding-bottom:6px;border-bottom:1px solid var(--line);letter-spacing:-.01em}
+h3{font-size:16px;margin:28px 0 10px}
+p{margin:10px 0;max-width:80ch}
+.sub{color:var(--muted);margin:0 0 18px}
+nav{display:flex;flex-wrap:wrap;gap:6px 18px;font-size:14px;margin:0 0 8px;padding:10px 0;
+border-top:1px solid var(--line);border-bottom:1px solid var(--line)}
+nav a{color:var(--muted);text-decoration:none}
+nav a:hover{color:var(--fg)}
+.note{color:var(--muted);font-size:14px}
+.warn{background:#fff8e6;border-left:4px solid #f0a500;padding:10px 14px;border-radius:4px;max-width:none}
+.verdict{border-left:4px solid var(--accent);background:var(--soft);padding:10px 14px;border-radius:4px;max-width:none}
+.tw{overflow-x:auto;margin:12px 0}
+table{border-collapse:collapse;font-size:13.5px;font-variant-numeric:tabular-nums}
+table.data{width:100%}
+th{text-align:left;font-weight:600;font-size:12.5px;color:var(--muted);padding:8px 10px;
+border-bottom:2px solid var(--line);white-space:nowrap;vertical-align:bottom}
+td{padding:7px 10px;border-bottom:1px solid var(--line);vertical-align:top}
+.num{text-align:right;white-space:nowrap}
+tbody tr:nth-child(even) td{background:#fbfbfc}
+tr.best td{background:var(--best)!important;font-weight:600}
+td.flag{color:var(--accent);white-space:nowrap;font-weight:700}
+table.kv td:first-child{color:var(--muted);white-space:nowrap;padding-right:18px}
+table.kv td{border-bottom:1px solid var(--soft)}
+figure{margin:14px 0 22px}
+figure img{display:block;max-width:100%;height:auto;border:1px solid var(--line);border-radius:6px}
+figcaption{color:var(--muted);font-size:13px;margin-top:6px;max-width:90ch}
+.row{display:flex;flex-wrap:wrap;gap:8px 22px;align-items:flex-start}
+.row figure{margin:8px 0}
+details{margin:10px 0;border:1px solid var(--line);border-radius:6px;padding:6px 12px;background:#fff}
+summary{cursor:pointer;font-weight:600;font-size:14px}
+pre{background:var(--soft);padding:12px 14px;border-radius:4px;overflow-x:auto;font-size:12.5px;line-height:1.45}
+code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,"Liberation Mono",monospace}
+code{background:var(--soft);padding:0 4px;border-radius:3px;font-size:.92em}
+footer{color:var(--muted);font-size:12.5px;margin-top:48px;border-top:1px solid var(--line);padding-top:10px}
+@media print{main{max-width:none;padding:0}nav{display:none}details{border:none}h2{break-after:avoid}
+figure{break-inside:avoid}}
+"""
+
+
+def _html_parts(parts: Iterable[str]) -> str:
+    out = []
+    for s in parts:
+        e = html.escape(s, quote=False)
+        out.append(f"<strong>{e}</strong>" if isinstance(s, Strong) else e)
+    return "".join(out)
+
+
+def _html_fig(f: Fig) -> str:
+    data = base64.b64encode(f.png).decode("ascii")
+    cap = f"<figcaption>{html.escape(f.caption)}</figcaption>" if f.caption else ""
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(f.alt)}" '
+        f'width="{F.display_width(f.png)}">{cap}</figure>'
+    )
+
+
+def render_html(blocks: Sequence[Block], title: str, subtitle: str) -> str:
+    """One self-contained HTML page: inline CSS, figures as data URIs, no scripts, no external links."""
+    toc = "".join(
+        f'<a href="#{b.anchor}">{html.escape(b.text)}</a>' for b in blocks if isinstance(b, Heading) and b.level == 2
+    )
+    body: list[str] = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            body.append(f'<h{b.level} id="{b.anchor}">{html.escape(b.text)}</h{b.level}>')
+        elif isinstance(b, Text):
+            cls = "" if b.style == "p" else f' class="{b.style}"'
+            body.append(f"<p{cls}>{_html_parts(b.parts)}</p>")
+        elif isinstance(b, Table):
+            head = "".join(
+                f"<th{' class=num' if j in b.numeric else ''}>{html.escape(h)}</th>" for j, h in enumerate(b.header)
+            )
+            trs = []
+            for i, row in enumerate(b.rows):
+                tds = []
+                for j, c in enumerate(row):
+                    cls = "num" if j in b.numeric else "flag" if (j == 0 and not b.kv and b.marked) else ""
+                    tds.append(f"<td{f' class={cls}' if cls else ''}>{html.escape(c)}</td>")
+                trs.append(f"<tr{' class=best' if i in b.marked else ''}>{''.join(tds)}</tr>")
+            thead = "" if b.kv else f"<thead><tr>{head}</tr></thead>"
+            cls = "kv" if b.kv else "data"
+            body.append(f'<div class="tw"><table class="{cls}">{thead}<tbody>{"".join(trs)}</tbody></table></div>')
+        elif isinstance(b, Fig):
+            body.append(_html_fig(b))
+        elif isinstance(b, FigRow):
+            body.append(f'<div class="row">{"".join(_html_fig(f) for f in b.figs)}</div>')
+        elif isinstance(b, Details):
+            body.append(
+                f"<details><summary>{html.escape(b.summary)}</summary><pre><code>{html.escape(b.text)}</code></pre>"
+                "</details>"
+            )
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f'<meta name="generator" content="transferlab {__version__}">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<main>\n"
+        f'<h1>{html.escape(title)}</h1>\n<p class="sub">{html.escape(subtitle)}</p>\n<nav>{toc}</nav>\n'
+        + "\n".join(body)
+        + f"\n<footer>transferlab {__version__} · report built from run directories; no model was loaded.</footer>\n"
+        "</main>\n</body>\n</html>\n"
+    )
+
+
+# Underscores inside a word (tf_efficientnet_lite0) never start emphasis in CommonMark, so only those
+# at a word's edge are escaped; the Markdown stays readable as plain text.
+_MD_SPECIAL = re.compile(r"([\\`*\[\]|<>#]|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9]))")
+
+
+def _md(text: str) -> str:
+    """Escape Markdown syntax in plain text (names like ``_x_`` or ``a|b`` stay literal)."""
+    return _MD_SPECIAL.sub(r"\\\1", text).replace("\n", " ")
+
+
+def _md_parts(parts: Iterable[str]) -> str:
+    out = []
+    for s in parts:
+        if isinstance(s, Strong):
+            out.append(f"**{_md(s.strip())}**" + (" " if s.endswith(" ") else ""))
+        else:
+            out.append(_md(s))
+    return "".join(out)
+
+
+def _md_fig(f: Fig, links: Mapping[str, str]) -> str:
+    cap = f"\n\n*{_md(f.caption)}*" if f.caption else ""
+    return f"![{_md(f.alt)}]({links[f.key]}){cap}"
+
+
+def render_markdown(blocks: Sequence[Block], title: str, subtitle: str, links: Mapping[str, str]) -> str:
+    """The same content as Markdown; ``links`` maps a figure key to its relative PNG path."""
+    out = [f"# {_md(title)}", f"*{_md(subtitle)}*"]
+    for b in blocks:
+        if isinstance(b, Heading):
+            out.append(f"{'#' * b.level} {_md(b.text)}")
+        elif isinstance(b, Text):
+            text = _md_parts(b.parts)
+            out.append(f"> {text}" if b.style in ("warn", "verdict") else f"*{text}*" if b.style == "note" else text)
+        elif isinstance(b, Table):
+            header = ["field", "value"] if b.kv else b.header
+            lines = ["| " + " | ".join(_md(h) for h in header) + " |"]
+            lines.append("| " + " | ".join("---:" if j in b.numeric else "---" for j in range(len(header))) + " |")
+            for i, row in enumerate(b.rows):
+                cells = [_md(c) for c in row]
+                if i in b.marked:
+                    cells = [f"**{c}**" if c else c for c in cells]
+                lines.append("| " + " | ".join(cells) + " |")
+            out.append("\n".join(lines))
+        elif isinstance(b, Fig):
+            out.append(_md_fig(b, links))
+        elif isinstance(b, FigRow):
+            out.extend(_md_fig(f, links) for f in b.figs)
+        elif isinstance(b, Details):
+            ticks = max((len(m) for m in re.findall(r"`+", b.text)), default=0)
+            fence = "`" * max(3, ticks + 1)
+            out.append(
+                f"<details><summary>{html.escape(b.summary)}</summary>\n\n{fence}{b.lang}\n{b.text.rstrip()}\n{fence}"
+                "\n\n</details>"
+            )
+    return "\n\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _figures(blocks: Sequence[Block]) -> list[Fig]:
+    out: list[Fig] = []
+    for b in blocks:
+        if isinstance(b, Fig):
+            out.append(b)
+        elif isinstance(b, FigRow):
+            out.extend(b.figs)
+    return out
+
+
+def build_report(cfg: ReportConfig) -> ReportResult:
+    """Read the folders in ``cfg.dirs`` and write ``report.html``, ``report.md`` and ``figures/`` to ``cfg.out``.
+
+    Files are written atomically, figures first and the HTML last, so a report.html that exists is
+    complete. PNGs in ``figures/`` that an earlier report wrote under other names are left alone.
+    """
+    inputs = load_inputs(cfg.dirs)
+    source = None
+    if cfg.data is not None:
+        from transferlab.data import open_dataset
+
+        # A report never downloads: --data names the copy the runs were evaluated on.
+        source = open_dataset(cfg.data, download=False)
+    blocks, best = _compose(inputs, cfg, source)
+    n_runs, n_ens = len(inputs.runs), len(inputs.ensembles)
+    title = cfg.title or "Transfer-learning report"
+    datasets = sorted({str(x.metrics.get("dataset")) for x in inputs.runs if x.metrics.get("dataset")})
+    subtitle = (
+        f"{n_runs} run{'s' * (n_runs != 1)}"
+        + (f", {n_ens} ensemble{'s' * (n_ens != 1)}" if n_ens else "")
+        + (f" on {', '.join(datasets)}" if datasets else "")
+        + (f" · best: {best}" if best else "")
+        + f" · built {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}"
+    )
+    out = Path(cfg.out)
+    figs = _figures(blocks)
+    links: dict[str, str] = {}
+    paths: list[Path] = []
+    for f in figs:
+        rel = f"figures/{f.key}.png"
+        atomic_write_bytes(out / rel, f.png)
+        links[f.key] = rel
+        paths.append(out / rel)
+    atomic_write_text(out / "report.md", render_markdown(blocks, title, subtitle, links))
+    atomic_write_text(out / "report.html", render_html(blocks, title, subtitle))
+    log.info("wrote %s, report.md and %d figures", out / "report.html", len(figs))
+    return ReportResult(
+        html=out / "report.html",
+        markdown=out / "report.md",
+        figures=tuple(paths),
+        runs=tuple(r.name for r in inputs.runs),
+        ensembles=tuple(e.name for e in inputs.ensembles),
+        best=best,
+    )
