@@ -86,3 +86,17 @@ def in1k32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pre = Preprocessing(input_size=32, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
     save_weights(path, model.state_dict(), preprocessing=pre)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """``cli.main`` configures logging for a terminal; undo it after each test so tests stay independent."""
+    import logging
+
+    root = logging.getLogger()
+    pkg = logging.getLogger("transferlab")
+    saved = (root.handlers[:], root.level, pkg.level)
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    pkg.setLevel(saved[2])
