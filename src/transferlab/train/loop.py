@@ -301,6 +301,8 @@ def fit(
         if ck.scaler_state and scaler.is_enabled():
             scaler.load_state_dict(ck.scaler_state)
         state = ck.state
+        if not d.main:
+            state["sums"] = [0.0, 0.0, 0.0]
         stopper.load_state_dict(state["early_stop"])
         log.info(
             "resuming from %s: epoch %d, position %d, step %d", ck.path, state["epoch"], state["pos"], state["step"]
@@ -317,15 +319,17 @@ def fit(
     mix = cfg.mixup > 0 or cfg.cutmix > 0
 
     def checkpoint(name: str) -> None:
+        # Every rank takes part: the running train-loss sums are per rank, the checkpoint keeps their total
+        # (and on resume only rank 0 starts from it, the others from zero).
+        snapshot = {**state, "sums": _all_reduce_sum(state["sums"], d), "early_stop": stopper.state_dict()}
         if d.main:
-            state["early_stop"] = stopper.state_dict()
             save_checkpoint(
                 ckpt_dir,
                 name,
                 model_state=model.state_dict(),
                 optimizer=optimizer,
                 scaler_state=scaler.state_dict() if scaler.is_enabled() else None,
-                state=state,
+                state=snapshot,
             )
         if d.world > 1:
             import torch.distributed as dist
