@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import timm
@@ -27,14 +26,7 @@ from transferlab.models.imagenet import imagenet_indices
 WNIDS = ["n02124075", "n01443537", "n04067472"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread pool's
-    spinning makes each op ~100x slower; restored afterwards so other modules keep their setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _x(n: int = 4, size: int = 64) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import pytest
 import timm
@@ -27,14 +26,7 @@ from transferlab.models.strategies import (
 ARCHS = ["test_resnet", "test_efficientnet"]  # plain BatchNorm2d and timm's BatchNormAct2d
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread pool's
-    spinning makes each op ~100x slower; restored afterwards so other modules keep their setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(arch: str = "test_resnet", head: str = "linear", num_classes: int = 5) -> TransferModel:
