@@ -131,7 +131,7 @@ def read_weight_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
 def _unpickling_reason(err: Exception) -> str:
     """The line of torch's weights-only refusal that says what was refused.
 
-    torch's message starts with advice to retry with ``weights_only=False``, which is exactly what must
+    torch's message starts with advice to retry with the weights-only guard switched off, which is exactly what must
     not be done with an untrusted file, so only the specific reason is quoted.
     """
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
