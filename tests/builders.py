@@ -78,16 +78,14 @@ def write_zip(path: Path, files: dict[str, bytes], top: str = "tiny-imagenet-200
     return path
 
 
+def fast_train_argv(*args: str) -> list[str]:
+    """``transferlab train`` arguments with the fast, deterministic CPU settings the tests use."""
+    return ["train", "--progress", "off", "--workers", "0", "--precision", "fp32", *args]
+
+
 def train_argv(ds: Path, weights: Path, out: Path, *extra: str) -> list[str]:
-    """``transferlab train`` arguments for a fast, deterministic run of test_resnet on CPU."""
-    return [
-        "train",
-        "--progress",
-        "off",
-        "--workers",
-        "0",
-        "--precision",
-        "fp32",
+    """A fast, deterministic ``transferlab train`` run of test_resnet on CPU."""
+    return fast_train_argv(
         "--model",
         "test_resnet",
         "--weights",
@@ -103,7 +101,25 @@ def train_argv(ds: Path, weights: Path, out: Path, *extra: str) -> list[str]:
         "--out",
         str(out),
         *extra,
-    ]
+    )
+
+
+def imagenet_test_resnet(path: Path, input_size: int) -> tuple[Path, object]:
+    """Save timm's tiny test_resnet with a random ImageNet-1k head (and its preprocessing) to ``path``.
+
+    Stands in for real ImageNet weights, which tests cannot download. Returns (path, model in eval mode).
+    """
+    import timm
+    import torch
+
+    from transferlab.models.preprocessing import Preprocessing
+    from transferlab.models.weights import save_weights
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=1000).eval()
+    pre = Preprocessing(input_size=input_size, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
+    save_weights(path, model.state_dict(), preprocessing=pre)
+    return path, model
 
 
 CIFAR_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]

@@ -74,18 +74,9 @@ def train_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def in1k32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """timm's tiny test_resnet with a random ImageNet-1k head at 32px, saved as safetensors."""
-    import timm
-    import torch
+    from builders import imagenet_test_resnet
 
-    from transferlab.models.preprocessing import Preprocessing
-    from transferlab.models.weights import save_weights
-
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", pretrained=False, num_classes=1000)
-    path = tmp_path_factory.mktemp("w") / "test_resnet_in1k.safetensors"
-    pre = Preprocessing(input_size=32, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
-    save_weights(path, model.state_dict(), preprocessing=pre)
-    return path
+    return imagenet_test_resnet(tmp_path_factory.mktemp("w") / "test_resnet_in1k.safetensors", 32)[0]
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,7 @@ import timm
 import torch
 
 from builders import WNIDS, eval_argv, jpeg_bytes, write_folder
+from builders import imagenet_test_resnet as make_imagenet_test_resnet
 from transferlab.cli import build_parser, main
 from transferlab.data.transforms import EvalTransform, normalize_batch
 from transferlab.errors import ConfigError
@@ -28,12 +29,7 @@ from transferlab.runtime import resolve_precision
 @pytest.fixture(scope="module")
 def imagenet_test_resnet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
     """A tiny timm ResNet with a random 1000-class (ImageNet) head, saved as safetensors."""
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", pretrained=False, num_classes=1000).eval()
-    path = tmp_path_factory.mktemp("w") / "test_resnet_in1k.safetensors"
-    pre = Preprocessing(input_size=64, interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    save_weights(path, model.state_dict(), preprocessing=pre)
-    return path, model
+    return make_imagenet_test_resnet(tmp_path_factory.mktemp("w") / "test_resnet_in1k.safetensors", 64)
 
 
 def _run(argv: list[str]) -> int:

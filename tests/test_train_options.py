@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from builders import jpeg_bytes, train_argv, write_folder
+from builders import fast_train_argv, jpeg_bytes, train_argv, write_folder
 from transferlab.cli import main
 from transferlab.data import open_dataset
 from transferlab.data.stats import channel_stats
@@ -189,14 +189,7 @@ def test_small_cnn_from_cifar10_to_tiny_imagenet(train_ds: Path, tmp_path: Path)
 
     cifar = write_folder(tmp_path / "cifar-10-batches-py", cifar_files(n_per_batch=24))
     src = tmp_path / "cnn-cifar"
-    argv = [
-        "train",
-        "--progress",
-        "off",
-        "--workers",
-        "0",
-        "--precision",
-        "fp32",
+    argv = fast_train_argv(
         "--model",
         "small_cnn",
         "--strategy",
@@ -215,19 +208,12 @@ def test_small_cnn_from_cifar10_to_tiny_imagenet(train_ds: Path, tmp_path: Path)
         str(tmp_path / "cache"),
         "--out",
         str(src),
-    ]
+    )
     assert main(argv) == 0
     m = _metrics(src)
     assert m["num_classes"] == 10 and m["head_init"] == "random" and m["n"] == 24
     dst = tmp_path / "cnn-tiny"
-    argv = [
-        "train",
-        "--progress",
-        "off",
-        "--workers",
-        "0",
-        "--precision",
-        "fp32",
+    argv = fast_train_argv(
         "--model",
         "small_cnn",
         "--init-from",
@@ -244,7 +230,7 @@ def test_small_cnn_from_cifar10_to_tiny_imagenet(train_ds: Path, tmp_path: Path)
         str(tmp_path / "cache"),
         "--out",
         str(dst),
-    ]
+    )
     assert main(argv) == 0
     a, _ = read_weight_file(src / "model.safetensors")
     b, _ = read_weight_file(dst / "model.safetensors")

@@ -13,14 +13,12 @@ import timm
 import torch
 import yaml
 
-from builders import WNIDS, eval_argv, jpeg_bytes, write_folder
+from builders import WNIDS, eval_argv, fast_train_argv, imagenet_test_resnet, jpeg_bytes, write_folder
 from transferlab.cli import main
 from transferlab.data import open_dataset
 from transferlab.errors import ConfigError
 from transferlab.evaluate import load_predictions, make_eval_transform
 from transferlab.models.backbones import create_backbone
-from transferlab.models.preprocessing import Preprocessing
-from transferlab.models.weights import save_weights
 from transferlab.runtime import resolve_precision
 from transferlab.train.features import cached_features, pre_logits
 from transferlab.train.probe import ProbeConfig, fit_linear_probe, stratified_holdout
@@ -31,12 +29,7 @@ FP32 = resolve_precision("fp32", "off", CPU)
 
 @pytest.fixture(scope="module")
 def in1k_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = timm.create_model("test_resnet", pretrained=False, num_classes=1000)
-    path = tmp_path_factory.mktemp("w") / "test_resnet_in1k.safetensors"
-    pre = Preprocessing(input_size=64, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
-    save_weights(path, model.state_dict(), preprocessing=pre)
-    return path
+    return imagenet_test_resnet(tmp_path_factory.mktemp("w") / "test_resnet_in1k.safetensors", 64)[0]
 
 
 def test_feature_cache_hit_is_identical_and_keyed_on_weights(
@@ -120,7 +113,7 @@ def test_probe_warm_start_is_the_starting_point() -> None:
 
 
 def _train(argv: list[str]) -> int:
-    return main(["train", "--progress", "off", "--workers", "0", "--precision", "fp32", *argv])
+    return main(fast_train_argv(*argv))
 
 
 def test_train_run_directory_is_complete_and_consistent(tiny_zip: Path, tmp_path: Path, in1k_weights: Path) -> None:
