@@ -82,10 +82,17 @@ def test_other_strategies_run_and_learn(strategy: str, train_ds: Path, in1k32: P
     assert moved == len(conv)  # every conv trained (after unfreezing, for freeze-unfreeze)
 
 
-def test_feature_cache_path_equals_the_image_loop(train_ds: Path, in1k32: Path, tmp_path: Path) -> None:
-    """The fast path is the same computation: same order, same init, same optimizer -> same head."""
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--schedule", "cosine", "--warmup-steps", "2", "--clip-grad", "0.5"]],
+    ids=["constant", "cosine-warmup-clip"],
+)
+def test_feature_cache_path_equals_the_image_loop(
+    extra: list[str], train_ds: Path, in1k32: Path, tmp_path: Path
+) -> None:
+    """The fast path is the same computation: same order, same init, same optimizer and schedule -> same head."""
     fast, slow = tmp_path / "fast", tmp_path / "slow"
-    common = ["--epochs", "3", "--lr", "1e-2"]
+    common = ["--epochs", "3", "--lr", "1e-2", *extra]
     assert main(train_argv(train_ds, in1k32, fast, "--feature-cache", "on", *common)) == 0
     assert main(train_argv(train_ds, in1k32, slow, "--feature-cache", "off", *common)) == 0
     mf = json.loads((fast / "metrics.json").read_text())
@@ -98,6 +105,12 @@ def test_feature_cache_path_equals_the_image_loop(train_ds: Path, in1k32: Path, 
     ps = load_predictions(slow / "predictions" / "val.npz")["logits"]
     np.testing.assert_allclose(pf, ps, rtol=1e-4, atol=1e-4)
     assert mf["top1"] == ms["top1"] and mf["best_epoch"] == ms["best_epoch"]
+    # The learning rate each epoch ended on is the same schedule on both paths (it decays under cosine).
+    lr_fast = [r["lr"] for r in _history(fast) if r["epoch"] >= 1]
+    lr_slow = [r["lr"] for r in _history(slow) if r["epoch"] >= 1]
+    np.testing.assert_allclose(lr_fast, lr_slow, rtol=1e-6)
+    if extra:
+        assert lr_fast[-1] < lr_fast[0] < 1e-2
 
 
 def test_evaluate_run_dir_on_another_split(train_ds: Path, in1k32: Path, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -34,6 +35,15 @@ class ProbeConfig:
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     seed: int = 0
+    #: Learning-rate schedule, in optimiser steps, exactly as the image loop applies it.
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    step_size: int | None = None
+    gamma: float = 0.1
+    clip_grad: float | None = None
+    #: Which held-out metric picks the epoch kept, and how many epochs without improvement stop the fit.
+    early_stop: str = "val_loss"
+    patience: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.epochs <= 10_000:
@@ -110,13 +120,21 @@ def fit_head(
     y_hold: np.ndarray,
     cfg: ProbeConfig,
 ) -> ProbeResult:
-    """Train ``head`` on cached backbone outputs with cross-entropy; keep the epoch with the lowest
-    held-out loss (its weights are loaded back into ``head``).
+    """Train ``head`` on cached backbone outputs with cross-entropy; keep the best epoch on the held-out
+    metric ``cfg.early_stop`` (its weights are loaded back into ``head``).
 
     History row 0 scores the initial head, so a warm start's starting point is visible. The data order
-    is :func:`epoch_order`, the same as the image loop's, so both paths take the same steps.
+    is :func:`epoch_order` and the learning rate follows the same schedule, clipping and early stopping as
+    the image loop, so a config means the same thing on both paths.
     """
-    from transferlab.train.optim import build_optimizer
+    from transferlab.train.optim import (
+        EarlyStopping,
+        ScheduleSpec,
+        build_optimizer,
+        clip_gradients,
+        lr_factor,
+        set_lr,
+    )
 
     xf = torch.from_numpy(np.ascontiguousarray(x_fit, dtype=np.float32))
     yf = torch.from_numpy(np.asarray(y_fit, dtype=np.int64))
@@ -124,6 +142,10 @@ def fit_head(
     yh = torch.from_numpy(np.asarray(y_hold, dtype=np.int64))
     params = [p for p in head.parameters() if p.requires_grad]
     opt = build_optimizer([{"params": params}], cfg.optimizer, cfg.lr, cfg.weight_decay)
+    schedule = ScheduleSpec(cfg.schedule, warmup_steps=cfg.warmup_steps, step_size=cfg.step_size, gamma=cfg.gamma)
+    stopper = EarlyStopping(cfg.early_stop, patience=cfg.patience)
+    total_steps = math.ceil(len(y_fit) / cfg.batch_size) * cfg.epochs
+    opt_step = 0
 
     head.eval()
     hl, ha = _score(head, xh, yh)
@@ -140,7 +162,9 @@ def fit_head(
             "images_per_s": 0.0,
         }
     ]
-    best = (hl, 0, copy.deepcopy(head.state_dict()))
+    if len(yh):
+        stopper.update(hl if "loss" in cfg.early_stop else ha, 0)
+    best = (0, copy.deepcopy(head.state_dict()))
     n = len(yf)
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -153,7 +177,11 @@ def fit_head(
             loss = F.cross_entropy(logits, yf[idx], label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            clip_gradients(params, cfg.clip_grad)
+            set_lr(opt, lr_factor(opt_step, total_steps, schedule))
+            lr_now = opt.param_groups[0]["lr"]
             opt.step()
+            opt_step += 1
             tot_loss += float(loss.detach()) * len(idx)
             tot_hit += int((logits.argmax(1) == yf[idx]).sum())
         secs = time.perf_counter() - t0
@@ -166,7 +194,7 @@ def fit_head(
                 "train_acc": tot_hit / n,
                 "val_loss": hl,
                 "val_acc": ha,
-                "lr": cfg.lr,
+                "lr": lr_now,
                 "seconds": secs,
                 "images_per_s": n / max(secs, 1e-9),
             }
@@ -180,12 +208,16 @@ def fit_head(
             hl,
             ha,
         )
-        if len(yh) and hl < best[0]:
-            best = (hl, epoch, copy.deepcopy(head.state_dict()))
+        if len(yh):
+            if stopper.update(hl if "loss" in cfg.early_stop else ha, epoch):
+                best = (epoch, copy.deepcopy(head.state_dict()))
+            if stopper.should_stop:
+                log.info("early stop: no %s improvement for %d epochs", cfg.early_stop, stopper.patience)
+                break
     if not len(yh):
-        best = (float("nan"), cfg.epochs, copy.deepcopy(head.state_dict()))
-    head.load_state_dict(best[2])
-    return ProbeResult(best_epoch=best[1], history=history)
+        best = (len(history) - 1, copy.deepcopy(head.state_dict()))
+    head.load_state_dict(best[1])
+    return ProbeResult(best_epoch=best[0], history=history)
 
 
 def fit_linear_probe(

@@ -291,7 +291,20 @@ def _probe_on_features(s: _Setup) -> _Outcome:
     t_feat = time.perf_counter() - t0
     y = s.train_split.targets[s.train_idx]
     probe = ProbeConfig(
-        cfg.epochs, cfg.lr, cfg.batch_size, cfg.optimizer, cfg.weight_decay, cfg.label_smoothing, cfg.seed
+        cfg.epochs,
+        cfg.lr,
+        cfg.batch_size,
+        cfg.optimizer,
+        cfg.weight_decay,
+        cfg.label_smoothing,
+        cfg.seed,
+        schedule=cfg.schedule,
+        warmup_steps=cfg.warmup_steps,
+        step_size=cfg.step_size,
+        gamma=cfg.gamma,
+        clip_grad=cfg.clip_grad,
+        early_stop=cfg.early_stop,
+        patience=cfg.patience,
     )
     t1 = time.perf_counter()
     head = model.head
