@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="RUN_DIR",
-        help="a run directory from `transferlab train` (instead of --model)",
+        help="a run directory from `transferlab train` (instead of --model), or a study folder from `transferlab "
+        "study`: then every member is evaluated and every ensemble re-applied with its fitted weights (nothing "
+        "refit), each into OUT/members/<name> and OUT/ensembles/<name>, with a report in OUT/report",
     )
     ev.add_argument("--model", default=None, help="timm architecture name, e.g. tf_efficientnet_lite0, resnet50")
     ev.add_argument(
@@ -488,6 +490,34 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--title", default=None, help="title at the top of the report (default: Transfer-learning report)")
     _add_common(rp)
     rp.set_defaults(func=cmd_report)
+
+    # study
+    st = sub.add_parser(
+        "study",
+        help="run a whole study from a YAML spec: members, ensembles, report (resumable)",
+        description="Run the members of SPEC (trained runs and zero-shot evaluations) one after another into "
+        "OUT/members/<name>, then its ensembles into OUT/ensembles/<name>, then the report into OUT/report. "
+        "Every input is checked before the first member starts. A member whose resolved options, data and "
+        "weights are unchanged since it finished is reused, not retrained, so re-running an interrupted study "
+        "carries on where it stopped (a member cut off mid-training resumes from its newest checkpoint). "
+        "See studies/quick.yaml and studies/seed.yaml.",
+    )
+    st.add_argument("spec", type=Path, metavar="SPEC", help="the study spec (YAML): name, data, members, ensembles")
+    st.add_argument("--out", required=True, type=Path, help="study folder (created; re-use it to resume)")
+    st.add_argument(
+        "--replace-changed",
+        action="store_true",
+        help="when a finished member's options or inputs changed, move its old folder to OUT/superseded/ and redo "
+        "it (default: stop and list the changes)",
+    )
+    st.add_argument("--no-report", action="store_true", help="skip building OUT/report (default: build it)")
+    st.add_argument(
+        "--check",
+        action="store_true",
+        help="only validate the spec and check that every dataset and weight file is available; run nothing",
+    )
+    _add_common(st)
+    st.set_defaults(func=cmd_study)
     return parser
 
 
@@ -499,6 +529,10 @@ def _subhelp(p: argparse.ArgumentParser) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``transferlab evaluate``."""
     from transferlab.evaluate import EvalConfig, evaluate
+    from transferlab.study import is_study_dir
+
+    if args.run is not None and is_study_dir(args.run):
+        return _evaluate_study(args)
 
     cfg = EvalConfig(
         run=args.run,
@@ -699,6 +733,55 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
             f"error correlation {'n/a' if corr is None else f'{corr:.3f}'}"
         )
     print(f"  wrote {args.out / 'metrics.json'}, predictions/{args.split}.npz, weights.json")
+    return 0
+
+
+def _evaluate_study(args: argparse.Namespace) -> int:
+    from transferlab.study import evaluate_study
+
+    if args.zero_shot or args.model is not None:
+        raise ConfigError("a study folder evaluates its own members; leave out --model and --zero-shot")
+    runtime = {
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "precision": args.precision,
+        "channels_last": args.channels_last,
+        "device": args.device,
+        "progress": _progress(args),
+    }
+    s = evaluate_study(args.run, data=args.data, split=args.split, out=args.out, runtime=runtime)
+    print(f"study {args.run} on {s['data']}/{s['split']}")
+    for name, m in s["members"].items():
+        lo, hi = m["top1_ci"]
+        print(f"  member   {name:28s} top-1 {100 * m['top1']:6.2f}%  ({100 * lo:.2f}-{100 * hi:.2f})  n={m['n']}")
+    for name, e in s["ensembles"].items():
+        lo, hi = e["top1_ci"]
+        flag = f"  [{e['n_fitted_on']} samples were fitted on]" if e.get("n_fitted_on") else ""
+        print(f"  ensemble {name:28s} top-1 {100 * e['top1']:6.2f}%  ({100 * lo:.2f}-{100 * hi:.2f})  n={e['n']}{flag}")
+    print(f"  wrote {args.out}/summary.json" + (f"; report: {s['report']}" if s.get("report") else ""))
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    """``transferlab study``."""
+    from transferlab.study import load_spec, resolve, run_study
+
+    spec = load_spec(args.spec)
+    if args.check:
+        items = resolve(spec, args.out, progress=_progress(args))
+        print(f"study {spec.name}: {len(items)} steps, every input available; nothing was run")
+        for r in items:
+            print(f"  {r.kind:9s} {r.name:28s} -> {r.dir}  ({r.hash[:12]})")
+        return 0
+    res = run_study(
+        spec, args.out, replace_changed=args.replace_changed, progress=_progress(args), report=not args.no_report
+    )
+    print(f"study {spec.name}: {len(res.steps)} steps in {res.wall_s:.0f} s")
+    for s in res.steps:
+        top = f"top-1 {100 * s.top1:6.2f}%" if s.top1 is not None else ""
+        print(f"  {s.status:9s} {s.kind:9s} {s.name:28s} {s.seconds:7.0f} s  {top}")
+    if res.report is not None:
+        print(f"report: {res.report}")
     return 0
 
 

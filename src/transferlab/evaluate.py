@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from transferlab import __version__
 from transferlab.data import ImageSplit, open_dataset
+from transferlab.data.base import data_fingerprint
 from transferlab.data.transforms import CROP_MODES, INTERPOLATIONS, EvalTransform, normalize_batch
 from transferlab.errors import ConfigError, DataError
 from transferlab.io import atomic_write_json, atomic_write_text, atomic_write_with
@@ -268,6 +269,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "weights": backbone.weights,
         "data": source.location,
         "dataset": source.name,
+        "data_fingerprint": data_fingerprint(source, [cfg.split]),
         "split": cfg.split,
         "mode": "zero-shot" if cfg.zero_shot else ("run" if cfg.run is not None else "head"),
         **summarize(logits, targets, n_boot=cfg.n_boot, seed=cfg.seed),

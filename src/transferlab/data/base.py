@@ -8,6 +8,7 @@ unlabeled) and how to load sample ``i`` as an RGB PIL image. Every split of a so
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -144,3 +145,35 @@ class DatasetSource:
                 f"{self.location} has no split {name!r}; available: {', '.join(sorted(self.splits)) or 'none'}"
             )
         return self.splits[name]
+
+
+def split_fingerprint(split: ImageSplit, indices: Sequence[int] | np.ndarray | None = None) -> str:
+    """sha256 over the chosen samples' ids, targets and content stamps (zip CRCs, file size+mtime, pixels).
+
+    Cheap enough to run at every start (no image is decoded for file-backed splits), yet it changes when
+    a file is replaced, relabelled, added or removed, which is what caches and study reuse need to know.
+    """
+    h = hashlib.sha256()
+    h.update(split.name.encode())
+    for i in range(len(split)) if indices is None else indices:
+        i = int(i)
+        h.update(split.sample_ids[i].encode())
+        h.update(int(split.targets[i]).to_bytes(8, "little", signed=True))
+        if isinstance(split, FileSplit):
+            h.update(split.store.stamp(split.sample_ids[i]).encode())
+        elif isinstance(split, ArraySplit):
+            h.update(split.images[i].tobytes())
+    return h.hexdigest()
+
+
+def data_fingerprint(source: DatasetSource, splits: Sequence[str]) -> str:
+    """One fingerprint for the class list and the named splits of ``source``: ``sha256:<hex>``.
+
+    Recorded in metrics.json so a report can show exactly which data a number came from, and used by
+    studies to decide whether a finished member is still valid.
+    """
+    h = hashlib.sha256()
+    h.update("\n".join(source.classes.ids).encode())
+    for name in splits:
+        h.update(b"\0" + split_fingerprint(source.split(name)).encode())
+    return "sha256:" + h.hexdigest()

@@ -86,6 +86,8 @@ class ReportConfig:
     out: Path
     data: str | None = None
     title: str | None = None
+    #: The resolved study spec (YAML text), shown under Provenance when the report belongs to a study.
+    spec_text: str | None = None
 
     def __post_init__(self) -> None:
         if not self.dirs:
@@ -236,7 +238,7 @@ def _kind(path: Path) -> str | None:
         return None
     if isinstance(_read_json(metrics).get("ensemble"), dict):
         return "ensemble"
-    if any((path / f).exists() for f in ("config.yaml", "history.csv", "predictions")):
+    if any((path / f).exists() for f in ("config.yaml", "history.csv", "predictions", "predictions.npz")):
         return "run"
     return None
 
@@ -269,7 +271,7 @@ def find_report_dirs(specs: Sequence[str | Path]) -> list[tuple[str, Path]]:
         inside = [(k, q) for q in sorted(p.iterdir()) if q.is_dir() and (k := _kind(q)) is not None]
         if not inside:
             if (p / "metrics.json").is_file():
-                why = "it has a metrics.json but no config.yaml, history.csv or predictions/ (an evaluate output?)"
+                why = "it has a metrics.json but no config.yaml, history.csv, predictions/ or predictions.npz"
             else:
                 why = "it has no metrics.json and no subfolder with one (a run still in progress has none)"
             raise DataError(
@@ -347,7 +349,10 @@ def _load_run(path: Path, name: str) -> RunDir:
     if not isinstance(metrics.get("top1"), int | float):
         raise DataError(f"{path / 'metrics.json'}: has no top1; it is not a finished run's metrics - re-run it")
     split = str(metrics.get("split", "val"))
-    preds = _read_predictions(path / "predictions" / f"{split}.npz", path)
+    pred_file = path / "predictions" / f"{split}.npz"
+    if not pred_file.is_file() and (path / "predictions.npz").is_file():
+        pred_file = path / "predictions.npz"  # a `transferlab evaluate` output (zero-shot, for one)
+    preds = _read_predictions(pred_file, path)
     config_text = None
     config: dict[str, Any] = {}
     cfg_path = path / "config.yaml"
@@ -633,7 +638,7 @@ def _verdict(e: EnsembleDir) -> tuple[str, str]:
 
 def _run_cells(r: RunDir) -> list[str]:
     m = r.metrics
-    strategy = str(m.get("strategy", "—"))
+    strategy = str(m.get("strategy") or ("zero-shot (ImageNet head)" if m.get("mode") == "zero-shot" else "—"))
     if m.get("head") not in (None, "linear"):
         strategy += f", {m['head']} head"
     if m.get("head_init"):
@@ -651,7 +656,7 @@ def _run_cells(r: RunDir) -> list[str]:
         r.name,
         str(m.get("model", "—")),
         strategy,
-        _count(m.get("params_trained")),
+        _count(m.get("params_trained", 0 if m.get("mode") == "zero-shot" else None)),
         f"{m['img_size']} px" if m.get("img_size") else "—",
         ep,
         t,
@@ -959,6 +964,8 @@ def _provenance(doc: _Doc, inputs: ReportInputs, cfg: ReportConfig, source: Any)
         + ".",
         style="note",
     )
+    if cfg.spec_text is not None:
+        doc.add(Details("study spec, resolved (every member's full options)", cfg.spec_text, "yaml"))
     for r in inputs.runs:
         m = r.metrics
         doc.h(r.name, 3)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferlab.data.base import ArraySplit, FileSplit, ImageSplit
+from transferlab.data.base import ImageSplit, split_fingerprint
 from transferlab.data.transforms import EvalTransform
 from transferlab.evaluate import predict_logits
 from transferlab.io import atomic_write_with
@@ -43,18 +43,8 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 
 def samples_fingerprint(split: ImageSplit, indices: np.ndarray) -> str:
-    """sha256 over the chosen samples' ids, targets and content stamps (zip CRCs, file size+mtime)."""
-    h = hashlib.sha256()
-    h.update(split.name.encode())
-    for i in indices:
-        i = int(i)
-        h.update(split.sample_ids[i].encode())
-        h.update(int(split.targets[i]).to_bytes(8, "little", signed=True))
-        if isinstance(split, FileSplit):
-            h.update(split.store.stamp(split.sample_ids[i]).encode())
-        elif isinstance(split, ArraySplit):
-            h.update(split.images[i].tobytes())
-    return h.hexdigest()
+    """sha256 over the chosen samples' ids, targets and content stamps (see :func:`split_fingerprint`)."""
+    return split_fingerprint(split, indices)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from transferlab.data import DatasetSource, open_dataset
+from transferlab.data.base import data_fingerprint
 from transferlab.errors import ConfigError, DataError
 from transferlab.evaluate import (
     IMAGENET_OVERLAP_WARNING,
@@ -228,6 +229,7 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
         "params_trained": res.params_trained,
         "data": source.location,
         "dataset": source.name,
+        "data_fingerprint": data_fingerprint(source, ["train", cfg.report_split]),
         "split": cfg.report_split,
         **summarize(res.logits, y_report, seed=cfg.seed),
         "num_classes": s.num_classes,
