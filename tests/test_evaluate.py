@@ -79,6 +79,24 @@ def test_head_matching_dataset_evaluates_without_zero_shot(tiny_folder: Path, tm
     assert m["mode"] == "head" and m["num_classes"] == 3 and m["n"] == 6
 
 
+def test_zero_shot_from_the_feature_cache_equals_a_forward_pass(
+    tiny_zip: Path, tmp_path: Path, imagenet_test_resnet
+) -> None:
+    """Pooled features from the cache + the model's own classifier = the full forward pass."""
+    path = imagenet_test_resnet[0]
+    base = ["--model", "test_resnet", "--weights", str(path), "--zero-shot", "--data", str(tiny_zip)]
+    assert _run([*base, "--out", str(tmp_path / "plain")]) == 0
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert _run([*base, *cache, "--out", str(tmp_path / "c1")]) == 0
+    assert _run([*base, *cache, "--out", str(tmp_path / "c2")]) == 0
+    plain = load_predictions(tmp_path / "plain" / "predictions.npz")["logits"]
+    for name, hit in (("c1", False), ("c2", True)):
+        m = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert m["feature_cache"]["hit"] is hit
+        np.testing.assert_allclose(load_predictions(tmp_path / name / "predictions.npz")["logits"], plain, atol=1e-4)
+    assert len(list((tmp_path / "cache" / "features").glob("*.npz"))) == 1
+
+
 def test_zero_shot_refuses_non_imagenet_classes(tmp_path: Path, imagenet_test_resnet, capsys) -> None:
     files = {f"{c}/{i}.jpg": jpeg_bytes((10 * i, 50, 90)) for c in ("cats", "dogs") for i in range(2)}
     root = write_folder(tmp_path / "pets", files)

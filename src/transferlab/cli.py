@@ -152,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=int, default=None, help="evaluate a seeded random subset of this many images (default: all)"
     )
     ev.add_argument("--seed", type=int, default=0, help="seed for --limit and the bootstrap (default: 0)")
+    ev.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="with --model: take the backbone's pooled features from this feature cache (the one `transferlab "
+        "train --cache-dir` fills; computed and stored there when absent) and apply the model's own classifier "
+        "(default: no cache, a plain forward pass)",
+    )
     ev.add_argument("--out", required=True, type=Path, help="output folder (created)")
     _add_common(ev)
     ev.set_defaults(func=cmd_evaluate)
@@ -553,6 +561,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         limit=args.limit,
         seed=args.seed,
         progress=_progress(args),
+        cache_dir=args.cache_dir,
     )
     m = evaluate(cfg)
     lo, hi = m["top1_ci"]

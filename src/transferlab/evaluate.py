@@ -63,6 +63,10 @@ class EvalConfig:
     seed: int = 0
     n_boot: int = 1000
     progress: bool | None = None
+    #: With a pretrained model (not a run), read the backbone's pooled features from this feature cache
+    #: (``<cache_dir>/features``, shared with `transferlab train`) and apply the model's own classifier:
+    #: a zero-shot evaluation after a linear probe on the same images then costs no forward pass.
+    cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.run is None):
@@ -248,17 +252,38 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     )
 
     t0 = time.perf_counter()
-    logits_all = predict_logits(
-        backbone,
-        split,
-        transform,
-        indices=indices,
-        precision=precision,
-        device=device,
-        batch_size=cfg.batch_size,
-        workers=workers,
-        progress=cfg.progress,
-    )
+    cache_info = None
+    if cfg.cache_dir is not None and cfg.run is None:
+        from transferlab.train.features import cached_features
+
+        feats, path, hit = cached_features(
+            backbone,
+            split,
+            transform,
+            indices=indices,
+            precision=precision,
+            device=device,
+            cache_dir=Path(cfg.cache_dir) / "features",
+            batch_size=cfg.batch_size,
+            workers=workers,
+            progress=cfg.progress,
+        )
+        classifier = backbone.model.get_classifier()  # type: ignore[operator]
+        with torch.inference_mode():
+            logits_all = classifier.float()(torch.from_numpy(feats).float()).numpy()
+        cache_info = {"file": str(path), "hit": hit}
+    else:
+        logits_all = predict_logits(
+            backbone,
+            split,
+            transform,
+            indices=indices,
+            precision=precision,
+            device=device,
+            batch_size=cfg.batch_size,
+            workers=workers,
+            progress=cfg.progress,
+        )
     wall = time.perf_counter() - t0
     logits = logits_all[:, cols] if cols is not None else logits_all
     targets = split.targets[indices]
@@ -284,6 +309,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "device": str(device),
         "workers": workers,
         "subset": None if cfg.limit is None else {"limit": cfg.limit, "seed": cfg.seed},
+        **({"feature_cache": cache_info} if cache_info is not None else {}),
         "warnings": warnings,
         "config": _config_dict(cfg),
         "versions": versions(),
@@ -293,9 +319,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def _config_dict(cfg: EvalConfig) -> dict[str, Any]:
-    d = asdict(cfg)
-    d["out"] = str(cfg.out)
-    return d
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
 
 
 def versions() -> dict[str, str]:

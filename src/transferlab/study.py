@@ -67,6 +67,7 @@ ZERO_SHOT_KEYS = (
     "workers",
     "limit",
     "seed",
+    "cache_dir",
 )
 ENSEMBLE_KEYS = ("method", "members", "temperature", "select_fraction", "seed", "greedy_metric", "rounds", "stack_l2")
 #: Set by the study itself; a spec that sets them is refused.
@@ -225,6 +226,8 @@ def parse_spec(doc: Any, *, where: str = "study spec", text: str = "", path: Pat
                 raise ConfigError(f"{mwhere}: init_from {parent!r} must be listed before this member")
         else:
             opts.setdefault("data", data)
+            if "cache_dir" in defaults:
+                opts.setdefault("cache_dir", defaults["cache_dir"])
         if role == "member" and str(opts.get("data")) != data:
             raise ConfigError(
                 f"{mwhere}: it trains on {opts.get('data')!r}, not the study's data {data!r}; mark it role: pretrain "
@@ -462,6 +465,11 @@ def resolve(spec: StudySpec, out: Path, *, progress: bool | None = None) -> list
                     "init_from": parent_hash,
                 }
             else:
+                from transferlab.data.resolve import cache_dir as user_cache_dir
+
+                # Zero-shot reads pooled features from the cache the linear probes fill (same backbone, same
+                # images, same transform): listed after such a probe it costs no forward pass.
+                opts["cache_dir"] = Path(str(opts.get("cache_dir") or user_cache_dir()))
                 cfg = EvalConfig(
                     data=str(opts.pop("data")),
                     out=d,
