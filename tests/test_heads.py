@@ -91,10 +91,18 @@ def test_seed_head_structure_and_shape() -> None:
     assert isinstance(head.drop, nn.Dropout) and head.drop.p == 0.2
     assert (head.fc1.in_features, head.fc1.out_features) == (32, 1024)
     assert (head.fc2.in_features, head.fc2.out_features) == (1024, 7)
-    # the order the seed uses: conv -> relu -> pool -> dropout -> dense -> relu -> dense
+    # the order the seed uses: conv (linear, Keras' default) -> pool -> dropout -> dense -> relu -> dense
     kinds = [type(m).__name__ for m in head.children()]
-    assert kinds == ["Conv2d", "ReLU", "AdaptiveAvgPool2d", "Dropout", "Linear", "ReLU", "Linear"]
+    assert kinds == ["Conv2d", "Identity", "AdaptiveAvgPool2d", "Dropout", "Linear", "ReLU", "Linear"]
     assert head(torch.randn(5, 96, 3, 3)).shape == (5, 7)
+    # act=relu puts a ReLU after the convolution, and the spec string round-trips
+    spec = HeadSpec.parse("seed:conv=8,act=relu")
+    assert str(spec) == "seed:conv=8,hidden=1024,dropout=0.2,act=relu" and HeadSpec.parse(str(spec)) == spec
+    assert str(HeadSpec.parse("seed")) == "seed:conv=32,hidden=1024,dropout=0.2"
+    relu = SeedHead(96, 7, conv_channels=8, conv_act="relu")
+    assert isinstance(relu.act1, nn.ReLU)
+    with pytest.raises(ConfigError, match="act must be one of none, relu"):
+        HeadSpec.parse("seed:act=tanh")
 
 
 def test_seed_head_rejects_tokens() -> None:

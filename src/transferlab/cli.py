@@ -211,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--head",
         default="linear",
-        help="linear, or seed (Conv3x3x32 -> GAP -> dropout 0.2 -> dense 1024 -> dense N); "
-        "options as seed:conv=32,hidden=1024,dropout=0.2 (default: linear)",
+        help="linear, or seed (Conv3x3x32, no activation -> GAP -> dropout 0.2 -> dense 1024 + ReLU -> dense N); "
+        "options as seed:conv=32,hidden=1024,dropout=0.2,act=none|relu (default: linear)",
     )
     g.add_argument(
         "--head-init",

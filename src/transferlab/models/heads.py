@@ -39,7 +39,10 @@ _SEED_KEYS: dict[str, str] = {
     "conv_channels": "conv_channels",
     "hidden": "hidden",
     "dropout": "dropout",
+    "act": "conv_act",
+    "conv_act": "conv_act",
 }
+CONV_ACTS: tuple[str, ...] = ("none", "relu")
 _MAX_CHANNELS = 65536
 
 
@@ -65,6 +68,9 @@ class HeadSpec:
     dropout: float = 0.2
     #: Width of the seed head's hidden dense layer.
     hidden: int = 1024
+    #: Activation after the seed head's convolution. The seed's Keras ``Conv2D`` has none (its default
+    #: is linear); a ReLU there zeroes about half of the 32 channels before pooling and costs accuracy.
+    conv_act: str = "none"
 
     def __post_init__(self) -> None:
         if self.kind not in HEAD_KINDS:
@@ -77,6 +83,11 @@ class HeadSpec:
                 raise ConfigError(f"--head: {field} must be an integer in [1, {_MAX_CHANNELS}], got {value!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
             raise ConfigError(f"--head: dropout must be a number in [0, 1), got {self.dropout!r}")
+        if self.conv_act not in CONV_ACTS:
+            raise ConfigError(
+                f"--head: act must be one of {', '.join(CONV_ACTS)}, got {self.conv_act!r}"
+                f"{_suggest(str(self.conv_act), CONV_ACTS)}"
+            )
 
     @classmethod
     def parse(cls, text: str) -> HeadSpec:
@@ -97,12 +108,12 @@ class HeadSpec:
             if rest:
                 raise ConfigError(f"--head {text!r}: the linear head takes no options (only the seed head does)")
             return cls("linear")
-        values: dict[str, int | float] = {}
+        values: dict[str, int | float | str] = {}
         for item in filter(None, (part.strip() for part in rest.split(","))):
             key, eq, raw = (s.strip() for s in item.partition("="))
             if key not in _SEED_KEYS:
                 raise ConfigError(
-                    f"--head {text!r}: unknown seed-head option {key!r}; known: conv, hidden, dropout"
+                    f"--head {text!r}: unknown seed-head option {key!r}; known: conv, hidden, dropout, act"
                     f"{_suggest(key, list(_SEED_KEYS))}"
                 )
             if not eq or not raw:
@@ -110,6 +121,9 @@ class HeadSpec:
             field = _SEED_KEYS[key]
             if field in values:
                 raise ConfigError(f"--head {text!r}: {field} is given twice")
+            if field == "conv_act":
+                values[field] = raw
+                continue
             try:
                 values[field] = float(raw) if field == "dropout" else int(raw)
             except ValueError:
@@ -120,7 +134,8 @@ class HeadSpec:
     def __str__(self) -> str:
         if self.kind == "linear":
             return "linear"
-        return f"seed:conv={self.conv_channels},hidden={self.hidden},dropout={self.dropout:g}"
+        act = "" if self.conv_act == "none" else f",act={self.conv_act}"
+        return f"seed:conv={self.conv_channels},hidden={self.hidden},dropout={self.dropout:g}{act}"
 
 
 class LinearHead(nn.Module):
@@ -142,7 +157,8 @@ class LinearHead(nn.Module):
 class SeedHead(nn.Module):
     """The seed experiment's head on the backbone's feature map (B, C, H, W).
 
-    conv 3x3 (``conv_channels`` filters, padding 1) -> ReLU -> global average pool -> dropout ->
+    conv 3x3 (``conv_channels`` filters, padding 1; no activation unless ``conv_act="relu"``, like the seed's
+    Keras ``Conv2D``) -> global average pool -> dropout ->
     dense (``hidden``) -> ReLU -> dense (``num_classes``). The extra convolution lets the head re-mix
     spatial features before pooling, which a linear head on the pooled vector cannot do.
     """
@@ -151,13 +167,19 @@ class SeedHead(nn.Module):
     needs_feature_map: ClassVar[bool] = True
 
     def __init__(
-        self, in_chs: int, num_classes: int, conv_channels: int = 32, dropout: float = 0.2, hidden: int = 1024
+        self,
+        in_chs: int,
+        num_classes: int,
+        conv_channels: int = 32,
+        dropout: float = 0.2,
+        hidden: int = 1024,
+        conv_act: str = "none",
     ) -> None:
         super().__init__()
         self.in_chs = in_chs
         self.num_classes = num_classes
         self.conv = nn.Conv2d(in_chs, conv_channels, kernel_size=3, padding=1)
-        self.act1 = nn.ReLU(inplace=True)
+        self.act1: nn.Module = nn.ReLU(inplace=True) if conv_act == "relu" else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.drop = nn.Dropout(dropout)
         self.fc1 = nn.Linear(conv_channels, hidden)
@@ -218,6 +240,7 @@ def build_head(spec: HeadSpec, backbone_module: nn.Module, num_classes: int) -> 
         conv_channels=spec.conv_channels,
         dropout=spec.dropout,
         hidden=spec.hidden,
+        conv_act=spec.conv_act,
     )
 
 
