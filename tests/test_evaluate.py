@@ -97,6 +97,20 @@ def test_zero_shot_from_the_feature_cache_equals_a_forward_pass(
     assert len(list((tmp_path / "cache" / "features").glob("*.npz"))) == 1
 
 
+def test_zero_shot_reuses_a_linear_probes_cached_features(tiny_zip: Path, tmp_path: Path, imagenet_test_resnet) -> None:
+    """The classifier is not part of the feature key: a probe (head removed) fills what zero-shot reads."""
+    from builders import train_argv
+
+    path = imagenet_test_resnet[0]
+    probe = tmp_path / "probe"
+    assert main(train_argv(tiny_zip, path, probe, "--epochs", "1", "--holdout", "0.34")) == 0
+    n_cached = len(list((tmp_path / "cache" / "features").glob("*.npz")))
+    argv = ["--model", "test_resnet", "--weights", str(path), "--zero-shot", "--data", str(tiny_zip)]
+    assert _run([*argv, "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "zs")]) == 0
+    assert json.loads((tmp_path / "zs" / "metrics.json").read_text())["feature_cache"]["hit"] is True
+    assert len(list((tmp_path / "cache" / "features").glob("*.npz"))) == n_cached
+
+
 def test_zero_shot_refuses_non_imagenet_classes(tmp_path: Path, imagenet_test_resnet, capsys) -> None:
     files = {f"{c}/{i}.jpg": jpeg_bytes((10 * i, 50, 90)) for c in ("cats", "dogs") for i in range(2)}
     root = write_folder(tmp_path / "pets", files)

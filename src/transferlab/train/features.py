@@ -32,9 +32,20 @@ FORMAT_VERSION = 1
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer (name, dtype, shape, bytes) of ``model``."""
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes) of ``model`` except its classifier.
+
+    Features are what comes before the classifier, so the classifier is left out: a zero-shot evaluation
+    (ImageNet head attached) and a linear probe (head removed) of the same backbone share one cache entry.
+    """
+    skip = None
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        clf = get()
+        skip = next((n + "." for n, mod in model.named_modules() if n and mod is clf), None)
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
+        if skip is not None and name.startswith(skip):
+            continue
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
