@@ -153,3 +153,57 @@ def cifar_files(n_per_batch: int = 20, seed: int = 0) -> dict[str, bytes]:
 def eval_argv(*args: str) -> list[str]:
     """``transferlab evaluate`` arguments with the fast, deterministic CPU settings the tests use."""
     return ["evaluate", *args, "--progress", "off", "--workers", "0", "--precision", "fp32"]
+
+
+def bomb_png(width: int = 8192, height: int = 8192) -> bytes:
+    """A real decompression bomb: a valid grayscale PNG of ``width x height`` zeros (67 Mpx by default,
+    above transferlab's 64 Mpx limit) that is only ~70 KB on disk. Streamed, so building it needs no
+    64 MB image in memory."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    comp = zlib.compressobj(6)
+    rows = b"\x00" * (width + 1) * 512  # filter byte + pixels, 512 rows at a time
+    idat = b"".join(comp.compress(rows) for _ in range(height // 512)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def cmyk_jpeg() -> bytes:
+    """A CMYK JPEG (as print workflows write them): valid, decoded to RGB."""
+    buf = io.BytesIO()
+    Image.new("CMYK", (64, 64), (0, 255, 255, 0)).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def png16() -> bytes:
+    """A 16-bit grayscale PNG: valid, scaled (not clipped) to 8 bits."""
+    buf = io.BytesIO()
+    Image.fromarray(np.linspace(0, 65535, 64 * 64).astype(np.uint16).reshape(64, 64)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+#: Broken files added to a Tiny ImageNet copy by :func:`dirty_tiny_imagenet_files`, with words the reason
+#: must contain.
+DIRTY = {
+    f"train/{WNIDS[0]}/images/{WNIDS[0]}_empty.JPEG": (b"", "0 bytes"),
+    f"train/{WNIDS[0]}/images/{WNIDS[0]}_half.JPEG": (jpeg_bytes((10, 200, 30))[:700], "truncated"),
+    f"train/{WNIDS[1]}/images/{WNIDS[1]}_html.JPEG": (b"<html>404 Not Found</html>\n", "not an image"),
+    f"train/{WNIDS[2]}/images/{WNIDS[2]}_bomb.png": (b"", "decompression bomb"),  # bytes filled in lazily
+    "val/images/val_bad.JPEG": (jpeg_bytes((200, 40, 40))[:600], "truncated"),
+}
+
+
+def dirty_tiny_imagenet_files(n_train: int = 10, n_val_per_class: int = 4) -> dict[str, bytes]:
+    """:func:`tiny_imagenet_files` plus every kind of broken file in :data:`DIRTY` (4 in train, 1 in val,
+    annotated), and two unusual but valid images (CMYK JPEG, 16-bit PNG) that must not count as broken."""
+    files = tiny_imagenet_files(n_train=n_train, n_val_per_class=n_val_per_class, n_test=1)
+    for rel, (data, _) in DIRTY.items():
+        files[rel] = bomb_png() if rel.endswith("_bomb.png") else data
+    files[f"train/{WNIDS[1]}/images/{WNIDS[1]}_cmyk.JPEG"] = cmyk_jpeg()
+    files[f"train/{WNIDS[2]}/images/{WNIDS[2]}_16bit.png"] = png16()
+    files["val/val_annotations.txt"] += f"val_bad.JPEG\t{WNIDS[0]}\t0\t0\t63\t63\n".encode()
+    return files

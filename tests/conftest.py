@@ -8,6 +8,11 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFERLAB_OFFLINE"] = "1"
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Caches (features, image checks, downloads) go to a per-session temp folder, never the user's home.
+if "TRANSFERLAB_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["TRANSFERLAB_CACHE"] = tempfile.mkdtemp(prefix="transferlab-test-cache-")
 
 from pathlib import Path
 

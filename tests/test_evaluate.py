@@ -274,3 +274,16 @@ def test_lite0_zero_shot_on_real_mini_val(mini_zip: Path, tmp_path: Path) -> Non
     assert abs(bf["top1"] - fp["top1"]) <= 0.025
     lo, hi = fp["top1_ci"]
     assert lo < fp["top1"] < hi
+
+
+def test_run_dir_is_evaluated_at_its_own_resolution(tiny_zip: Path, tmp_path: Path, imagenet_test_resnet) -> None:
+    """A run trained at 48px is fed 48px images by `evaluate RUN_DIR`, not the weights' default size."""
+    from builders import train_argv
+
+    run = tmp_path / "run48"
+    assert main(train_argv(tiny_zip, imagenet_test_resnet[0], run, "--epochs", "1", "--img-size", "48")) == 0
+    assert _run([str(run), "--data", str(tiny_zip), "--out", str(tmp_path / "ev")]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["img_size"] == 48
+    trained = load_predictions(run / "predictions" / "val.npz")["logits"]
+    np.testing.assert_allclose(load_predictions(tmp_path / "ev" / "predictions.npz")["logits"], trained, atol=1e-4)

@@ -1,6 +1,6 @@
 """``transferlab study``: a spec runs end to end, unchanged members are reused, changed ones are never
-overwritten silently, an interrupted study resumes, missing inputs stop it before any work, and
-``evaluate STUDY_DIR`` re-applies every fitted ensemble without refitting."""
+overwritten silently, missing inputs stop it before any work, and ``evaluate STUDY_DIR`` re-applies every
+fitted ensemble without refitting. That an interrupted study resumes is in tests/reliability/."""
 
 from __future__ import annotations
 
@@ -139,33 +139,6 @@ def test_changed_member_is_refused_then_replaced(
     assert steps["mean"]["status"] == "evaluated" and steps["greedy"]["status"] == "evaluated"
     (moved,) = (out / "superseded").glob("bn-*")
     assert (moved / "model.safetensors").read_bytes() == old
-
-
-def test_interrupted_study_resumes_without_retraining(
-    train_ds: Path, in1k32: Path, cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import transferlab.train.run as run_mod
-
-    spec = _write(tmp_path / "s.yaml", _spec(train_ds, in1k32, cifar, tmp_path / "cache"))
-    real = run_mod.train
-    calls: list[str] = []
-
-    def dies_on_second(cfg):  # type: ignore[no-untyped-def]
-        calls.append(Path(cfg.out).name)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # Ctrl-C while the second trained member runs
-        return real(cfg)
-
-    monkeypatch.setattr(run_mod, "train", dies_on_second)
-    assert _study(spec, tmp_path / "out") == 130
-    assert calls == ["probe", "bn"]
-    marker = json.loads((tmp_path / "out" / "members" / "bn" / "study.json").read_text())
-    assert marker["status"] == "running"
-    monkeypatch.setattr(run_mod, "train", real)
-    assert _study(spec, tmp_path / "out") == 0
-    steps = _summary(tmp_path / "out")
-    assert steps["zs"]["status"] == "reused" and steps["probe"]["status"] == "reused"
-    assert steps["bn"]["status"] == "resumed" and steps["cnn-head"]["status"] == "trained"
 
 
 def test_missing_inputs_stop_the_seed_study_before_any_work(

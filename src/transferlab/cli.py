@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from transferlab import __version__
-from transferlab.errors import ConfigError, TransferlabError
+from transferlab.errors import ConfigError, TrainingInterrupted, TransferlabError
 
 log = logging.getLogger("transferlab")
 
@@ -105,9 +106,42 @@ def _add_runtime_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a hint for a mistyped option: ``--epohcs`` -> "did you mean --epochs?".
+
+    Each (sub)parser compares the arguments it did not recognise with its own options; the hints travel up
+    in the namespace to the top-level parser, which reports them with the error.
+    """
+
+    _HINTS = "_unrecognized_option_hints"
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
+        ns, extras = super().parse_known_args(args, namespace)
+        options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        hints = list(getattr(ns, self._HINTS, []))
+        for extra in extras:
+            if extra.startswith("--"):
+                close = difflib.get_close_matches(extra.split("=", 1)[0], options, n=1)
+                if close and close[0] not in hints:
+                    hints.append(close[0])
+        if hints:
+            setattr(ns, self._HINTS, hints)
+        return ns, extras
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
+        ns, extras = self.parse_known_args(args, namespace)
+        hints = getattr(ns, self._HINTS, [])
+        if hints:
+            delattr(ns, self._HINTS)
+        if extras:
+            hint = f"; did you mean {' or '.join(hints)}?" if hints else ""
+            self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return ns
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used to check that every --help is complete)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="transferlab",
         description="Transfer learning for image classification: evaluate ImageNet-pretrained backbones on "
         "a new dataset, adapt them, and measure ensembles honestly.",
@@ -159,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --model: take the backbone's pooled features from this feature cache (the one `transferlab "
         "train --cache-dir` fills; computed and stored there when absent) and apply the model's own classifier "
         "(default: no cache, a plain forward pass)",
+    )
+    ev.add_argument(
+        "--tta",
+        choices=("none", "flip", "flip+crops"),
+        default="none",
+        help="test-time augmentation: average the softmax probabilities over views of each image; flip = the "
+        "image and its mirror (2 passes), flip+crops = those plus 4 corner crops and the center crop at 0.875 "
+        "of the side, resized back (7 passes); recorded as tta in metrics.json (default: none)",
     )
     ev.add_argument("--out", required=True, type=Path, help="output folder (created)")
     _add_common(ev)
@@ -284,6 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--report-limit", type=int, default=None, help="report on a seeded subset of --report-split (default: all)"
     )
+    g.add_argument(
+        "--bad-images",
+        choices=("error", "skip"),
+        default="error",
+        help="every image the run reads is decoded once before training (cached); error: stop there, naming each "
+        "broken file and why; skip: leave them out, log each and count them in metrics.json (default: error)",
+    )
     g = tr.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10, help="maximum epochs (default: 10)")
     g.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3; the seed: 1e-4)")
@@ -344,6 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     g.add_argument("--seed", type=int, default=0, help="seed for holdout, init, data order, augmentation")
     g.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (slower)")
+    g.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write steps, epochs, the curves and the hyper-parameters as TensorBoard events to OUT/tensorboard "
+        "(needs pip install 'transferlab[tensorboard]'; history.csv and metrics.json stay the record)",
+    )
     _add_runtime_options(g)
     g.add_argument("--out", type=Path, default=None, help="run directory (created; required unless --config)")
     _add_common(tr)
@@ -526,6 +581,97 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(st)
     st.set_defaults(func=cmd_study)
+
+    # predict
+    pr = sub.add_parser(
+        "predict",
+        help="predict classes of image files, folders or a dataset split with a run, export, ensemble or study",
+        description="Predict the top-k classes of images with what was trained: a run directory, an exported model "
+        "folder (`transferlab export`; no run directory needed), an evaluate output, an ensemble folder (its members "
+        "are rebuilt and their fitted combination applied) or a study folder (its best ensemble by top-1, or "
+        "--member). Every network gets its own preprocessing, so images of any size and mode work. Files that cannot "
+        "be read are listed with the reason and do not stop the others; the exit status is then 1.",
+    )
+    pr.add_argument(
+        "source",
+        type=Path,
+        metavar="SOURCE",
+        help="run directory, exported model folder, evaluate output, ensemble folder (weights.json) or study folder",
+    )
+    pr.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="INPUT",
+        help="image files, or folders searched recursively for image files (.jpg, .png, ...)",
+    )
+    pr.add_argument(
+        "--data",
+        default=None,
+        help="also predict a dataset split (with --split); its class names label the output: " + DATA_HELP,
+    )
+    pr.add_argument("--split", default="test", help="split of --data to predict (default: test)")
+    pr.add_argument("--limit", type=int, default=None, help="a seeded random subset of the --data split (default: all)")
+    pr.add_argument("--seed", type=int, default=0, help="seed for --limit (default: 0)")
+    pr.add_argument("--top-k", type=int, default=5, help="classes listed per image (default: 5)")
+    pr.add_argument(
+        "--tta",
+        choices=("none", "flip", "flip+crops"),
+        default="none",
+        help="test-time augmentation: average probabilities over the image and its mirror (flip), plus 4 corner and "
+        "the center crop at 0.875 of the side (flip+crops) (default: none)",
+    )
+    pr.add_argument(
+        "--member",
+        default=None,
+        help="study folders only: predict with this member or ensemble (default: the best ensemble by top-1)",
+    )
+    pr.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write the rows to this .csv (path, top-k ids, names, probabilities, error) or .json file "
+        "(default: print the top classes)",
+    )
+    pr.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    _add_runtime_options(pr)
+    _add_common(pr)
+    pr.set_defaults(func=cmd_predict)
+
+    # export
+    ex = sub.add_parser(
+        "export",
+        help="export a run as safetensors or ONNX with a model card, loadable without the run directory",
+        description="Write a run's model to --out with model_card.json (architecture, class ids and names, "
+        "preprocessing, sha256 of config.yaml, metrics, version). --format onnx exports with a dynamic batch axis "
+        "and checks the graph in ONNX Runtime against PyTorch (fp32) on a few real images; the max abs difference "
+        "is printed and stored in the card, and beyond --atol nothing is written and the exit status is 2.",
+    )
+    ex.add_argument("run", type=Path, metavar="RUN_DIR", help="a finished run directory of `transferlab train`")
+    ex.add_argument(
+        "--format",
+        choices=("safetensors", "onnx"),
+        default="safetensors",
+        help="safetensors (the weights, for transferlab predict) or onnx (needs pip install 'transferlab[onnx]') "
+        "(default: safetensors)",
+    )
+    ex.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    ex.add_argument(
+        "--atol",
+        type=float,
+        default=1e-3,
+        help="onnx: largest absolute logit difference to PyTorch that passes the check (default: 0.001)",
+    )
+    ex.add_argument("--check-images", type=int, default=8, help="onnx: real images the check runs on (default: 8)")
+    ex.add_argument(
+        "--data",
+        default=None,
+        help="dataset for class names and the check images, never downloaded (default: the run's own data)",
+    )
+    ex.add_argument(
+        "--split", default=None, help="split the check images come from (default: val, else test, else train)"
+    )
+    _add_common(ex)
+    ex.set_defaults(func=cmd_export)
     return parser
 
 
@@ -562,10 +708,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=_progress(args),
         cache_dir=args.cache_dir,
+        tta=args.tta,
     )
     m = evaluate(cfg)
     lo, hi = m["top1_ci"]
-    print(f"{m['model']} ({m['mode']}, {m['weights']}) on {m['dataset']}/{m['split']}, {m['n']} images")
+    tta = "" if m.get("tta", "none") == "none" else f", TTA {m['tta']}"
+    print(f"{m['model']} ({m['mode']}, {m['weights']}) on {m['dataset']}/{m['split']}, {m['n']} images{tta}")
     print(
         f"  top-1 {100 * m['top1']:.2f}%  (95% CI {100 * lo:.2f}-{100 * hi:.2f})  top-5 {100 * m['top5']:.2f}%  "
         f"NLL {m['nll']:.4f}"
@@ -592,7 +740,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{opt} is required (or --config RUN_DIR/config.yaml)")
     kw = {k: v for k, v in vars(args).items() if k in names}
     kw["progress"] = _progress(args)
-    m = train(TrainConfig(**kw))
+    m = train(TrainConfig(**kw), tensorboard=args.tensorboard, bad_images=args.bad_images)
     if not m:  # a non-zero rank under torchrun
         return 0
     lo, hi = m["top1_ci"]
@@ -757,6 +905,7 @@ def _evaluate_study(args: argparse.Namespace) -> int:
         "channels_last": args.channels_last,
         "device": args.device,
         "progress": _progress(args),
+        "tta": args.tta,
     }
     s = evaluate_study(args.run, data=args.data, split=args.split, out=args.out, runtime=runtime)
     print(f"study {args.run} on {s['data']}/{s['split']}")
@@ -806,6 +955,75 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``transferlab predict``."""
+    from transferlab.predict import PredictConfig, predict
+
+    cfg = PredictConfig(
+        source=args.source,
+        inputs=tuple(args.inputs),
+        data=args.data,
+        split=args.split,
+        limit=args.limit,
+        seed=args.seed,
+        top_k=args.top_k,
+        tta=args.tta,
+        member=args.member,
+        out=args.out,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        precision=args.precision,
+        channels_last=args.channels_last,
+        device=args.device,
+        progress=_progress(args),
+    )
+    r = predict(cfg)
+    meta = r.meta
+    if args.out is None:
+        for row in r.predictions:
+            tops = "  ".join(f"{t['class_name']} ({t['class_id']}) {100 * t['prob']:.1f}%" for t in row["top_k"])
+            print(f"{row['path']}\t{tops}")
+    acc = f"; top-1 {100 * meta['top1']:.2f}% on {meta['labeled']} labeled" if "top1" in meta else ""
+    print(
+        f"{meta['n_predicted']} of {meta['n_inputs']} image(s) predicted with {meta['description']}, "
+        f"TTA {meta['tta']}{acc}",
+        file=sys.stderr if args.out is None else sys.stdout,
+    )
+    if args.out is not None:
+        print(f"  wrote {args.out}")
+    if r.errors:
+        print(f"{len(r.errors)} file(s) could not be read:", file=sys.stderr)
+        for path, why in r.errors:
+            print(f"  {path}: {why}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``transferlab export``."""
+    from transferlab.export import ExportConfig, export_run
+
+    cfg = ExportConfig(
+        run=args.run,
+        out=args.out,
+        format=args.format,
+        atol=args.atol,
+        check_images=args.check_images,
+        data=args.data,
+        split=args.split,
+    )
+    card = export_run(cfg)
+    print(f"{card['architecture']} ({card['head']} head, {card['num_classes']} classes) from {args.run}")
+    if "onnx" in card:
+        chk = card["onnx"]["check"]
+        print(
+            f"  ONNX Runtime vs PyTorch (fp32) on {chk['inputs']}, batch sizes {chk['batch_sizes']}: "
+            f"max abs logit difference {chk['max_abs_diff']:.3g} (tolerance {chk['atol']:g})"
+        )
+    print(f"  wrote {', '.join(card['files'])} and model_card.json to {args.out}/")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``transferlab`` console script. Returns the exit status."""
     parser = build_parser()
@@ -821,6 +1039,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TransferlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:  # SIGTERM/SIGINT during training: a checkpoint was written
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -28,3 +28,21 @@ class WeightsError(TransferlabError):
 
 class ConfigError(TransferlabError):
     """An option or config value is invalid."""
+
+
+class TrainingInterrupted(BaseException):
+    """SIGTERM or SIGINT stopped training after a complete step and a checkpoint.
+
+    A ``BaseException`` like ``KeyboardInterrupt``: a request to stop must travel through every
+    ``except Exception`` (a study must not carry on with its next member). The CLI exits with
+    ``128 + signum`` (143 for SIGTERM, 130 for SIGINT), the status a shell reports for that signal.
+    """
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """``128 + signum``: what schedulers and shells expect from a process stopped by that signal."""
+        return 128 + self.signum

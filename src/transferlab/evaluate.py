@@ -67,6 +67,9 @@ class EvalConfig:
     #: (``<cache_dir>/features``, shared with `transferlab train`) and apply the model's own classifier:
     #: a zero-shot evaluation after a linear probe on the same images then costs no forward pass.
     cache_dir: Path | None = None
+    #: Test-time augmentation: none, flip or flip+crops (see transferlab.predict); probabilities are averaged
+    #: over the views and predictions.npz then holds log mean probabilities in its logits field.
+    tta: str = "none"
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.run is None):
@@ -85,6 +88,11 @@ class EvalConfig:
             raise ConfigError(f"--limit must be >= 1, got {self.limit}")
         if self.n_boot < 0:
             raise ConfigError(f"--n-boot must be >= 0, got {self.n_boot}")
+        from transferlab.predict import check_tta
+
+        check_tta(self.tta)
+        if self.tta != "none" and self.cache_dir is not None:
+            raise ConfigError("--tta runs the model on several views of each image; leave out --cache-dir")
 
 
 class _SplitDataset(Dataset):
@@ -236,8 +244,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, cfg.channels_last, device)
     pre = backbone.preprocessing
-    size = cfg.img_size or pre.input_size
-    transform = make_eval_transform(pre, size, cfg.crop, cfg.interpolation)
+    # A trained run is fed the way it was trained (its img_size, crop, interpolation) unless told otherwise:
+    # a head fitted at 64px sees something else at the weights' 224px.
+    trained = run.config if cfg.run is not None else None
+    size = cfg.img_size or (trained.img_size if trained is not None else None) or pre.input_size
+    crop = trained.crop if trained is not None and cfg.crop == "auto" else cfg.crop
+    interpolation = trained.interpolation if trained is not None and cfg.interpolation == "auto" else cfg.interpolation
+    transform = make_eval_transform(pre, size, crop, interpolation)
     workers = default_workers() if cfg.workers < 0 else cfg.workers
     indices = subset_indices(len(split), cfg.limit, cfg.seed)
     log.info(
@@ -251,6 +264,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         precision.describe(),
     )
 
+    forward = None
+    if cfg.tta != "none":
+        from transferlab.predict import tta_forward
+
+        forward = tta_forward(cfg.tta, cols)  # keeps the dataset's columns itself, before averaging
+        cols = None
     t0 = time.perf_counter()
     cache_info = None
     if cfg.cache_dir is not None and cfg.run is None:
@@ -283,6 +302,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             batch_size=cfg.batch_size,
             workers=workers,
             progress=cfg.progress,
+            forward=forward,
         )
     wall = time.perf_counter() - t0
     logits = logits_all[:, cols] if cols is not None else logits_all
@@ -303,6 +323,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "images_per_s": round(len(indices) / wall, 2) if wall > 0 else None,
         "img_size": size,
         "transform": repr(transform),
+        "tta": cfg.tta,
         "preprocessing": pre.to_dict(),
         "precision": precision.name,
         "channels_last": precision.channels_last,

@@ -373,6 +373,26 @@ def _hub_reachable(hub_id: str | None, timeout: float = 5.0) -> bool:
         return False
 
 
+def _hashed_options(cfg: Any, skip: Sequence[str] = ()) -> dict[str, Any]:
+    """The options that decide a member's result: every field that is not at its default.
+
+    Leaving defaults out means a new option added to transferlab later (at its default) does not make
+    every finished member of every study look changed.
+    """
+    from dataclasses import MISSING
+
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        if f.name in NOT_HASHED or f.name in skip:
+            continue
+        v = getattr(cfg, f.name)
+        default = f.default if f.default is not MISSING else MISSING
+        if default is not MISSING and v == default:
+            continue
+        out[f.name] = str(v) if isinstance(v, Path) else v
+    return out
+
+
 class _DataInfo:
     """Each data spec resolved once: its path and fingerprints per split list."""
 
@@ -459,7 +479,7 @@ def resolve(spec: StudySpec, out: Path, *, progress: bool | None = None) -> list
                     wid = check(weights_identity, cfg.model, cfg.weights)
                 ident = {
                     "kind": "train",
-                    "config": {k: v for k, v in cfg.to_dict().items() if k not in NOT_HASHED and k != "init_from"},
+                    "config": _hashed_options(cfg, skip=("init_from",)),
                     "data": fp,
                     "weights": wid,
                     "init_from": parent_hash,
@@ -483,11 +503,7 @@ def resolve(spec: StudySpec, out: Path, *, progress: bool | None = None) -> list
                 wid = check(weights_identity, cfg.model or "", cfg.weights)
                 ident = {
                     "kind": "zero-shot",
-                    "config": {
-                        k: (str(v) if isinstance(v, Path) else v)
-                        for k, v in vars(cfg).items()
-                        if k not in NOT_HASHED and k != "batch_size"
-                    },
+                    "config": _hashed_options(cfg, skip=("batch_size",)),
                     "data": fp,
                     "weights": wid,
                 }

@@ -144,6 +144,13 @@ def check_dataset(source: DatasetSource, *, workers: int | None = None, progress
                 rep.failures.extend(f)
                 bar.update(len(ch))
         bar.close()
+        if name == "train" and split.labeled:
+            from transferlab.data.screen import empty_classes
+
+            # A class whose every training image is broken, or whose folder is empty, cannot be learned.
+            failed = {origin for origin, _ in rep.failures}
+            bad = [(i, "", "") for i in range(len(split)) if failed and split.origin(i) in failed]
+            rep.failures.extend(empty_classes(source, name, bad))
         for origin, reason in rep.failures:
             log.debug("bad image %s: %s", origin, reason)
         reports.append(rep)

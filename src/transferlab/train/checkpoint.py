@@ -150,10 +150,13 @@ def save_checkpoint(
     text = json.dumps(manifest, indent=1) + "\n"
 
     tensor_path = directory / (name + TENSOR_SUFFIX)
-    with atomic_open(tensor_path, "wb") as f:
-        f.write(data)
-    with atomic_open(directory / (name + MANIFEST_SUFFIX), "w") as f:
-        f.write(text)
+    # Both files are written in full to temp files before either is renamed into place (the contexts exit
+    # in reverse order: tensors first, then the manifest), so a write that fails (full disk, an exception)
+    # leaves the previous checkpoint of the same name byte-identical; only a kill between the two renames
+    # can leave a pair that does not match, which loading detects by the sha256.
+    with atomic_open(directory / (name + MANIFEST_SUFFIX), "w") as fm, atomic_open(tensor_path, "wb") as ft:
+        ft.write(data)
+        fm.write(text)
     log.debug("saved checkpoint %s (%.1f MB)", tensor_path, len(data) / 1e6)
     return tensor_path
 

@@ -116,6 +116,12 @@ class TrainConfig:
         rng("--feature-batch-size", self.feature_batch_size, 1, 1 << 16)
         rng("--checkpoint-every", self.checkpoint_every, 0, 10**9)
         rng("--keep-checkpoints", self.keep_checkpoints, 1, 1000)
+        rng("--step-size", self.step_size, 1, 10**9)
+        rng("--gamma", self.gamma, 1e-12, 1)
+        rng("--seed", self.seed, 0, 2**63 - 1)  # numpy's SeedSequence (data order, augmentation) needs >= 0
+        rng("--workers", self.workers, -1, 256)
+        rng("--train-limit", self.train_limit, 1, 10**12)
+        rng("--report-limit", self.report_limit, 1, 10**12)
         if self.report_split == "train":
             raise ConfigError("--report-split must not be 'train': the model is fitted on it")
         if self.early_stop not in ("val_loss", "val_acc"):
@@ -181,7 +187,8 @@ class TrainConfig:
         for k in d:
             if k not in names:
                 close = difflib.get_close_matches(k, names, n=1)
-                raise ConfigError(f"unknown config key {k!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+                hint = f"did you mean {close[0]!r}?" if close else f"the keys are {', '.join(sorted(names))}"
+                raise ConfigError(f"unknown config key {k!r}; {hint}")
         kw = dict(d)
         for k in ("out", "cache_dir", "init_from"):
             if kw.get(k) is not None:

@@ -10,7 +10,10 @@ What makes it trustworthy:
 * the epoch kept is chosen on a holdout carved from the training split, and the reported numbers come
   from ``--report-split``, which nothing was chosen on;
 * under ``torchrun`` the same code runs DistributedDataParallel, rank 0 alone writes, and evaluation
-  gathers every sample exactly once.
+  gathers every sample exactly once;
+* SIGTERM/SIGINT finish the current step and write a checkpoint before stopping, and a NaN/inf loss or
+  gradient stops training before the optimizer step; under DDP the ranks agree on both every step, so
+  they stop together and none waits forever (tests/reliability).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,7 @@ from transferlab.models.heads import TransferModel
 from transferlab.models.strategies import apply_strategy, param_groups, set_train_mode, unfreeze
 from transferlab.runtime import Precision
 from transferlab.train.config import TrainConfig
+from transferlab.train.interrupt import GracefulStop, ignore_sigint_in_worker, interrupted
 from transferlab.train.optim import EarlyStopping, ScheduleSpec, build_optimizer, clip_gradients, lr_factor, set_lr
 from transferlab.train.probe import epoch_order
 
@@ -47,6 +52,40 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(TransferlabError):
     """The loss or the gradients became NaN/inf; training stopped before the optimizer step."""
+
+
+@dataclass(frozen=True)
+class _Fault:
+    step: int
+    rank: int | None
+    marker: Path | None = None
+
+    def hits(self, step: int, rank: int) -> bool:
+        return step == self.step and (self.rank is None or rank == self.rank)
+
+
+def _test_faults() -> dict[str, _Fault]:
+    """Fault injection for tests/reliability; inert unless one of these variables is set:
+
+    * ``TRANSFERLAB_TEST_NAN_AT_STEP=STEP[:RANK]``: the loss of that (1-based) step becomes NaN, on RANK only
+      if given (a fault one DDP rank sees and the other does not);
+    * ``TRANSFERLAB_TEST_NAN_GRAD_AT_STEP=STEP``: a gradient of that step becomes NaN after backward (on every
+      rank, as a real NaN gradient is after DDP's all-reduce);
+    * ``TRANSFERLAB_TEST_CRASH_AT_STEP=STEP:RANK:MARKER``: the process dies (``os._exit(13)``) as that step
+      starts, unless MARKER exists; it creates MARKER first, so the crash happens once.
+
+    They exist because a real NaN or a real crash at a chosen step cannot be produced reliably from outside.
+    """
+    out: dict[str, _Fault] = {}
+    for key in ("NAN_AT_STEP", "NAN_GRAD_AT_STEP", "CRASH_AT_STEP"):
+        value = os.environ.get(f"TRANSFERLAB_TEST_{key}", "").strip()
+        if not value:
+            continue
+        parts = value.split(":", 2)
+        rank = int(parts[1]) if len(parts) > 1 and parts[1] else None
+        out[key] = _Fault(int(parts[0]), rank, Path(parts[2]) if len(parts) > 2 else None)
+        log.warning("test fault injection active: TRANSFERLAB_TEST_%s=%s", key, value)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,7 +114,16 @@ class Dist:
 
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0").strip()
+            if attempt not in ("", "0") and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                # torchrun --max-restarts: the agent keeps one TCPStore across restarts (TCPStore sharing, the
+                # default), so a restarted group would read the dead group's addresses from it and fail with
+                # "Gloo connectFullMesh failed ... Connection refused". A key prefix per attempt keeps them apart.
+                store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False)
+                prefixed = dist.PrefixStore(f"transferlab/attempt_{attempt}", store)
+                dist.init_process_group(backend, store=prefixed, rank=int(os.environ["RANK"]), world_size=world)
+            else:
+                dist.init_process_group(backend)
         return cls(dist.get_rank(), dist.get_world_size())
 
 
@@ -248,11 +296,19 @@ def fit(
     device: torch.device,
     workers: int,
     d: Dist | None = None,
+    callback: Callable[[str, dict[str, float]], None] | None = None,
+    stop: GracefulStop | None = None,
 ) -> FitResult:
     """Train ``model`` under ``cfg`` and leave the best epoch's weights in it.
 
     Checkpoints go to ``run_dir/checkpoints`` (``step-*``, ``last``, ``best``); with ``cfg.resume`` the
-    newest complete one is continued exactly.
+    newest complete one is continued exactly. ``callback(kind, row)`` sees every ``"step"`` row (as in
+    steps.csv) and ``"epoch"`` row (as in history.csv) on rank 0 as it is recorded, e.g. for TensorBoard.
+
+    ``stop`` (a :class:`~transferlab.train.interrupt.GracefulStop` the caller has entered) is read after every
+    optimizer step and at each epoch end: once SIGTERM/SIGINT has arrived, a checkpoint is written and
+    :class:`~transferlab.errors.TrainingInterrupted` raised. A NaN/inf loss or gradient raises
+    :class:`NonFiniteLossError` before the optimizer step, so no checkpoint ever holds non-finite weights.
     """
     from transferlab.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 
@@ -336,9 +392,47 @@ def fit(
 
             dist.barrier()
 
+    faults = _test_faults()
+
+    def agree(nonfinite: bool) -> tuple[bool, bool]:
+        """(some rank's loss is not finite, some rank was asked to stop), the same on every rank.
+
+        One tiny all-reduce per step under DDP: a NaN that one rank sees, or a signal that reaches one rank
+        first, must stop all of them at the same step, or the others would wait forever in the next
+        collective. No-op in a single process.
+        """
+        asked = stop is not None and stop.requested is not None
+        if d.world == 1:
+            return nonfinite, asked
+        import torch.distributed as dist
+
+        dev = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        t = torch.tensor([float(nonfinite), float(asked)], device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t[0] > 0), bool(t[1] > 0)
+
+    def stop_after(name: str, *, written: bool, epoch: int) -> None:
+        """Write checkpoint ``name`` unless it was just written, then raise TrainingInterrupted."""
+        if not written:
+            checkpoint(name)
+            if d.main:
+                prune_checkpoints(ckpt_dir, "step-", keep=cfg.keep_checkpoints)
+        # A rank the signal has not reached yet (DDP) reports SIGTERM, what torchrun's agent sends.
+        signum = stop.requested if stop is not None and stop.requested is not None else int(signal.SIGTERM)
+        raise interrupted(signum, state["step"], epoch, str(ckpt_dir / name))
+
     def optimizer_step() -> None:
         scaler.unscale_(optimizer)  # clip and check the true gradients, not the fp16-scaled ones
-        norm = clip_gradients([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if "NAN_GRAD_AT_STEP" in faults and faults["NAN_GRAD_AT_STEP"].step == state["step"]:
+            next(p for p in trainable if p.grad is not None).grad.view(-1)[0] = float("nan")
+        norm = clip_gradients(trainable, cfg.clip_grad)
+        if norm is None and not scaler.is_enabled():
+            # Checked even without clipping: one NaN gradient turns every weight it touches into NaN, and
+            # the next checkpoint would save them. After DDP's all-reduce every rank holds the same gradients,
+            # so every rank stops here together.
+            grads = [p.grad for p in trainable if p.grad is not None]
+            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         # With fp16 loss scaling an overflow is expected now and then: the scaler skips that step.
         if norm is not None and not math.isfinite(norm) and not scaler.is_enabled():
             raise NonFiniteLossError(
@@ -369,10 +463,18 @@ def fit(
             num_workers=workers,
             generator=torch.Generator().manual_seed(cfg.seed),
             persistent_workers=False,
+            worker_init_fn=ignore_sigint_in_worker if workers else None,
         )
         t0 = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False, disable=disable)
         for x, y, _ in bar:
+            if "CRASH_AT_STEP" in faults and faults["CRASH_AT_STEP"].hits(state["step"] + 1, d.rank):
+                marker = faults["CRASH_AT_STEP"].marker
+                if marker is None or not marker.exists():
+                    if marker is not None:
+                        marker.touch()
+                    log.error("test fault injection: crashing at step %d on rank %d", state["step"] + 1, d.rank)
+                    os._exit(13)
             x = normalize_batch(
                 x.to(device, non_blocking=True), data.mean, data.std, channels_last=precision.channels_last
             )
@@ -397,11 +499,17 @@ def fit(
                 loss = soft_cross_entropy(logits, soft)
             else:
                 loss = F.cross_entropy(logits, y, weight=data.class_weights, label_smoothing=cfg.label_smoothing)
-            if not torch.isfinite(loss):
+            if "NAN_AT_STEP" in faults and faults["NAN_AT_STEP"].hits(state["step"] + 1, d.rank):
+                loss = loss * float("nan")
+            local_bad = not bool(torch.isfinite(loss))
+            any_bad, asked_to_stop = agree(local_bad)
+            if any_bad:
+                what = "the loss became NaN/inf on another rank"
+                if local_bad:
+                    what = f"the loss became {float(loss.detach())}"
                 raise NonFiniteLossError(
-                    f"the loss became {float(loss)} at step {state['step']} (epoch {epoch + 1}); stopped before "
-                    "the optimizer step, the last checkpoint is intact. Lower --lr, set --clip-grad, or use "
-                    "--precision fp32"
+                    f"{what} at step {state['step'] + 1} (epoch {epoch + 1}); stopped before the optimizer step, "
+                    f"the last checkpoint in {ckpt_dir} is intact. Lower --lr, set --clip-grad, or use --precision fp32"
                 )
             scaler.scale(loss / cfg.accum_steps).backward()
             state["step"] += 1
@@ -420,12 +528,20 @@ def fit(
                     "lr": optimizer.param_groups[-1]["lr"],
                 }
             )
+            if callback is not None and d.main:
+                callback("step", state["steps"][-1])
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
             # Checkpoints only fall between optimizer steps: accumulated gradients are never lost.
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and state["accum"] == 0:
                 checkpoint(f"step-{state['step']:08d}")
                 if d.main:
                     prune_checkpoints(ckpt_dir, "step-", keep=cfg.keep_checkpoints)
+            if d.world == 1:  # a single process may look again: a signal during this step counts
+                asked_to_stop = stop is not None and stop.requested is not None
+            if asked_to_stop and state["accum"] == 0:
+                every = cfg.checkpoint_every
+                written = bool(every) and state["step"] % every == 0
+                stop_after(f"step-{state['step']:08d}", written=written, epoch=epoch + 1)
         if state["accum"]:
             optimizer_step()  # the epoch's last, partial accumulation
         secs = time.perf_counter() - t0
@@ -455,6 +571,8 @@ def fit(
             "images_per_s": (count - 0) / max(secs, 1e-9),
         }
         state["history"].append(row)
+        if callback is not None and d.main:
+            callback("epoch", row)
         if d.main:
             log.info(
                 "epoch %d/%d: train loss %.4f acc %.4f | holdout loss %.4f acc %.4f | %.0f img/s",
@@ -471,6 +589,8 @@ def fit(
         if improved:
             checkpoint("best")
         checkpoint("last")
+        if agree(False)[1]:
+            stop_after("last", written=True, epoch=epoch + 1)
         if stopper.should_stop:
             log.info(
                 "early stopping after epoch %d: no improvement of %s for %s epochs",

@@ -16,8 +16,10 @@ the cached features in seconds; everything else goes through the training loop.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,19 +78,42 @@ def _load_backbone(cfg: TrainConfig) -> Backbone:
     return create_backbone(cfg.model, weights)
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run ``cfg`` and write its run directory. Returns metrics.json's content (on rank 0)."""
+def train(cfg: TrainConfig, *, tensorboard: bool = False, bad_images: str = "error") -> dict[str, Any]:
+    """Run ``cfg`` and write its run directory. Returns metrics.json's content (on rank 0).
+
+    ``tensorboard`` also writes the steps, epochs, curves and hyper-parameters as TensorBoard events to
+    RUN_DIR/tensorboard (a view only: not part of the config, so it never changes what a run computes).
+
+    ``bad_images`` (``--bad-images``): every image the run reads is decoded once before any work; ``error``
+    stops with each broken file and why, ``skip`` leaves them out (logged, counted in metrics.json's
+    ``bad_images``). It is not part of the config: on clean data both give the same run.
+
+    SIGTERM/SIGINT during the training loop finish the current step, write a checkpoint and raise
+    :class:`~transferlab.errors.TrainingInterrupted`. A process that ``torchrun --max-restarts`` started
+    again after a failure (``TORCHELASTIC_RESTART_COUNT`` > 0) resumes from the newest checkpoint by itself.
+    """
+    from transferlab.data.screen import POLICIES
     from transferlab.train.checkpoint import RunLock
     from transferlab.train.loop import Dist
 
+    if bad_images not in POLICIES:
+        raise ConfigError(f"--bad-images must be one of {', '.join(POLICIES)}, not {bad_images!r}")
     d = Dist.from_env()
+    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0").strip()
+    if restarts.isdigit() and int(restarts) > 0 and not cfg.resume:
+        # The failed attempt's checkpoints are in --out; starting over would refuse to overwrite them.
+        if d.main:
+            log.warning(
+                "restarted by torchrun (restart %s): resuming from the newest checkpoint in %s", restarts, cfg.out
+            )
+        cfg = dataclasses.replace(cfg, resume=True)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if d.main:
         with RunLock(out):
             _refuse_to_overwrite(cfg)
-            return _train(cfg, d)
-    return _train(cfg, d)
+            return _train(cfg, d, tensorboard, bad_images)
+    return _train(cfg, d, bad_images=bad_images)
 
 
 def _refuse_to_overwrite(cfg: TrainConfig) -> None:
@@ -120,6 +145,10 @@ class _Setup:
     report_idx: np.ndarray
     fit_pos: np.ndarray
     hold_pos: np.ndarray
+    #: A TensorBoardLog on rank 0 with --tensorboard, else None.
+    tb: Any = None
+    #: metrics.json's ``bad_images``: the policy, how many images were left out and which.
+    screened: dict[str, Any] = field(default_factory=dict)
 
     @property
     def train_split(self) -> Any:
@@ -158,17 +187,36 @@ class _Outcome:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _setup(cfg: TrainConfig, d: Any) -> _Setup:
+def _setup(cfg: TrainConfig, d: Any, bad_images: str = "error") -> _Setup:
+    from transferlab.data.resolve import cache_dir as user_cache_dir
+    from transferlab.data.screen import screen_images
+
     source = open_dataset(cfg.data)
     train_split = source.split("train")
     report = source.split(cfg.report_split)
     if not train_split.labeled or not report.labeled:
         raise DataError(f"training needs labeled train and {cfg.report_split} splits in {source.location}")
+    workers = default_workers() if cfg.workers < 0 else cfg.workers
+    train_idx = subset_indices(len(train_split), cfg.train_limit, cfg.seed)
+    report_idx = subset_indices(len(report), cfg.report_limit, cfg.seed)
+    # Every image the run will read is decoded once, before any work (cached by the samples' fingerprint).
+    # With --bad-images skip the broken ones leave the index lists here, before the holdout and the data
+    # order are drawn, so every run and every resume sees the same samples in the same order.
+    kept, screened = screen_images(
+        source,
+        {"train": train_idx, cfg.report_split: report_idx},
+        policy=bad_images,
+        cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else user_cache_dir(),
+        workers=workers,
+        progress=cfg.progress,
+        rank=d.rank,
+        world=d.world,
+    )
+    train_idx, report_idx = kept["train"], kept[cfg.report_split]
     backbone = _load_backbone(cfg)
     device = resolve_device(cfg.device)
     if d.world > 1 and device.type == "cuda":
         device = torch.device("cuda", d.rank % torch.cuda.device_count())
-    train_idx = subset_indices(len(train_split), cfg.train_limit, cfg.seed)
     fit_pos, hold_pos = stratified_holdout(train_split.targets[train_idx], cfg.holdout, cfg.seed)
     return _Setup(
         cfg=cfg,
@@ -179,16 +227,22 @@ def _setup(cfg: TrainConfig, d: Any) -> _Setup:
         device=device,
         precision=resolve_precision(cfg.precision, cfg.channels_last, device),
         size=cfg.img_size or backbone.preprocessing.input_size,
-        workers=default_workers() if cfg.workers < 0 else cfg.workers,
+        workers=workers,
         train_idx=train_idx,
-        report_idx=subset_indices(len(report), cfg.report_limit, cfg.seed),
+        report_idx=report_idx,
         fit_pos=fit_pos,
         hold_pos=hold_pos,
+        screened=screened,
     )
 
 
-def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
+def _train(cfg: TrainConfig, d: Any, tensorboard: bool = False, bad_images: str = "error") -> dict[str, Any]:
     t_start = time.perf_counter()
+    tb = None
+    if tensorboard and d.main:
+        from transferlab.train.tensorboard import TensorBoardLog
+
+        tb = TensorBoardLog(Path(cfg.out) / "tensorboard")  # a missing package fails here, before any work
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
     if cfg.deterministic:
@@ -196,7 +250,8 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
     out = Path(cfg.out)
     if d.main:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    s = _setup(cfg, d)
+    s = _setup(cfg, d, bad_images)
+    s.tb = tb
     res = _probe_on_features(s) if cfg.use_feature_cache else _fit_loop(s)
     if not d.main:
         return {}
@@ -247,6 +302,7 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
         "channels_last": s.precision.channels_last,
         "device": str(s.device),
         "world_size": d.world,
+        "bad_images": s.screened,
         **res.info,
         "train_seconds": round(sum(r.get("seconds", 0.0) for r in res.history), 2),
         "wall_s": round(time.perf_counter() - t_start, 2),
@@ -254,6 +310,13 @@ def _train(cfg: TrainConfig, d: Any) -> dict[str, Any]:
         "versions": versions(),
     }
     atomic_write_json(out / "metrics.json", metrics)
+    if tb is not None:
+        if cfg.use_feature_cache:  # the head trained in seconds: its epochs are written now
+            for row in res.history:
+                tb.record("epoch", row)
+        hp = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "progress", "resume", "cache_dir")}
+        final = {k: metrics[k] for k in ("top1", "top5", "nll", "best_epoch")}
+        tb.finish(curves=out / "curves.png", hparams=hp, metrics=final, step=res.best_epoch)
     return metrics
 
 
@@ -332,6 +395,7 @@ def _fit_loop(s: _Setup) -> _Outcome:
     from transferlab.data.augment import TrainTransform
     from transferlab.models.heads import TransferModel
     from transferlab.models.strategies import trainable_counts
+    from transferlab.train.interrupt import GracefulStop
     from transferlab.train.loop import EvalImages, FitData, TrainImages, fit, predict
 
     cfg, n_cls, train_split = s.cfg, s.num_classes, s.train_split
@@ -366,7 +430,10 @@ def _fit_loop(s: _Setup) -> _Outcome:
         sample_weights=1.0 / np.maximum(counts[y_fit], 1) if cfg.sampler == "balanced" else None,
     )
     run = dict(precision=s.precision, device=s.device, workers=s.workers, d=s.d)
-    res = fit(model, data, cfg, run_dir=Path(cfg.out), **run)
+    with GracefulStop() as stop:  # SIGTERM/SIGINT: finish the step, checkpoint, stop (exit 143/130)
+        res = fit(
+            model, data, cfg, run_dir=Path(cfg.out), callback=None if s.tb is None else s.tb.record, stop=stop, **run
+        )
     report = EvalImages(s.report, s.report_idx, eval_tf)
     logits = predict(model, report, mean=mean, std=std, batch_size=cfg.batch_size, progress=cfg.progress, **run)
     spec = cfg.strategy_spec()

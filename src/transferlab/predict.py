@@ -1,0 +1,777 @@
+"""``transferlab predict``: run what was trained on new images, and test-time augmentation.
+
+A *predictor* is rebuilt from any folder transferlab writes that holds (or points to) a model:
+
+* a run directory of ``transferlab train`` (config.yaml + model.safetensors);
+* an exported model folder of ``transferlab export`` (model_card.json + model.safetensors or model.onnx),
+  which needs nothing else: no run directory, no config, no dataset;
+* an ``evaluate`` output folder (a zero-shot or pretrained-head evaluation: the model is rebuilt from its
+  metrics.json, with the same weights and resize options);
+* an ensemble folder of ``transferlab ensemble`` (weights.json): each member is rebuilt from the folder its
+  predictions came from, and the fitted combination (weights, temperatures, stacking) is applied to their
+  outputs exactly as :meth:`~transferlab.ensemble.FittedEnsemble.log_probs` does on saved predictions;
+* a study folder of ``transferlab study``: its best ensemble by the top-1 in its metrics.json (or
+  ``--member NAME``).
+
+Each network is fed with its own preprocessing (input size, resize method, crop policy, mean/std), so
+members of different resolutions can be combined; images of any size and mode are decoded to RGB by
+:func:`~transferlab.data.images.decode_image`. A file that cannot be read is recorded with the reason
+and the others go on: a folder with one broken JPEG must not cost the predictions for the rest.
+
+Test-time augmentation (TTA) runs the model on several views of each (already resized) input and
+averages the softmax probabilities; the result is returned as log mean probabilities, so every
+consumer that applies a softmax (metrics, ensembles) sees the averaged distribution:
+
+* ``none``: the input as it is (1 view);
+* ``flip``: the input and its horizontal mirror (2 views);
+* ``flip+crops``: those two plus the four corner crops and the center crop at 0.875 of the side, each
+  resized back to the input size with bilinear interpolation (7 views).
+
+Views are cut from the model-sized tensor rather than from the original image, so TTA costs no extra
+decoding and behaves the same for a 64px and a 4000px source.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from transferlab.data.images import decode_image, is_image_name
+from transferlab.data.transforms import EvalTransform, normalize_batch
+from transferlab.errors import BadImageError, ConfigError, DataError, TransferlabError
+from transferlab.evaluate import default_workers, make_eval_transform, subset_indices
+from transferlab.io import atomic_write_json, atomic_write_text
+from transferlab.models.preprocessing import Preprocessing
+from transferlab.runtime import Precision, resolve_device, resolve_precision
+
+log = logging.getLogger(__name__)
+
+TTA_MODES = ("none", "flip", "flip+crops")
+#: Side of the ``flip+crops`` crops relative to the input (timm's usual eval crop_pct).
+TTA_CROP_SCALE = 0.875
+OUTPUT_SUFFIXES = (".csv", ".json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Test-time augmentation
+
+
+def tta_view_count(mode: str) -> int:
+    """How many forward passes ``mode`` costs per image."""
+    check_tta(mode)
+    return {"none": 1, "flip": 2, "flip+crops": 7}[mode]
+
+
+def check_tta(mode: str) -> None:
+    """Raise a ConfigError naming the option for an unknown TTA mode."""
+    if mode not in TTA_MODES:
+        raise ConfigError(f"--tta must be one of {', '.join(TTA_MODES)}, not {mode!r}")
+
+
+def tta_views(x: torch.Tensor, mode: str) -> Iterator[torch.Tensor]:
+    """The views of a normalised (B, 3, H, W) batch that ``mode`` averages over (see the module docstring).
+
+    Yielded one at a time so that memory stays that of one batch whatever the number of views.
+    """
+    check_tta(mode)
+    yield x
+    if mode == "none":
+        return
+    yield torch.flip(x, dims=[3])
+    if mode == "flip":
+        return
+    h, w = x.shape[-2:]
+    ch, cw = max(1, round(h * TTA_CROP_SCALE)), max(1, round(w * TTA_CROP_SCALE))
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    for top, left in ((0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw), ((h - ch) // 2, (w - cw) // 2)):
+        crop = x[..., top : top + ch, left : left + cw].float()
+        v = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
+        yield v.contiguous(memory_format=torch.channels_last) if channels_last else v.contiguous()
+
+
+def tta_log_probs(
+    model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str, cols: torch.Tensor | None = None
+) -> torch.Tensor:
+    """log of the mean over ``mode``'s views of softmax(model(view)), over the output columns ``cols``.
+
+    ``cols`` restricts the outputs *before* the softmax (zero-shot: the dataset's classes among
+    ImageNet's 1,000), so each view's distribution is over the classes that are scored, as without TTA.
+    """
+    total: torch.Tensor | None = None
+    n = 0
+    for v in tta_views(x, mode):
+        z = model(v).float()
+        if cols is not None:
+            z = z.index_select(1, cols)
+        p = torch.softmax(z, dim=1)
+        total = p if total is None else total + p
+        n += 1
+    assert total is not None
+    return torch.log((total / n).clamp_min(torch.finfo(torch.float32).tiny))
+
+
+def tta_forward(mode: str, cols: np.ndarray | None = None) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """A ``forward(model, x)`` for :func:`transferlab.evaluate.predict_logits` that applies TTA.
+
+    Its rows are log mean probabilities over ``cols`` (all outputs when None); a softmax of them gives
+    back the averaged probabilities, so top-1, NLL and ensembles work on them unchanged.
+    """
+    check_tta(mode)
+
+    def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        c = None if cols is None else torch.as_tensor(np.asarray(cols), dtype=torch.long, device=x.device)
+        return tta_log_probs(model, x, mode, c)
+
+    return forward
+
+
+# --------------------------------------------------------------------------------------------------
+# Predictors
+
+
+@dataclass
+class ModelEntry:
+    """One network, how to feed it, and what its outputs mean."""
+
+    label: str
+    model: nn.Module
+    preprocessing: Preprocessing
+    transform: EvalTransform
+    #: Class ids of the outputs after ``cols`` is applied.
+    class_ids: tuple[str, ...]
+    #: Output columns kept (zero-shot: the dataset's classes among ImageNet-1k's), or None for all.
+    cols: np.ndarray | None = None
+    #: False for an ONNX Runtime model: no autocast, no channels_last, always CPU fp32.
+    torch_native: bool = True
+    #: Where the class names could be looked up (dataset specs), best first.
+    name_sources: tuple[str, ...] = ()
+    class_names: tuple[str, ...] | None = None
+
+
+@dataclass
+class Predictor:
+    """Everything :func:`predict` runs: one or more networks and, for an ensemble, the fitted combination."""
+
+    source: Path
+    kind: str
+    entries: list[ModelEntry]
+    class_ids: tuple[str, ...]
+    class_names: tuple[str, ...]
+    ensemble: Any = None  # a FittedEnsemble for ensembles
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def description(self) -> str:
+        """One line for logs and output files."""
+        what = ", ".join(e.label for e in self.entries)
+        if self.ensemble is not None:
+            return f"{self.kind} {self.source} ({self.ensemble.method} of {len(self.entries)}: {what})"
+        return f"{self.kind} {self.source} ({what})"
+
+
+def is_ensemble_dir(path: str | Path) -> bool:
+    """True if ``path`` holds a weights.json written by `transferlab ensemble`."""
+    return (Path(path) / "weights.json").is_file()
+
+
+def load_predictor(source: str | Path, *, member: str | None = None, data: str | None = None) -> Predictor:
+    """Rebuild the model(s) a folder holds or points to (see the module docstring for the kinds).
+
+    ``member`` picks a member or ensemble of a study folder by name. ``data`` is a dataset spec whose
+    class names (e.g. Tiny ImageNet's words.txt) label the outputs; without it the names come from the
+    data the model was trained on when that is available locally, else from ImageNet's WordNet lemmas
+    for WordNet ids, else the ids are shown.
+    """
+    from transferlab.study import is_study_dir
+
+    p = Path(source)
+    if not p.exists():
+        raise ConfigError(f"{p}: no such folder; pass a run, export, ensemble or study directory")
+    if is_study_dir(p):
+        return _from_study(p, member, data)
+    if member is not None:
+        raise ConfigError(f"--member {member}: only a study folder has members to pick from, and {p} is not one")
+    if is_ensemble_dir(p):
+        pred = _from_ensemble(p)
+    else:
+        entry, kind = load_entry(p)
+        pred = Predictor(source=p, kind=kind, entries=[entry], class_ids=entry.class_ids, class_names=())
+    pred.class_names = _predictor_names(pred, data)
+    return pred
+
+
+def load_entry(path: str | Path) -> tuple[ModelEntry, str]:
+    """One network from a run directory, an exported model folder or an evaluate output; returns (entry, kind)."""
+    from transferlab.export import CARD_FILE, load_exported
+    from transferlab.train.runs import is_run_dir
+
+    d = Path(path)
+    if is_run_dir(d):
+        return entry_from_run(d), "run"
+    if (d / CARD_FILE).is_file():
+        return load_exported(d), "export"
+    if (d / "metrics.json").is_file() and (d / "predictions.npz").is_file():
+        return _entry_from_evaluation(d), "evaluation"
+    raise ConfigError(
+        f"{d} holds no model transferlab can rebuild: expected a run directory (config.yaml + model.safetensors), "
+        "an exported model (model_card.json), an evaluate output (metrics.json + predictions.npz), an ensemble "
+        "(weights.json) or a study folder (study.yaml + members/)"
+    )
+
+
+def entry_from_run(run_dir: str | Path) -> ModelEntry:
+    """A run's model with the resize options it was trained and reported with (config.yaml)."""
+    from transferlab.train.runs import load_run
+
+    run = load_run(run_dir)
+    cfg = run.config
+    size = cfg.img_size or run.preprocessing.input_size
+    return ModelEntry(
+        label=f"{cfg.model} run {Path(run_dir).name}",
+        model=run.model,
+        preprocessing=run.preprocessing,
+        transform=make_eval_transform(run.preprocessing, size, cfg.crop, cfg.interpolation),
+        class_ids=run.class_ids,
+        name_sources=(str(cfg.data),),
+    )
+
+
+def _entry_from_evaluation(d: Path) -> ModelEntry:
+    """The model an ``evaluate`` output was computed with, rebuilt from its metrics.json."""
+    from transferlab.evaluate import load_predictions
+
+    try:
+        m = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{d / 'metrics.json'}: cannot read it ({e})") from e
+    mode, cfg = m.get("mode"), m.get("config") or {}
+    if mode == "run":
+        run = Path(str(m.get("run")))
+        if not run.is_absolute() and not run.exists():
+            raise ConfigError(
+                f"{d} was evaluated from the run {run}, which is not found from here; pass the run directory itself"
+            )
+        return entry_from_run(run)
+    if mode not in ("zero-shot", "head") or not m.get("model"):
+        raise ConfigError(f"{d}/metrics.json is not an evaluate output transferlab can rebuild a model from")
+    from transferlab.models.backbones import create_backbone
+    from transferlab.models.imagenet import imagenet_indices
+
+    class_ids = tuple(str(c) for c in load_predictions(d / "predictions.npz")["class_ids"].tolist())
+    bb = create_backbone(str(m["model"]), cfg.get("weights", "auto"))
+    cols = imagenet_indices(class_ids) if mode == "zero-shot" else None
+    if cols is None and bb.num_classes != len(class_ids):
+        raise ConfigError(f"{d}: the rebuilt {m['model']} has {bb.num_classes} outputs, not {len(class_ids)}")
+    pre = bb.preprocessing
+    size = cfg.get("img_size") or pre.input_size
+    return ModelEntry(
+        label=f"{m['model']} {mode} {d.name}",
+        model=bb.model,
+        preprocessing=pre,
+        transform=make_eval_transform(pre, int(size), cfg.get("crop", "auto"), cfg.get("interpolation", "auto")),
+        class_ids=class_ids,
+        cols=cols,
+        name_sources=tuple(str(x) for x in (m.get("data"), cfg.get("data")) if x),
+    )
+
+
+def _member_dir(member: dict[str, Any], edir: Path) -> Path:
+    """The folder a member's predictions came from (a run or evaluate output), where its model can be rebuilt."""
+    tried: list[Path] = []
+    path = Path(str(member.get("path", "")))
+    if path.parent.name == "predictions":
+        tried.append(path.parent.parent)
+    elif path.name == "predictions.npz":
+        tried.append(path.parent)
+    spec = Path(str(member.get("spec", "")))
+    tried.append(spec)
+    # A study's ensemble sits in STUDY/ensembles/<name>; its members in STUDY/members/<name> (also after a move).
+    tried.append(edir.resolve().parent.parent / "members" / str(member.get("name", "")))
+    for d in tried:
+        if d.is_dir() and (is_run_or_model_dir(d)):
+            return d
+    raise ConfigError(
+        f"ensemble {edir}: member {member.get('name')} cannot be rebuilt: none of "
+        f"{', '.join(str(t) for t in tried)} holds its model (a run directory or evaluate output)"
+    )
+
+
+def is_run_or_model_dir(d: Path) -> bool:
+    """True if :func:`load_entry` can rebuild a model from ``d``."""
+    from transferlab.export import CARD_FILE
+    from transferlab.train.runs import is_run_dir
+
+    return (
+        is_run_dir(d)
+        or (d / CARD_FILE).is_file()
+        or ((d / "metrics.json").is_file() and (d / "predictions.npz").is_file())
+    )
+
+
+def _from_ensemble(edir: Path) -> Predictor:
+    from transferlab.ensemble import load_fitted
+
+    fitted, doc = load_fitted(edir / "weights.json")
+    class_ids = tuple(str(c) for c in doc["class_ids"])
+    entries = []
+    for mem in doc["members"]:
+        entry, _ = load_entry(_member_dir(mem, edir))
+        if entry.class_ids != class_ids:
+            raise DataError(
+                f"ensemble {edir}: member {mem.get('name')}'s model predicts other classes than the ensemble was "
+                "fitted on; rebuild the ensemble"
+            )
+        entries.append(entry)
+    return Predictor(
+        source=edir,
+        kind="ensemble",
+        entries=entries,
+        class_ids=class_ids,
+        class_names=(),
+        ensemble=fitted,
+        info={"method": fitted.method, "members": [m.get("name") for m in doc["members"]]},
+    )
+
+
+def _read_top1(d: Path) -> float | None:
+    try:
+        m = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    v = (m.get("ensemble") or {}).get("top1", m.get("top1"))
+    return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
+
+
+def _from_study(sdir: Path, member: str | None, data: str | None) -> Predictor:
+    """A study's best ensemble by top-1 (its own metrics.json), or the member/ensemble named by ``member``."""
+    import yaml
+
+    if member is not None:
+        for sub in ("members", "ensembles"):
+            d = sdir / sub / member
+            if d.is_dir():
+                pred = load_predictor(d, data=data)
+                pred.info["study"] = {"dir": str(sdir), "chosen": member, "how": "--member"}
+                return pred
+        have = sorted(
+            p.name for sub in ("members", "ensembles") if (sdir / sub).is_dir() for p in (sdir / sub).iterdir()
+        )
+        raise ConfigError(f"--member {member}: {sdir} has no member or ensemble of that name; it has {', '.join(have)}")
+    scored: list[tuple[float, str, Path]] = []
+    edir = sdir / "ensembles"
+    for d in sorted(edir.iterdir()) if edir.is_dir() else []:
+        top1 = _read_top1(d)
+        if is_ensemble_dir(d) and top1 is not None:
+            scored.append((top1, d.name, d))
+    what = "ensemble"
+    if not scored:
+        doc = yaml.safe_load((sdir / "study.yaml").read_text(encoding="utf-8")) or {}
+        roles = {n: (m or {}).get("role", "member") for n, m in (doc.get("members") or {}).items()}
+        for d in sorted((sdir / "members").iterdir()):
+            top1 = _read_top1(d)
+            if roles.get(d.name, "member") == "member" and top1 is not None and is_run_or_model_dir(d):
+                scored.append((top1, d.name, d))
+        what = "member"
+    if not scored:
+        raise DataError(f"{sdir}: no finished ensemble or member (with a metrics.json) to predict with")
+    top1, name, d = max(scored, key=lambda t: t[0])
+    log.info("study %s: predicting with its best %s %s (top-1 %.2f%% on its report data)", sdir, what, name, 100 * top1)
+    pred = load_predictor(d, data=data)
+    pred.info["study"] = {"dir": str(sdir), "chosen": name, "how": f"best {what} by top-1 ({top1:.4f})"}
+    return pred
+
+
+# --------------------------------------------------------------------------------------------------
+# Class names
+
+
+@functools.cache
+def imagenet_lemmas() -> dict[str, str]:
+    """WordNet id -> lemma for the ImageNet synsets, from timm's package data (no download, no timm import)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("timm")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        f = Path(loc) / "data" / "_info" / "imagenet_synset_to_lemma.txt"
+        if f.is_file():
+            out = {}
+            for line in f.read_text(encoding="utf-8").splitlines():
+                wnid, _, lemma = line.partition("\t")
+                if wnid and lemma:
+                    out[wnid.strip()] = lemma.strip()
+            return out
+    return {}
+
+
+def class_names(class_ids: Sequence[str], sources: Sequence[str | None] = ()) -> tuple[str, ...]:
+    """Names for ``class_ids``: from the first dataset in ``sources`` found locally that names them (never
+    downloaded), else ImageNet's WordNet lemmas for WordNet ids, else the id itself."""
+    from transferlab.data import open_dataset
+
+    lemmas = imagenet_lemmas()
+    for s in sources:
+        if not s:
+            continue
+        try:
+            classes = open_dataset(s, download=False).classes
+        except (TransferlabError, OSError, ValueError) as e:
+            log.debug("class names: %s not usable (%s)", s, e)
+            continue
+        lookup = dict(zip(classes.ids, classes.names, strict=True))
+        if any(c in lookup for c in class_ids):
+            return tuple(str(lookup.get(c) or lemmas.get(c) or c) for c in class_ids)
+    return tuple(lemmas.get(c, c) for c in class_ids)
+
+
+def _predictor_names(pred: Predictor, data: str | None) -> tuple[str, ...]:
+    if data is None:
+        for e in pred.entries:
+            if e.class_names is not None and e.class_ids == pred.class_ids:
+                return e.class_names
+    sources = [data] + [s for e in pred.entries for s in e.name_sources]
+    return class_names(pred.class_ids, sources)
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One thing to predict: a file, or sample ``index`` of a dataset split; ``error`` when known unreadable."""
+
+    path: str
+    file: str | None = None
+    index: int | None = None
+    label: str | None = None
+    error: str | None = None
+
+
+def collect_inputs(paths: Sequence[str | Path]) -> list[InputItem]:
+    """Files as given, folders searched recursively for image suffixes (sorted), duplicates dropped.
+
+    A path that does not exist becomes an item with an error, reported with the others' results.
+    """
+    items: list[InputItem] = []
+    seen: set[str] = set()
+
+    def add(item: InputItem) -> None:
+        key = str(Path(item.file).resolve()) if item.file else item.path
+        if key not in seen:
+            seen.add(key)
+            items.append(item)
+
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and is_image_name(f.name))
+            if not files:
+                log.warning("%s: no image files (%s) in this folder", p, ", ".join(_suffix_list()))
+            for f in files:
+                add(InputItem(path=str(f), file=str(f)))
+        elif p.is_file():
+            add(InputItem(path=str(p), file=str(p)))
+        else:
+            add(InputItem(path=str(p), error="no such file or folder"))
+    return items
+
+
+def _suffix_list() -> list[str]:
+    from transferlab.data.images import IMAGE_SUFFIXES
+
+    return list(IMAGE_SUFFIXES)
+
+
+class _InputImages(Dataset):
+    """Decodes each input once and applies every network's transform; a failure becomes a reason, not an error."""
+
+    def __init__(self, items: Sequence[InputItem], transforms: Sequence[EvalTransform], split: Any = None) -> None:
+        self.items = list(items)
+        self.transforms = list(transforms)
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, list[torch.Tensor] | None, str | None]:
+        it = self.items[i]
+        if it.error is not None:
+            return i, None, it.error
+        try:
+            if it.index is not None:
+                img = self.split.load(it.index)
+            else:
+                assert it.file is not None
+                img = decode_image(Path(it.file).read_bytes(), it.path)
+            return i, [tf(img) for tf in self.transforms], None
+        except BadImageError as e:
+            return i, None, e.reason
+        except OSError as e:
+            return i, None, f"cannot read: {e.strerror or e}"
+        except Exception as e:  # one odd file must not cost the predictions for the others
+            return i, None, f"{type(e).__name__}: {e}"
+
+
+def _collate(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Everything a prediction depends on. Invalid values fail here with a sentence naming the option."""
+
+    source: Path
+    inputs: tuple[str, ...] = ()
+    data: str | None = None
+    split: str = "test"
+    limit: int | None = None
+    seed: int = 0
+    top_k: int = 5
+    tta: str = "none"
+    member: str | None = None
+    out: Path | None = None
+    batch_size: int = 32
+    workers: int = -1
+    precision: str = "auto"
+    channels_last: str = "auto"
+    device: str = "auto"
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        check_tta(self.tta)
+        if not self.inputs and self.data is None:
+            raise ConfigError("nothing to predict: give image files or folders, or --data PATH --split NAME")
+        if self.top_k < 1:
+            raise ConfigError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be >= 1, got {self.limit}")
+        if self.out is not None and Path(self.out).suffix.lower() not in OUTPUT_SUFFIXES:
+            raise ConfigError(f"--out {self.out}: the file name must end in .csv or .json")
+
+
+@dataclass
+class PredictResult:
+    """Per-input results in input order: ``rows[i]`` has ``path`` and either ``top_k`` or ``error``."""
+
+    rows: list[dict[str, Any]]
+    meta: dict[str, Any]
+
+    @property
+    def errors(self) -> list[tuple[str, str]]:
+        """(path, reason) of every input that could not be read."""
+        return [(r["path"], r["error"]) for r in self.rows if "error" in r]
+
+    @property
+    def predictions(self) -> list[dict[str, Any]]:
+        """The rows that were predicted."""
+        return [r for r in self.rows if "error" not in r]
+
+
+def _prepare(entry: ModelEntry, device: torch.device, precision: Precision) -> None:
+    if not entry.torch_native:
+        return
+    entry.model.to(device).eval()
+    if precision.channels_last:
+        entry.model.to(memory_format=torch.channels_last)
+
+
+@torch.inference_mode()
+def entry_outputs(
+    entry: ModelEntry, x_uint8: torch.Tensor, *, tta: str, precision: Precision, device: torch.device
+) -> np.ndarray:
+    """(B, C) outputs of one network for a uint8 batch: logits without TTA, log mean probabilities with it."""
+    native = entry.torch_native
+    dev = device if native else torch.device("cpu")
+    pre = entry.preprocessing
+    x = normalize_batch(x_uint8.to(dev), pre.mean, pre.std, channels_last=native and precision.channels_last)
+    cols = None if entry.cols is None else torch.as_tensor(entry.cols, dtype=torch.long, device=dev)
+    with precision.autocast() if native else nullcontext():
+        if tta == "none":
+            y = entry.model(x).float()
+            if cols is not None:
+                y = y.index_select(1, cols)
+        else:
+            y = tta_log_probs(entry.model, x, tta, cols)
+    return y.float().cpu().numpy()
+
+
+def combine(pred: Predictor, outputs: Sequence[np.ndarray]) -> np.ndarray:
+    """(N, C) log-probabilities from each network's outputs: a log-softmax, or the fitted ensemble."""
+    from transferlab.metrics import log_softmax
+
+    if pred.ensemble is not None:
+        return pred.ensemble.log_probs(np.stack(outputs))
+    return log_softmax(np.asarray(outputs[0], dtype=np.float64))
+
+
+def dataset_items(
+    data: str, split_name: str, *, limit: int | None = None, seed: int = 0
+) -> tuple[list[InputItem], Any]:
+    """The samples of a dataset split as inputs (a seeded subset with ``limit``), and the split itself."""
+    from transferlab.data import open_dataset
+
+    source = open_dataset(data)
+    split = source.split(split_name)
+    idx = subset_indices(len(split), limit, seed)
+    labeled = split.labeled
+    ids = source.classes.ids
+    items = [
+        InputItem(path=split.origin(int(i)), index=int(i), label=ids[int(split.targets[i])] if labeled else None)
+        for i in idx
+    ]
+    return items, split
+
+
+def predict(cfg: PredictConfig, predictor: Predictor | None = None) -> PredictResult:
+    """Predict every input of ``cfg`` and, with ``cfg.out``, write the rows (CSV or JSON) atomically.
+
+    Inputs that cannot be read are kept as rows with an ``error`` (the reason) and do not stop the
+    others; the caller decides the exit status from :attr:`PredictResult.errors`.
+    """
+    pred = predictor or load_predictor(cfg.source, member=cfg.member, data=cfg.data)
+    items: list[InputItem] = collect_inputs(cfg.inputs) if cfg.inputs else []
+    split = None
+    if cfg.data is not None:
+        more, split = dataset_items(cfg.data, cfg.split, limit=cfg.limit, seed=cfg.seed)
+        items += more
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, cfg.channels_last, device)
+    for e in pred.entries:
+        _prepare(e, device, precision)
+    workers = default_workers() if cfg.workers < 0 else cfg.workers
+    loader = DataLoader(
+        _InputImages(items, [e.transform for e in pred.entries], split),
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=min(workers, max(0, len(items) // cfg.batch_size)),
+        collate_fn=_collate,
+    )
+    k = min(cfg.top_k, len(pred.class_ids))
+    names = pred.class_names or pred.class_ids
+    rows: list[dict[str, Any] | None] = [None] * len(items)
+    native = any(e.torch_native for e in pred.entries)
+    how = precision.describe() if native else "fp32 in ONNX Runtime on cpu"
+    log.info("predicting %d input(s) with %s, TTA %s, %s", len(items), pred.description, cfg.tta, how)
+    t0 = time.perf_counter()
+    n_ok = 0
+    disable = None if cfg.progress is None else not cfg.progress
+    for batch in tqdm(loader, desc="predict", unit="batch", disable=disable, leave=False):
+        ok = [(i, views) for i, views, err in batch if err is None]
+        for i, _, err in batch:
+            if err is not None:
+                log.warning("%s: %s", items[i].path, err)
+                rows[i] = {"path": items[i].path, **_label(items[i]), "error": err}
+        if not ok:
+            continue
+        outs = [
+            entry_outputs(e, torch.stack([v[j] for _, v in ok]), tta=cfg.tta, precision=precision, device=device)
+            for j, e in enumerate(pred.entries)
+        ]
+        probs = np.exp(combine(pred, outs))
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        for (i, _), p, t in zip(ok, probs, top, strict=True):
+            rows[i] = {
+                "path": items[i].path,
+                **_label(items[i]),
+                "top_k": [
+                    {"class_index": int(c), "class_id": pred.class_ids[c], "class_name": names[c], "prob": float(p[c])}
+                    for c in t
+                ],
+            }
+        n_ok += len(ok)
+    wall = time.perf_counter() - t0
+    done = [r for r in rows if r is not None]
+    labeled = [r for r in done if "label" in r and "top_k" in r]
+    meta: dict[str, Any] = {
+        "source": str(cfg.source),
+        "predictor": pred.kind,
+        "description": pred.description,
+        **({"study": pred.info["study"]} if "study" in pred.info else {}),
+        "class_ids": list(pred.class_ids),
+        "tta": cfg.tta,
+        "tta_views": tta_view_count(cfg.tta),
+        "top_k": k,
+        "n_inputs": len(items),
+        "n_predicted": n_ok,
+        "n_failed": len(items) - n_ok,
+        "data": None if cfg.data is None else {"spec": cfg.data, "split": cfg.split, "limit": cfg.limit},
+        "precision": precision.name if native else "fp32 (ONNX Runtime)",
+        "device": str(device) if native else "cpu",
+        "wall_s": round(wall, 3),
+        "images_per_s": round(n_ok / wall, 2) if wall > 0 else None,
+    }
+    if labeled:
+        meta["labeled"] = len(labeled)
+        meta["top1"] = sum(r["top_k"][0]["class_id"] == r["label"] for r in labeled) / len(labeled)
+    result = PredictResult(rows=done, meta=meta)
+    if cfg.out is not None:
+        write_result(Path(cfg.out), result)
+    return result
+
+
+def _label(item: InputItem) -> dict[str, str]:
+    return {} if item.label is None else {"label": item.label}
+
+
+def write_result(path: Path, result: PredictResult) -> None:
+    """Write the rows as ``.json`` (meta, predictions, errors) or ``.csv`` (one row per input), atomically.
+
+    CSV columns: path, label (when the inputs were a labeled split), then ``top{r}_id``, ``top{r}_name``,
+    ``top{r}_prob`` for each rank r, and ``error`` (empty for predicted rows, the reason otherwise).
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        atomic_write_json(
+            path,
+            {
+                **result.meta,
+                "predictions": result.predictions,
+                "errors": [{"path": p, "reason": why} for p, why in result.errors],
+            },
+        )
+        return
+    if suffix != ".csv":
+        raise ConfigError(f"--out {path}: the file name must end in .csv or .json")
+    k = int(result.meta["top_k"])
+    has_label = any("label" in r for r in result.rows)
+    cols = ["path", *(["label"] if has_label else [])]
+    for r in range(1, k + 1):
+        cols += [f"top{r}_id", f"top{r}_name", f"top{r}_prob"]
+    cols.append("error")
+    buf = io.StringIO()
+    wr = csv.writer(buf, lineterminator="\n")
+    wr.writerow(cols)
+    for row in result.rows:
+        line = [row["path"], *([row.get("label", "")] if has_label else [])]
+        tops = row.get("top_k", [])
+        for r in range(k):
+            if r < len(tops):
+                line += [tops[r]["class_id"], tops[r]["class_name"], f"{tops[r]['prob']:.6f}"]
+            else:
+                line += ["", "", ""]
+        line.append(row.get("error", ""))
+        wr.writerow(line)
+    atomic_write_text(path, buf.getvalue())

@@ -1,0 +1,374 @@
+"""Interruptions: SIGKILL, SIGTERM and SIGINT in the middle of training, a checkpoint write that fails or is
+cut in half, two runs in one directory, and a study stopped between members. Finished work is never lost,
+and a resumed run ends with exactly the weights of an uninterrupted one."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+import torch
+
+from builders import cifar_files, train_argv, write_folder
+from test_checkpoint import LOGGER, quick_save
+from test_study import _spec, _study, _summary, _write
+from transferlab.cli import main
+from transferlab.errors import TrainingInterrupted, TransferlabError
+from transferlab.models.weights import read_weight_file
+from transferlab.train import checkpoint as ckpt
+from transferlab.train.checkpoint import (
+    CheckpointError,
+    RunLock,
+    RunLockedError,
+    latest_checkpoint,
+    load_checkpoint,
+    verify_checkpoint,
+)
+from transferlab.train.interrupt import GracefulStop
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+#: 24 fit images at batch 6: 4 steps per epoch; a step checkpoint every 2 steps, none pruned. On the CPU
+#: also where a GPU is present, so the in-process reference and the subprocesses compute the same way.
+ARGS = (
+    "--device",
+    "cpu",
+    "--strategy",
+    "bn-only",
+    "--head",
+    "seed",
+    "--aug",
+    "seed",
+    "--epochs",
+    "4",
+    "--checkpoint-every",
+    "2",
+    "--keep-checkpoints",
+    "50",
+    "--lr",
+    "3e-3",
+)
+
+
+#: ``reference(kind)`` -> (the uninterrupted run directory, its data path and extra options)
+Reference = Callable[[str], tuple[Path, tuple[str, ...]]]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "transferlab", *args]
+
+
+def _start(argv: list[str]) -> subprocess.Popen[bytes]:
+    # SIGINT back to its default in the child, even when the test itself runs as a background job (where it
+    # is inherited as ignored, and GracefulStop deliberately leaves an ignored signal ignored).
+    return subprocess.Popen(
+        _cli(*argv),
+        env=ENV,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not path.exists() and proc.poll() is None:
+        time.sleep(0.005)
+
+
+def _resume(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(_cli(*argv, "--resume"), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming from" in res.stderr
+    return res
+
+
+def assert_same_run(ref: Path, run: Path) -> None:
+    """Every weight tensor bit-identical (torch.equal) and the per-step loss log the same."""
+    a, _ = read_weight_file(ref / "model.safetensors")
+    b, _ = read_weight_file(run / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (ref / "steps.csv").read_text() == (run / "steps.csv").read_text()
+
+
+@pytest.fixture(scope="module")
+def reference(train_ds: Path, dirty_ds: Path, in1k32: Path, tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    """``reference(kind)``: the uninterrupted run every interrupted one must end up equal to, and its data and
+    options; kind ``clean`` (train_ds) or ``skip`` (dirty_ds with --bad-images skip). Each is trained once."""
+    runs: dict[str, tuple[Path, tuple[str, ...]]] = {}
+
+    def get(kind: str) -> tuple[Path, tuple[str, ...]]:
+        if kind not in runs:
+            ds, extra = (train_ds, ()) if kind == "clean" else (dirty_ds, ("--bad-images", "skip"))
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            ref = tmp_path_factory.mktemp(f"reference-{kind}") / "ref"
+            assert main(train_argv(ds, in1k32, ref, *ARGS, *extra)) == 0
+            torch.set_num_threads(threads)
+            runs[kind] = ref, (str(ds), *extra)
+        return runs[kind]
+
+    return get
+
+
+# ------------------------------------------------------------------------------------- SIGKILL, signals
+
+
+def test_sigkill_mid_epoch_then_resume_is_exact(
+    reference: Reference, train_ds: Path, in1k32: Path, tmp_path: Path
+) -> None:
+    ref, _ = reference("clean")
+    run = tmp_path / "killed"
+    argv = train_argv(train_ds, in1k32, run, *ARGS)
+    proc = _start(argv)
+    ckpts = run / "checkpoints"
+    # Kill as soon as a mid-epoch checkpoint (step 6 is inside epoch 2) is complete.
+    _wait_for(ckpts / "step-00000006.json", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode() if proc.stderr else ""
+    assert not (run / "metrics.json").exists(), "the run finished before it could be killed"
+
+    # A kill during a checkpoint write leaves a tensor file cut short: do that to the newest one. Resume
+    # must name it, skip it, and continue from the one before, still ending bit-identical.
+    newest = latest_checkpoint(ckpts, prefix="")
+    assert newest is not None
+    cut = ckpts / f"{newest}.safetensors"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    res = _resume(argv)
+    assert f"skipping checkpoint {newest}" in res.stderr and str(cut) in res.stderr
+    assert_same_run(ref, run)
+
+
+@pytest.mark.parametrize(
+    ("sig", "kind"),
+    [(signal.SIGTERM, "clean"), (signal.SIGINT, "clean"), (signal.SIGTERM, "skip")],
+    ids=["SIGTERM", "SIGINT", "SIGTERM-bad-images-skip"],
+)
+def test_signal_finishes_the_step_checkpoints_and_exits(
+    sig: signal.Signals, kind: str, reference: Reference, in1k32: Path, tmp_path: Path
+) -> None:
+    """The third case resumes a run that left broken images out: the same ones, so the same data order."""
+    ref, (ds, *extra) = reference(kind)
+    run = tmp_path / "stopped"
+    argv = train_argv(Path(ds), in1k32, run, *ARGS, *extra)
+    proc = _start(argv)
+    _wait_for(run / "checkpoints" / "step-00000002.json", proc)
+    proc.send_signal(sig)
+    _, err_bytes = proc.communicate(timeout=120)
+    err = err_bytes.decode()
+    assert proc.returncode == 128 + sig, err[-3000:]  # 143 for SIGTERM, 130 for SIGINT
+    assert not (run / "metrics.json").exists(), "the run finished before the signal arrived"
+    m = re.search(rf"stopped by {sig.name} after step (\d+) \(epoch \d\); wrote the checkpoint (\S+)\.", err)
+    assert m, err[-3000:]
+    step, written = int(m.group(1)), Path(m.group(2))
+    assert written.name == f"step-{step:08d}"
+    meta = verify_checkpoint(written.parent, written.name)  # complete, sha256 verified
+    assert meta["state"]["step"] == step
+    assert latest_checkpoint(written.parent, prefix="") == written.name
+    _resume(argv)
+    assert_same_run(ref, run)
+
+
+def test_graceful_stop_sets_a_flag_and_restores_the_handlers() -> None:
+    received: list[int] = []
+
+    def previous(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    before = signal.signal(signal.SIGTERM, previous)
+    try:
+        with GracefulStop() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at once in the main thread: only a flag is set
+            assert stop.requested == signal.SIGTERM and received == []
+        # Not acted on inside (the loop had finished): delivered again to the previous handler on exit.
+        assert received == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert TrainingInterrupted(signal.SIGTERM, "x").exit_code == 143
+    assert TrainingInterrupted(signal.SIGINT, "x").exit_code == 130
+
+
+# ------------------------------------------------------------------------ checkpoints cut or not written
+
+
+def test_checkpoint_cut_in_half_is_skipped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    quick_save(tmp_path, "step-000005", 5)
+    bad = quick_save(tmp_path, "step-000010", 10)
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+
+    with pytest.raises(CheckpointError, match=r"step-000010\.safetensors.*truncated") as err:
+        load_checkpoint(tmp_path, "step-000010")
+    assert isinstance(err.value, TransferlabError)
+
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    assert latest_checkpoint(tmp_path) == "step-000005"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(bad) in warnings[0] and "truncated" in warnings[0]
+
+
+def test_missing_manifest_is_not_complete(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    quick_save(tmp_path, "step-000005", 5)
+    quick_save(tmp_path, "step-000010", 10)
+    (tmp_path / "step-000010.json").unlink()  # the writer was killed between the two files
+    with pytest.raises(CheckpointError, match=r"step-000010\.json is missing"):
+        load_checkpoint(tmp_path, "step-000010")
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    assert latest_checkpoint(tmp_path) == "step-000005"
+    assert any("step-000010" in r.getMessage() and "missing" in r.getMessage() for r in caplog.records)
+
+
+def _failing_atomic_open(fail_in: str) -> Callable[..., contextlib.AbstractContextManager[IO[Any]]]:
+    """An atomic_open whose file ending in ``fail_in`` gets half its data written, then hits a full disk."""
+    real = ckpt.atomic_open
+
+    class HalfThenFail:
+        def __init__(self, f: IO[Any]) -> None:
+            self.f = f
+
+        def write(self, data: Any) -> int:
+            self.f.write(data[: len(data) // 2])
+            self.f.flush()
+            raise OSError(28, "No space left on device")
+
+    @contextlib.contextmanager
+    def fake(path: Any, mode: str = "wb") -> Iterator[Any]:
+        with real(path, mode) as f:
+            yield HalfThenFail(f) if str(path).endswith(fail_in) else f
+
+    return fake
+
+
+@pytest.mark.parametrize("fail_in", [".safetensors", ".json"], ids=["tensors", "manifest"])
+@pytest.mark.parametrize("same_name", [False, True], ids=["new-name", "same-name"])
+def test_failing_writer_keeps_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_in: str, same_name: bool
+) -> None:
+    quick_save(tmp_path, "step-000005", 5)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.setattr(ckpt, "atomic_open", _failing_atomic_open(fail_in))
+    name = "step-000005" if same_name else "step-000010"  # "last" and "best" are overwritten every epoch
+    with pytest.raises(OSError, match="No space"):
+        quick_save(tmp_path, name, 10)
+    monkeypatch.undo()
+
+    # Byte-identical, nothing half-new, no temp files: both files are complete before either is renamed.
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert latest_checkpoint(tmp_path) == "step-000005"
+    load_checkpoint(tmp_path, "step-000005", restore_rng=False)
+
+
+# ----------------------------------------------------------------------------- two runs, one directory
+
+
+def _write_lock(run_dir: Path, **record: Any) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / ".lock"
+    lock.write_text(json.dumps(record))
+    return lock
+
+
+def test_runlock_excludes_second_holder(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with RunLock(run) as lock:
+        record = json.loads(lock.path.read_text())
+        assert record["pid"] == os.getpid()
+        assert record["hostname"] == socket.gethostname()
+        assert dt.datetime.fromisoformat(record["started"])
+        with pytest.raises(RunLockedError, match=rf"process {os.getpid()}\b") as err, RunLock(run):
+            pass
+        assert isinstance(err.value, TransferlabError)
+        assert lock.path.exists()  # the failed attempt did not remove the holder's lock
+    assert not (run / ".lock").exists()
+    with RunLock(run):  # free again
+        pass
+
+
+def test_runlock_takes_over_dead_pid(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid names no process now
+    _write_lock(tmp_path, pid=dead.pid, hostname=socket.gethostname(), started="2020-01-01T00:00:00+00:00")
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    with RunLock(tmp_path) as lock:
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert str(dead.pid) in caplog.text and "no longer running" in caplog.text
+    assert not (tmp_path / ".lock").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".lock")]
+
+
+def test_second_run_in_the_same_directory_stops_at_once(
+    train_ds: Path, in1k32: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        now = dt.datetime.now(dt.UTC).isoformat()
+        _write_lock(run, pid=owner.pid, hostname=socket.gethostname(), started=now, token="x")
+        t0 = time.monotonic()
+        assert main(train_argv(train_ds, in1k32, run, "--epochs", "1")) == 2
+        assert time.monotonic() - t0 < 10
+        err = capsys.readouterr().err
+        assert f"in use by process {owner.pid}" in err and str(run) in err
+        assert [p.name for p in run.iterdir()] == [".lock"]  # nothing written
+    finally:
+        owner.kill()
+        owner.wait()
+    # The owner is gone: its lock is stale, taken over with a warning, and the run goes ahead.
+    assert main(train_argv(train_ds, in1k32, run, "--epochs", "1")) == 0
+    err = capsys.readouterr().err
+    assert f"process {owner.pid}, which is no longer running" in err
+    assert not (run / ".lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------- studies
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("c") / "cifar-10-batches-py", cifar_files(n_per_batch=12))
+
+
+def test_interrupted_study_resumes_without_retraining(
+    train_ds: Path, in1k32: Path, cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transferlab.train.run as run_mod
+
+    spec = _write(tmp_path / "s.yaml", _spec(train_ds, in1k32, cifar, tmp_path / "cache"))
+    real = run_mod.train
+    calls: list[str] = []
+
+    def dies_on_second(cfg):  # type: ignore[no-untyped-def]
+        calls.append(Path(cfg.out).name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while the second trained member runs
+        return real(cfg)
+
+    monkeypatch.setattr(run_mod, "train", dies_on_second)
+    assert _study(spec, tmp_path / "out") == 130
+    assert calls == ["probe", "bn"]
+    marker = json.loads((tmp_path / "out" / "members" / "bn" / "study.json").read_text())
+    assert marker["status"] == "running"
+    monkeypatch.setattr(run_mod, "train", real)
+    assert _study(spec, tmp_path / "out") == 0
+    steps = _summary(tmp_path / "out")
+    assert steps["zs"]["status"] == "reused" and steps["probe"]["status"] == "reused"
+    assert steps["bn"]["status"] == "resumed" and steps["cnn-head"]["status"] == "trained"
