@@ -640,7 +640,7 @@ def _run_cells(r: RunDir) -> list[str]:
     m = r.metrics
     strategy = str(m.get("strategy") or ("zero-shot (ImageNet head)" if m.get("mode") == "zero-shot" else "—"))
     if m.get("head") not in (None, "linear"):
-        strategy += f", {m['head']} head"
+        strategy += f", {str(m['head']).split(':')[0]} head"  # the full head spec is under Provenance
     if m.get("head_init"):
         strategy += f", head init {m['head_init']}"
     epochs = m.get("epochs_run")
@@ -651,7 +651,7 @@ def _run_cells(r: RunDir) -> list[str]:
     lo, hi = r.top1_ci
     t = _dur(m.get("train_seconds"))
     if isinstance(m.get("wall_s"), int | float):
-        t += f" (wall {_dur(m['wall_s'])})"
+        t += f" / {_dur(m['wall_s'])}"
     return [
         r.name,
         str(m.get("model", "—")),
@@ -677,7 +677,7 @@ def _ensemble_cells(e: EnsembleDir, runs_by_name: Mapping[str, RunDir]) -> list[
     sizes = sorted(
         {runs_by_name[m["name"]].metrics.get("img_size") for m in e.members if m.get("name") in runs_by_name} - {None}
     )
-    res = " / ".join(f"{s}" for s in sizes) + " px" if sizes else "—"
+    res = "—" if not sizes else (f"{sizes[0]} px" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]} px")
     lo, hi = (b.get("top1_ci") or [None, None])[:2]
     split = e.metrics.get("split", "?")
     return [
@@ -730,34 +730,37 @@ def _best(items: Sequence[RunDir | EnsembleDir]) -> RunDir | EnsembleDir | None:
 def _summary(doc: _Doc, inputs: ReportInputs, best_row: RunDir | EnsembleDir | None) -> None:
     doc.h("Summary")
     runs_by_name = {r.name: r for r in inputs.runs}
+    # The answer first (accuracy, calibration, the verdict), then how each row was obtained: on a laptop
+    # screen the numbers a reader came for are visible without scrolling sideways.
     header = [
         "",
         "member",
+        "top-1 (95% interval)",
+        "top-5",
+        "NLL",
+        "ECE",
+        "vs best member",
         "backbone",
         "strategy",
         "params trained",
         "resolution",
         "epochs run",
         "train time",
-        "top-1 (95% interval)",
-        "top-5",
-        "NLL",
-        "ECE",
         "evaluated on",
-        "vs best member",
     ]
+    order = (0, 7, 8, 9, 10, 12, 1, 2, 3, 4, 5, 6, 11)  # positions in _run_cells / _ensemble_cells
     rows, marked = [], set()
     for i, x in enumerate(_ordered_rows(inputs)):
         cells = _run_cells(x) if isinstance(x, RunDir) else _ensemble_cells(x, runs_by_name)
         flag = "★ best" if x is best_row else ""
         if x is best_row:
             marked.add(i)
-        rows.append([flag, *cells])
-    doc.add(Table(header, rows, frozenset(marked), frozenset({4, 5, 8, 9, 10, 11})))
+        rows.append([flag, *(cells[j] for j in order)])
+    doc.add(Table(header, rows, frozenset(marked), frozenset({2, 3, 4, 5, 9, 10})))
     notes = [
         "★ marks the highest top-1 (ties: lower NLL). ECE: 15 equal-width confidence bins"
         + (", computed from the predictions file where metrics.json has none" if inputs.runs else "")
-        + ". Train time is the summed epoch time; wall includes data loading and feature extraction."
+        + ". Train time: summed epoch time / wall time (wall includes loading, data checks and feature extraction)."
     ]
     if inputs.ensembles:
         notes.append(
@@ -1090,6 +1093,7 @@ td{padding:7px 10px;border-bottom:1px solid var(--line);vertical-align:top}
 tbody tr:nth-child(even) td{background:#fbfbfc}
 tr.best td{background:var(--best)!important;font-weight:600}
 td.flag{color:var(--accent);white-space:nowrap;font-weight:700}
+table.data td:nth-child(2){white-space:nowrap;font-weight:600}
 table.kv td:first-child{color:var(--muted);white-space:nowrap;padding-right:18px}
 table.kv td{border-bottom:1px solid var(--soft)}
 figure{margin:14px 0 22px}
