@@ -212,6 +212,7 @@ def test_evaluate_study_reapplies_fitted_ensembles(
     np.testing.assert_allclose(np.exp(new["logits"][rows]), np.exp(old["logits"]), atol=1e-5)
     # Half of these samples fitted the ensembles in the study: flagged, not passed off as held out.
     assert s["ensembles"]["greedy"]["n_fitted_on"] == len(new["targets"]) - len(old["targets"])
+    assert s["ensembles"]["mean"]["n_fitted_on"] == 0  # mean fits nothing: its number here is not optimistic
     assert "were fitted on" in printed
     assert (out / "report" / "report.html").is_file()
 

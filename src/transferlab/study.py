@@ -909,13 +909,18 @@ def _apply_saved_ensemble(edir: Path, out: Path, split: str, *, n_boot: int, dat
         seed=0,
     )
     sel = set((wdoc.get("protocol") or {}).get("select_sample_ids") or [])
-    overlap = int(sum(1 for s in ids.tolist() if s in sel))
+    in_select = int(sum(1 for s in ids.tolist() if s in sel))
+    # mean and vote have no parameters: the select half only named the best member, so their numbers here are
+    # not optimistic. Everything else (weights, greedy counts, stacking, temperatures) was fitted there.
+    fitted = wdoc.get("method") not in ("mean", "vote") or bool(wdoc.get("temperature"))
+    overlap = in_select if fitted else 0
     protocol = {
         "mode": "apply",
         "select": f"fitted in the study ({edir}); nothing refit",
         "report": f"all {len(targets)} samples of {data}/{split}",
         "n_report": len(targets),
         "n_fitted_on": overlap,
+        "n_in_select": in_select,
     }
     metrics: dict[str, Any] = {
         "method": wdoc.get("method"),
