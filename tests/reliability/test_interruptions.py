@@ -187,6 +187,29 @@ def test_signal_finishes_the_step_checkpoints_and_exits(
     assert_same_run(ref, run)
 
 
+def test_sigterm_to_the_process_group_with_dataloader_workers(
+    reference: Reference, in1k32: Path, tmp_path: Path
+) -> None:
+    """Schedulers signal the whole process group: workers must not die first and turn the stop into a crash."""
+    _, (ds, *extra) = reference("clean")
+    run = tmp_path / "group"
+    argv = train_argv(Path(ds), in1k32, run, *ARGS, *extra, "--workers", "1")
+    proc = subprocess.Popen(
+        _cli(*argv),
+        env=ENV,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, so killpg reaches it and its workers only
+    )
+    _wait_for(run / "checkpoints" / "step-00000002.json", proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err_bytes = proc.communicate(timeout=120)
+    err = err_bytes.decode()
+    assert proc.returncode == 143, err[-3000:]
+    assert "killed by signal" not in err and re.search(r"stopped by SIGTERM after step \d+", err), err[-3000:]
+
+
 def test_graceful_stop_sets_a_flag_and_restores_the_handlers() -> None:
     received: list[int] = []
 

@@ -80,10 +80,13 @@ class GracefulStop:
         )
 
 
-def ignore_sigint_in_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: Ctrl-C reaches the whole process group, but only the main process
-    should react to it (a worker dying of KeyboardInterrupt would turn a graceful stop into a crash)."""
+def ignore_stop_signals_in_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: Ctrl-C and a scheduler's SIGTERM often reach the whole process group,
+    but only the main process should react (a worker dying of either turns a graceful stop into a crash:
+    "DataLoader worker is killed by signal: Terminated"). The main process shuts its workers down when it
+    exits, and a worker whose parent is gone exits by itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def interrupted(signum: int, step: int, epoch: int, checkpoint: str) -> TrainingInterrupted:

@@ -43,7 +43,7 @@ from transferlab.models.heads import TransferModel
 from transferlab.models.strategies import apply_strategy, param_groups, set_train_mode, unfreeze
 from transferlab.runtime import Precision
 from transferlab.train.config import TrainConfig
-from transferlab.train.interrupt import GracefulStop, ignore_sigint_in_worker, interrupted
+from transferlab.train.interrupt import GracefulStop, ignore_stop_signals_in_worker, interrupted
 from transferlab.train.optim import EarlyStopping, ScheduleSpec, build_optimizer, clip_gradients, lr_factor, set_lr
 from transferlab.train.probe import epoch_order
 
@@ -227,7 +227,13 @@ def predict(
 ) -> np.ndarray:
     """Logits for every sample of ``data`` in order; each rank computes ``rank::world`` and rank 0 gathers."""
     mine = list(range(d.rank, len(data), d.world))
-    loader = DataLoader(torch.utils.data.Subset(data, mine), batch_size=batch_size, shuffle=False, num_workers=workers)
+    loader = DataLoader(
+        torch.utils.data.Subset(data, mine),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        worker_init_fn=ignore_stop_signals_in_worker if workers else None,
+    )
     was = model.training
     model.eval()
     outs, poss = [], []
@@ -463,7 +469,7 @@ def fit(
             num_workers=workers,
             generator=torch.Generator().manual_seed(cfg.seed),
             persistent_workers=False,
-            worker_init_fn=ignore_sigint_in_worker if workers else None,
+            worker_init_fn=ignore_stop_signals_in_worker if workers else None,
         )
         t0 = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False, disable=disable)
