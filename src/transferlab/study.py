@@ -311,21 +311,12 @@ def weights_identity(model: str, weights: str | None) -> str:
     Checked before any work: a package that is not installed, a file that does not exist, or hub weights
     that are neither cached nor reachable stop the study at once instead of after an hour of training.
     """
-    from transferlab.models.backbones import check_model_name
-    from transferlab.models.weights import (
-        LITE_PACKAGES,
-        WeightSpec,
-        hub_cached_file,
-        hub_offline,
-        package_weight_file,
-    )
+    from transferlab.models.backbones import check_model_name, resolve_weight_source
+    from transferlab.models.weights import hub_cached_file, hub_offline, package_weight_file
 
     check_model_name(model)
-    spec = WeightSpec.parse(weights)
+    spec, kind = resolve_weight_source(model, weights)
     arch = model.split(".", 1)[0]
-    kind = spec.kind
-    if kind == "auto":
-        kind = "package" if arch in LITE_PACKAGES and "." not in model else "hub"
     if kind == "none":
         return "none"
     if kind == "package":

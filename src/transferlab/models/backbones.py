@@ -78,6 +78,17 @@ def _default_preprocessing(model: nn.Module) -> Preprocessing:
     return Preprocessing.from_timm(cfg)
 
 
+def resolve_weight_source(name: str, weights: str | None) -> tuple[WeightSpec, str]:
+    """The parsed ``--weights`` and where they really come from: ``auto`` becomes ``package`` for the
+    Lite models with an offline package, else ``hub``. Shared by loading and by the study's pre-flight
+    check, so both always agree on the source."""
+    spec = WeightSpec.parse(weights)
+    kind = spec.kind
+    if kind == "auto":
+        kind = "package" if name.split(".", 1)[0] in LITE_PACKAGES and "." not in name else "hub"
+    return spec, kind
+
+
 def create_backbone(name: str, weights: str | None = "auto") -> Backbone:
     """Create timm model ``name`` with weights from ``weights`` (see :mod:`transferlab.models.weights`).
 
@@ -87,11 +98,8 @@ def create_backbone(name: str, weights: str | None = "auto") -> Backbone:
     import timm
 
     check_model_name(name)
-    spec = WeightSpec.parse(weights)
+    spec, kind = resolve_weight_source(name, weights)
     arch = name.split(".", 1)[0]
-    kind = spec.kind
-    if kind == "auto":
-        kind = "package" if arch in LITE_PACKAGES and "." not in name else "hub"
 
     if kind == "none":
         model = timm.create_model(name, pretrained=False)

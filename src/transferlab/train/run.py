@@ -109,11 +109,30 @@ def train(cfg: TrainConfig, *, tensorboard: bool = False, bad_images: str = "err
         cfg = dataclasses.replace(cfg, resume=True)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    if d.main:
-        with RunLock(out):
-            _refuse_to_overwrite(cfg)
-            return _train(cfg, d, tensorboard, bad_images)
-    return _train(cfg, d, bad_images=bad_images)
+    ok = False
+    try:
+        if d.main:
+            with RunLock(out):
+                _refuse_to_overwrite(cfg)
+                result = _train(cfg, d, tensorboard, bad_images)
+        else:
+            result = _train(cfg, d, bad_images=bad_images)
+        ok = True
+        return result
+    finally:
+        if d.world > 1 and ok:
+            _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear the process group down explicitly once every rank is done. Left to interpreter exit, gloo's
+    threads can outlive their context (notably with the per-attempt store of a torchrun restart) and a rank
+    aborts with "terminate called without an active exception" after the work has finished."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _refuse_to_overwrite(cfg: TrainConfig) -> None:
