@@ -272,38 +272,27 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         cols = None
     t0 = time.perf_counter()
     cache_info = None
+    # What the images go through is the same on both paths; only where the features come from differs.
+    common: dict[str, Any] = dict(
+        indices=indices,
+        precision=precision,
+        device=device,
+        batch_size=cfg.batch_size,
+        workers=workers,
+        progress=cfg.progress,
+    )
     if cfg.cache_dir is not None and cfg.run is None:
         from transferlab.train.features import cached_features
 
         feats, path, hit = cached_features(
-            backbone,
-            split,
-            transform,
-            indices=indices,
-            precision=precision,
-            device=device,
-            cache_dir=Path(cfg.cache_dir) / "features",
-            batch_size=cfg.batch_size,
-            workers=workers,
-            progress=cfg.progress,
+            backbone, split, transform, cache_dir=Path(cfg.cache_dir) / "features", **common
         )
         classifier = backbone.model.get_classifier()  # type: ignore[operator]
         with torch.inference_mode():
             logits_all = classifier.float()(torch.from_numpy(feats).float()).numpy()
         cache_info = {"file": str(path), "hit": hit}
     else:
-        logits_all = predict_logits(
-            backbone,
-            split,
-            transform,
-            indices=indices,
-            precision=precision,
-            device=device,
-            batch_size=cfg.batch_size,
-            workers=workers,
-            progress=cfg.progress,
-            forward=forward,
-        )
+        logits_all = predict_logits(backbone, split, transform, forward=forward, **common)
     wall = time.perf_counter() - t0
     logits = logits_all[:, cols] if cols is not None else logits_all
     targets = split.targets[indices]
