@@ -13,7 +13,7 @@ ifneq ($(wildcard $(SHARED_DATA)),)
 export TRANSFERLAB_DATA := $(SHARED_DATA)$(if $(TRANSFERLAB_DATA),:$(TRANSFERLAB_DATA))
 endif
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test bench lint format clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=python3.x)"; exit 1; }
@@ -34,13 +34,19 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# transferlab vs the plain docs-style script (benchmarks/baseline.py), same model, images and batch size,
+# alternating repeats; prints a table of ratios and writes benchmarks/results/<time>-<device>.json.
+# About 35 min on 2 idle cores (the head row's baseline alone is ~15 min); BENCH_ARGS="--rows eval" etc.
+bench: install
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
 lint: install
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 format: install
-	$(BIN)/ruff format src tests
-	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
 
 clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache

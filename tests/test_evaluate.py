@@ -16,6 +16,7 @@ import torch
 from builders import WNIDS, eval_argv, jpeg_bytes, write_folder
 from builders import imagenet_test_resnet as make_imagenet_test_resnet
 from transferlab.cli import build_parser, main
+from transferlab.data.batched import eval_batch
 from transferlab.data.transforms import EvalTransform, normalize_batch
 from transferlab.errors import ConfigError
 from transferlab.evaluate import EvalConfig, evaluate, load_predictions, make_eval_transform
@@ -36,12 +37,12 @@ def _run(argv: list[str]) -> int:
     return main(eval_argv(*argv))
 
 
-def test_zero_shot_writes_consistent_outputs(tiny_zip: Path, tmp_path: Path, imagenet_test_resnet) -> None:
+@pytest.mark.parametrize("decoded", ["auto", "off"])
+def test_zero_shot_writes_consistent_outputs(tiny_zip: Path, tmp_path: Path, imagenet_test_resnet, decoded) -> None:
     path, model = imagenet_test_resnet
     out = tmp_path / "out"
-    rc = _run(
-        ["--model", "test_resnet", "--weights", str(path), "--zero-shot", "--data", str(tiny_zip), "--out", str(out)]
-    )
+    argv = ["--model", "test_resnet", "--weights", str(path), "--zero-shot", "--data", str(tiny_zip), "--out", str(out)]
+    rc = _run([*argv, "--decoded-cache", decoded])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     for key in ("top1", "top5", "nll", "n", "top1_ci", "wall_s", "images_per_s"):
@@ -58,7 +59,12 @@ def test_zero_shot_writes_consistent_outputs(tiny_zip: Path, tmp_path: Path, ima
 
     split = open_dataset(tiny_zip).split("val")
     t = EvalTransform(64, "bilinear", 0.875, "auto")
-    x = normalize_batch(torch.stack([t(split.load(i)) for i in range(6)]), (0.5,) * 3, (0.25,) * 3)
+    if decoded == "off":  # PIL resizes each image
+        x = torch.stack([t(split.load(i)) for i in range(6)])
+    else:  # the source pixels, resized as one batch
+        raw = torch.stack([torch.from_numpy(np.asarray(split.load(i)).copy()).permute(2, 0, 1) for i in range(6)])
+        x = eval_batch(raw, t)
+    x = normalize_batch(x, (0.5,) * 3, (0.25,) * 3)
     with torch.no_grad():
         ref = model(x)[:, torch.from_numpy(imagenet_indices(WNIDS))].numpy()
     np.testing.assert_allclose(pred["logits"], ref, rtol=1e-4, atol=1e-4)
@@ -225,6 +231,16 @@ def test_crop_policy_small_images_are_not_cropped() -> None:
     ref = big.resize((341, 256), Image.Resampling.BICUBIC).crop((58, 16, 282, 240))
     assert out.shape == (3, 224, 224)
     assert torch.equal(out, torch.from_numpy(np.asarray(ref).copy()).permute(2, 0, 1))
+    # A source without pixels to spare (shorter side < 64 / 0.875 = 73) is used whole at 64px: unchanged at
+    # its own size, straight-resized at 70px; from 73px on it is resized and center-cropped.
+    at64 = make_eval_transform(pre, 64)
+    assert torch.equal(at64(small), torch.from_numpy(np.asarray(small).copy()).permute(2, 0, 1))
+    s70 = Image.fromarray(rng.integers(0, 255, (70, 70, 3), dtype=np.uint8))
+    ref70 = s70.resize((64, 64), Image.Resampling.BICUBIC)
+    assert torch.equal(at64(s70), torch.from_numpy(np.asarray(ref70).copy()).permute(2, 0, 1))
+    s80 = Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8))
+    ref80 = s80.resize((73, 73), Image.Resampling.BICUBIC).crop((4, 4, 68, 68))
+    assert torch.equal(at64(s80), torch.from_numpy(np.asarray(ref80).copy()).permute(2, 0, 1))
 
 
 def test_precision_resolution(monkeypatch: pytest.MonkeyPatch) -> None:

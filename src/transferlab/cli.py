@@ -88,8 +88,8 @@ def _add_resize_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) ->
     )
 
 
-def _add_runtime_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Where and how fast the model runs (shared by evaluate and train)."""
+def _add_runtime_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, decoded: bool = True) -> None:
+    """Where and how fast the model runs (shared by evaluate, train and predict)."""
     p.add_argument("--workers", type=int, default=-1, help="decoding processes; -1 = cores-1, at most 4 (default: -1)")
     p.add_argument(
         "--precision",
@@ -104,6 +104,16 @@ def _add_runtime_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -
         help="channels_last memory format; auto = on with bf16/fp16 or a GPU (default: auto)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
+    if not decoded:  # predict reads loose files once: nothing to cache
+        return
+    p.add_argument(
+        "--decoded-cache",
+        choices=("auto", "off"),
+        default="auto",
+        help="decode each split once into a memory-mapped uint8 array in the cache folder and resize/augment "
+        "whole batches as tensors (auto: when a split's images share one size; off: decode per image with PIL "
+        "in --workers processes) (default: auto)",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -394,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed for holdout, init, data order, augmentation")
     g.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (slower)")
     g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training forward pass (pays a compile at start; worth it for long GPU runs)",
+    )
+    g.add_argument(
         "--tensorboard",
         action="store_true",
         help="also write steps, epochs, the curves and the hyper-parameters as TensorBoard events to OUT/tensorboard "
@@ -633,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: print the top classes)",
     )
     pr.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
-    _add_runtime_options(pr)
+    _add_runtime_options(pr, decoded=False)
     _add_common(pr)
     pr.set_defaults(func=cmd_predict)
 
@@ -709,6 +724,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress=_progress(args),
         cache_dir=args.cache_dir,
         tta=args.tta,
+        decoded_cache=args.decoded_cache,
     )
     m = evaluate(cfg)
     lo, hi = m["top1_ci"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 from transferlab import __version__
 from transferlab.data import ImageSplit, open_dataset
 from transferlab.data.base import data_fingerprint
+from transferlab.data.batched import ArrayBatches, eval_batch
+from transferlab.data.decoded import decode_split, pixel_array
 from transferlab.data.transforms import CROP_MODES, INTERPOLATIONS, EvalTransform, normalize_batch
 from transferlab.errors import ConfigError, DataError
 from transferlab.io import atomic_write_json, atomic_write_text, atomic_write_with
@@ -70,6 +72,9 @@ class EvalConfig:
     #: Test-time augmentation: none, flip or flip+crops (see transferlab.predict); probabilities are averaged
     #: over the views and predictions.npz then holds log mean probabilities in its logits field.
     tta: str = "none"
+    #: ``auto``: read the split from the decoded cache (built on first use) and resize whole batches as
+    #: tensors; ``off``: decode each image with PIL in DataLoader workers.
+    decoded_cache: str = "auto"
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.run is None):
@@ -88,6 +93,8 @@ class EvalConfig:
             raise ConfigError(f"--limit must be >= 1, got {self.limit}")
         if self.n_boot < 0:
             raise ConfigError(f"--n-boot must be >= 0, got {self.n_boot}")
+        if self.decoded_cache not in ("auto", "off"):
+            raise ConfigError(f"--decoded-cache must be auto or off, not {self.decoded_cache!r}")
         from transferlab.predict import check_tta
 
         check_tta(self.tta)
@@ -119,6 +126,16 @@ def make_eval_transform(
     if interpolation == "auto":
         return EvalTransform(size, pre.interpolation, pre.crop_pct, crop, upsample="auto")
     return EvalTransform(size, interpolation, pre.crop_pct, crop, upsample=interpolation)
+
+
+def pipeline_name(split: ImageSplit) -> str:
+    """How a split's images reach the model, for metrics and logs."""
+    folder = getattr(split, "folder", None)
+    if folder is not None:
+        return f"decoded cache ({folder}), batched tensor resize"
+    if pixel_array(split) is not None:
+        return "in-memory array, batched tensor resize"
+    return "PIL per image in DataLoader workers"
 
 
 def default_workers() -> int:
@@ -161,21 +178,34 @@ def predict_logits(
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     pre = backbone.preprocessing
-    loader = DataLoader(
-        _SplitDataset(split, transform, indices),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
+    pixels = pixel_array(split)
+    loader: Iterable[Any]
+    if pixels is not None:  # decoded cache: whole batches resized as tensors, no worker processes
+        loader = ArrayBatches(
+            pixels,
+            split.targets,
+            indices,
+            range(len(indices)),
+            batch_size,
+            lambda u8, _idx: eval_batch(u8, transform),
+            device,
+        )
+    else:
+        loader = DataLoader(
+            _SplitDataset(split, transform, indices),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
     out: np.ndarray | None = None
     pos = 0
     disable = None if progress is None else not progress
     with eval_mode(model):
-        for x, _ in tqdm(loader, desc=desc or f"eval {split.name}", unit="batch", disable=disable, leave=False):
+        for batch in tqdm(loader, desc=desc or f"eval {split.name}", unit="batch", disable=disable, leave=False):
             x = normalize_batch(
-                x.to(device, non_blocking=True), pre.mean, pre.std, channels_last=precision.channels_last
+                batch[0].to(device, non_blocking=True), pre.mean, pre.std, channels_last=precision.channels_last
             )
             with precision.autocast():
                 y = model(x) if forward is None else forward(model, x)
@@ -253,6 +283,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     transform = make_eval_transform(pre, size, crop, interpolation)
     workers = default_workers() if cfg.workers < 0 else cfg.workers
     indices = subset_indices(len(split), cfg.limit, cfg.seed)
+    if cfg.decoded_cache == "auto":
+        from transferlab.data.resolve import cache_dir as user_cache_dir
+
+        split = decode_split(split, Path(cfg.cache_dir) if cfg.cache_dir else user_cache_dir(), progress=cfg.progress)
     log.info(
         "evaluating %s (%s) on %s/%s: %d images, %s, %s",
         backbone.name,
@@ -318,6 +352,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "channels_last": precision.channels_last,
         "device": str(device),
         "workers": workers,
+        "pipeline": pipeline_name(split),
         "subset": None if cfg.limit is None else {"limit": cfg.limit, "seed": cfg.seed},
         **({"feature_cache": cache_info} if cache_info is not None else {}),
         "warnings": warnings,

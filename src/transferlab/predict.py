@@ -53,6 +53,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from transferlab.data.batched import eval_batch
+from transferlab.data.decoded import decode_split, pixel_array
 from transferlab.data.images import decode_image, is_image_name
 from transferlab.data.transforms import EvalTransform, normalize_batch
 from transferlab.errors import BadImageError, ConfigError, DataError, TransferlabError
@@ -516,11 +518,16 @@ class _InputImages(Dataset):
             return i, None, it.error
         try:
             if it.index is not None:
+                pixels = pixel_array(self.split)
+                if pixels is not None and it.index not in getattr(self.split, "bad", {}):
+                    # A decoded split: resized exactly as `evaluate` resizes it, so both give the same numbers.
+                    raw = torch.from_numpy(np.array(pixels[it.index])).permute(2, 0, 1)[None]
+                    return i, [eval_batch(raw, tf)[0] for tf in self.transforms], None
                 img = self.split.load(it.index)
             else:
                 assert it.file is not None
                 img = decode_image(Path(it.file).read_bytes(), it.path)
-            return i, [tf(img) for tf in self.transforms], None
+            return i, [tf(img).float() for tf in self.transforms], None
         except BadImageError as e:
             return i, None, e.reason
         except OSError as e:
@@ -632,9 +639,10 @@ def dataset_items(
 ) -> tuple[list[InputItem], Any]:
     """The samples of a dataset split as inputs (a seeded subset with ``limit``), and the split itself."""
     from transferlab.data import open_dataset
+    from transferlab.data.resolve import cache_dir
 
     source = open_dataset(data)
-    split = source.split(split_name)
+    split = decode_split(source.split(split_name), cache_dir())  # the pixels `evaluate` and `train` read
     idx = subset_indices(len(split), limit, seed)
     labeled = split.labeled
     ids = source.classes.ids

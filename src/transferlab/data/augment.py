@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -273,6 +274,25 @@ class TrainTransform:
                 img = self._policy(img)
         arr = np.asarray(img, dtype=np.uint8)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+class EvalAsTrain:
+    """An eval transform in the training transform's ``(img, rng)`` signature (runs without augmentation).
+
+    Without augmentation a model trains on exactly the images it is evaluated on (and that the feature
+    cache computes), crop policy included; the per-sample generator is ignored.
+    """
+
+    random_augmentation = False
+
+    def __init__(self, eval_transform: Any) -> None:
+        self.eval_transform = eval_transform
+
+    def __repr__(self) -> str:
+        return f"EvalAsTrain({self.eval_transform!r})"
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        return self.eval_transform(img)
 
 
 # --------------------------------------------------------------------------------------------------------------------

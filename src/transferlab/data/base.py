@@ -153,6 +153,9 @@ def split_fingerprint(split: ImageSplit, indices: Sequence[int] | np.ndarray | N
     Cheap enough to run at every start (no image is decoded for file-backed splits), yet it changes when
     a file is replaced, relabelled, added or removed, which is what caches and study reuse need to know.
     """
+    # A decoded-cache view has the pixels of its source split: it is fingerprinted as that source, so
+    # caches and study reuse do not depend on whether the decoded cache was used.
+    split = getattr(split, "base_split", split)
     h = hashlib.sha256()
     h.update(split.name.encode())
     for i in range(len(split)) if indices is None else indices:

@@ -6,7 +6,9 @@ compute device instead of thousands of small per-image ones.
 Crop policy. timm's default eval transform resizes to ``size / crop_pct`` and center-crops; that is
 right for ImageNet photos (a few hundred pixels) but throws away a sixth of an image that is already
 smaller than the input. On 64x64 Tiny ImageNet, Lite0 zero-shot falls from 58.5% to 52.2% top-1 with
-the crop. So ``auto`` (the default) crops only when the source is at least as large as the input.
+the crop. So ``auto`` (the default) crops only when the source has pixels to spare: when its shorter side
+is at least the pre-crop size ``size / crop_pct`` (256 for a 224 input). A 64px image fed at 64px is used
+whole, not enlarged to 73px and cropped back (which cost the 64px runs a zoom their training never saw).
 
 Interpolation policy. The weights' own interpolation (bicubic for most timm models) is what they were
 evaluated with when *down*-scaling photos. Up-scaling a 64px image 3.5x with bicubic overshoots at
@@ -35,7 +37,7 @@ class EvalTransform:
 
     * ``none``: resize the whole image straight to ``size`` x ``size``;
     * ``center``: resize the shorter side to ``size / crop_pct``, then center-crop ``size``;
-    * ``auto``: ``none`` for images smaller than ``size`` (upscaling), ``center`` otherwise.
+    * ``auto``: ``center`` when the shorter side is at least ``size / crop_pct``, else ``none``.
 
     ``interpolation`` is used when down-scaling; ``upsample`` when the image is smaller than ``size``
     (``auto``: bilinear, see the module docstring; otherwise the named method).
@@ -61,6 +63,11 @@ class EvalTransform:
         self.crop_pct = float(crop_pct)
         self.crop = crop
 
+    @property
+    def crop_threshold(self) -> int:
+        """``auto`` center-crops sources whose shorter side is at least this (the pre-crop size)."""
+        return round(self.size / self.crop_pct)
+
     def __repr__(self) -> str:
         return (
             f"EvalTransform(size={self.size}, interpolation={self.interpolation!r}, "
@@ -72,7 +79,7 @@ class EvalTransform:
         resample = _PIL_INTERP[self.upsample if min(w, h) < self.size else self.interpolation]
         mode = self.crop
         if mode == "auto":
-            mode = "none" if min(w, h) < self.size else "center"
+            mode = "center" if min(w, h) >= self.crop_threshold else "none"
         if mode == "none":
             if (w, h) != (self.size, self.size):
                 img = img.resize((self.size, self.size), resample)

@@ -21,6 +21,7 @@ STANDARDIZE = ("pretrained", "dataset")
 CLASS_WEIGHTS = ("none", "balanced")
 SAMPLERS = ("shuffle", "balanced")
 FEATURE_CACHE = ("auto", "on", "off")
+DECODED_CACHE = ("auto", "off")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class TrainConfig:
     patience: int | None = None
     feature_cache: str = "auto"
     feature_batch_size: int = 32
+    decoded_cache: str = "auto"
+    compile: bool = False
     cache_dir: Path | None = None
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
@@ -100,6 +103,7 @@ class TrainConfig:
         choice("--class-weights", self.class_weights, CLASS_WEIGHTS)
         choice("--sampler", self.sampler, SAMPLERS)
         choice("--feature-cache", self.feature_cache, FEATURE_CACHE)
+        choice("--decoded-cache", self.decoded_cache, DECODED_CACHE)
         rng("--img-size", self.img_size, 16, 1024)
         rng("--mixup", self.mixup, 0, 10)
         rng("--cutmix", self.cutmix, 0, 10)

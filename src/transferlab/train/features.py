@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from transferlab.data.base import ImageSplit, split_fingerprint
+from transferlab.data.decoded import pixel_array
 from transferlab.data.transforms import EvalTransform
 from transferlab.evaluate import predict_logits
 from transferlab.io import atomic_write_with
@@ -69,6 +70,9 @@ class FeatureKey:
     preprocessing: str
     precision: str
     what: str = "pre_logits"
+    #: ``tensor`` (batched resize from a pixel array) or ``pil`` (per image): the resampling differs in
+    #: rounding, so their features are not interchangeable bit for bit.
+    pipeline: str = "pil"
 
     def digest(self) -> str:
         """Short hex id used as the file name."""
@@ -118,6 +122,7 @@ def cached_features(
         preprocessing=json.dumps(backbone.preprocessing.to_dict(), sort_keys=True),
         precision=precision.name,
         what=what,
+        pipeline="tensor" if pixel_array(split) is not None else "pil",
     )
     path = Path(cache_dir) / f"{backbone.name}-{split.name}-{what}-{key.digest()}.npz"
     if path.exists():

@@ -18,12 +18,13 @@ What makes it trustworthy:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from tqdm.auto import tqdm
 
 from transferlab.data.augment import TrainTransform, mix_batch, sample_rng, soft_cross_entropy
 from transferlab.data.base import ImageSplit
+from transferlab.data.batched import ArrayBatches, eval_batch, needs_serial, train_batch
+from transferlab.data.decoded import pixel_array
 from transferlab.data.transforms import EvalTransform, normalize_batch
 from transferlab.errors import TransferlabError
 from transferlab.models.heads import TransferModel
@@ -227,13 +230,21 @@ def predict(
 ) -> np.ndarray:
     """Logits for every sample of ``data`` in order; each rank computes ``rank::world`` and rank 0 gathers."""
     mine = list(range(d.rank, len(data), d.world))
-    loader = DataLoader(
-        torch.utils.data.Subset(data, mine),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        worker_init_fn=ignore_stop_signals_in_worker if workers else None,
-    )
+    pixels = pixel_array(data.split)
+    loader: Iterable[Any]
+    if pixels is not None:  # decoded cache: batches resized as tensors in this process
+        tf = data.transform
+        loader = ArrayBatches(
+            pixels, data.split.targets, data.indices, mine, batch_size, lambda u8, _i: eval_batch(u8, tf), device
+        )
+    else:
+        loader = DataLoader(
+            torch.utils.data.Subset(data, mine),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=workers,
+            worker_init_fn=ignore_stop_signals_in_worker if workers else None,
+        )
     was = model.training
     model.eval()
     outs, poss = [], []
@@ -257,6 +268,18 @@ def predict(
         out[pos_all] = log_all
         return out
     return logits.numpy()
+
+
+def _augment(u8: torch.Tensor, idx: np.ndarray, *, tf: Any, seed: int, epoch: int) -> torch.Tensor:
+    return train_batch(u8, tf, seed, epoch, idx)
+
+
+def _maybe_compile(model: nn.Module, enabled: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.compile(model)`` for ``--compile``, else the model itself (its parameters are shared either way)."""
+    if not enabled:
+        return model
+    log.info("compiling the training forward pass with torch.compile (the first steps include the compile)")
+    return torch.compile(model)  # type: ignore[return-value]
 
 
 def _score(logits: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
@@ -375,6 +398,14 @@ def fit(
     ddp_model: nn.Module = model
     if d.world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+    fwd = _maybe_compile(ddp_model, cfg.compile)
+    pixels = pixel_array(data.train.split)
+    log.info(
+        "input pipeline: %s",
+        "decoded cache, batched tensor resize/augmentation"
+        if pixels is not None
+        else f"PIL per image in {workers} DataLoader worker(s)",
+    )
 
     sampler = EpochSampler(len(data.train), cfg.seed, weights=data.sample_weights, rank=d.rank, world=d.world)
     disable = (None if cfg.progress is None else not cfg.progress) if d.main else True
@@ -459,18 +490,34 @@ def fit(
             optimizer = make_optimizer()
             if d.world > 1:
                 ddp_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+            fwd = _maybe_compile(ddp_model, cfg.compile)
         set_train_mode(model, spec)
         data.train.epoch = epoch
         sampler.set_epoch(epoch, state["pos"])
-        loader = DataLoader(
-            data.train,
-            batch_size=cfg.batch_size,
-            sampler=sampler,
-            num_workers=workers,
-            generator=torch.Generator().manual_seed(cfg.seed),
-            persistent_workers=False,
-            worker_init_fn=ignore_stop_signals_in_worker if workers else None,
-        )
+        loader: Iterable[Any]
+        if pixels is not None:
+            # The same positions the DataLoader would visit, as whole batches gathered from the decoded
+            # array and augmented with the same per-sample draws (see transferlab.data.batched).
+            loader = ArrayBatches(
+                pixels,
+                data.train.split.targets,
+                data.train.indices,
+                list(sampler),
+                cfg.batch_size,
+                functools.partial(_augment, tf=data.train.transform, seed=data.train.seed, epoch=epoch),
+                device,
+                prefetch=not needs_serial(data.train.transform),
+            )
+        else:
+            loader = DataLoader(
+                data.train,
+                batch_size=cfg.batch_size,
+                sampler=sampler,
+                num_workers=workers,
+                generator=torch.Generator().manual_seed(cfg.seed),
+                persistent_workers=False,
+                worker_init_fn=ignore_stop_signals_in_worker if workers else None,
+            )
         t0 = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False, disable=disable)
         for x, y, _ in bar:
@@ -499,7 +546,7 @@ def fit(
                     generator=gen,
                 )
             with precision.autocast():
-                logits = ddp_model(x)
+                logits = fwd(x)
             logits = logits.float()
             if mix:
                 loss = soft_cross_entropy(logits, soft)

@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,19 @@ def _load_backbone(cfg: TrainConfig) -> Backbone:
     return create_backbone(cfg.model, weights)
 
 
-def train(cfg: TrainConfig, *, tensorboard: bool = False, bad_images: str = "error") -> dict[str, Any]:
+def train(
+    cfg: TrainConfig,
+    *,
+    tensorboard: bool = False,
+    bad_images: str = "error",
+    callback: Callable[[str, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
     """Run ``cfg`` and write its run directory. Returns metrics.json's content (on rank 0).
+
+    ``callback(kind, row)`` sees every ``"step"`` row (as in steps.csv) and ``"epoch"`` row (as in
+    history.csv) on rank 0 as it is recorded in the training loop: live progress for a notebook, or
+    timings (benchmarks/ uses it to time steps after a warm-up). The feature-cache path trains its head in
+    seconds and reports nothing through it.
 
     ``tensorboard`` also writes the steps, epochs, curves and hyper-parameters as TensorBoard events to
     RUN_DIR/tensorboard (a view only: not part of the config, so it never changes what a run computes).
@@ -114,7 +126,7 @@ def train(cfg: TrainConfig, *, tensorboard: bool = False, bad_images: str = "err
         if d.main:
             with RunLock(out):
                 _refuse_to_overwrite(cfg)
-                result = _train(cfg, d, tensorboard, bad_images)
+                result = _train(cfg, d, tensorboard, bad_images, callback)
         else:
             result = _train(cfg, d, bad_images=bad_images)
         ok = True
@@ -166,6 +178,8 @@ class _Setup:
     hold_pos: np.ndarray
     #: A TensorBoardLog on rank 0 with --tensorboard, else None.
     tb: Any = None
+    #: The caller's ``train(callback=...)``, else None.
+    callback: Any = None
     #: metrics.json's ``bad_images``: the policy, how many images were left out and which.
     screened: dict[str, Any] = field(default_factory=dict)
 
@@ -232,6 +246,14 @@ def _setup(cfg: TrainConfig, d: Any, bad_images: str = "error") -> _Setup:
         world=d.world,
     )
     train_idx, report_idx = kept["train"], kept[cfg.report_split]
+    if cfg.decoded_cache == "auto":
+        # Every later pass (epochs, holdout, report, feature extraction) reads pixels from one memory-mapped
+        # array and resizes whole batches; split fingerprints stay those of the source files.
+        from transferlab.data.decoded import decode_split
+
+        root = Path(cfg.cache_dir) if cfg.cache_dir else user_cache_dir()
+        for name in dict.fromkeys(("train", cfg.report_split)):
+            source.splits[name] = decode_split(source.split(name), root, progress=cfg.progress)
     backbone = _load_backbone(cfg)
     device = resolve_device(cfg.device)
     if d.world > 1 and device.type == "cuda":
@@ -255,7 +277,13 @@ def _setup(cfg: TrainConfig, d: Any, bad_images: str = "error") -> _Setup:
     )
 
 
-def _train(cfg: TrainConfig, d: Any, tensorboard: bool = False, bad_images: str = "error") -> dict[str, Any]:
+def _train(
+    cfg: TrainConfig,
+    d: Any,
+    tensorboard: bool = False,
+    bad_images: str = "error",
+    callback: Callable[[str, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
     t_start = time.perf_counter()
     tb = None
     if tensorboard and d.main:
@@ -271,6 +299,7 @@ def _train(cfg: TrainConfig, d: Any, tensorboard: bool = False, bad_images: str 
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     s = _setup(cfg, d, bad_images)
     s.tb = tb
+    s.callback = callback
     res = _probe_on_features(s) if cfg.use_feature_cache else _fit_loop(s)
     if not d.main:
         return {}
@@ -411,7 +440,7 @@ def _probe_on_features(s: _Setup) -> _Outcome:
 
 def _fit_loop(s: _Setup) -> _Outcome:
     """Every strategy through the training loop."""
-    from transferlab.data.augment import TrainTransform
+    from transferlab.data.augment import EvalAsTrain, TrainTransform
     from transferlab.models.heads import TransferModel
     from transferlab.models.strategies import trainable_counts
     from transferlab.train.interrupt import GracefulStop
@@ -432,7 +461,7 @@ def _fit_loop(s: _Setup) -> _Outcome:
     up = "bilinear" if cfg.interpolation == "auto" else cfg.interpolation
     # Without augmentation the model trains on exactly the images it is evaluated on (and the feature
     # cache computes): the eval transform, which ignores the per-sample generator.
-    train_tf = TrainTransform(s.size, interpolation=up, aug=cfg.aug) if cfg.aug != "none" else _NoAug(eval_tf)
+    train_tf = TrainTransform(s.size, interpolation=up, aug=cfg.aug) if cfg.aug != "none" else EvalAsTrain(eval_tf)
     y_fit = train_split.targets[fit_idx]
     counts = np.bincount(y_fit, minlength=n_cls).astype(np.float64)
     class_weights = None
@@ -450,9 +479,7 @@ def _fit_loop(s: _Setup) -> _Outcome:
     )
     run = dict(precision=s.precision, device=s.device, workers=s.workers, d=s.d)
     with GracefulStop() as stop:  # SIGTERM/SIGINT: finish the step, checkpoint, stop (exit 143/130)
-        res = fit(
-            model, data, cfg, run_dir=Path(cfg.out), callback=None if s.tb is None else s.tb.record, stop=stop, **run
-        )
+        res = fit(model, data, cfg, run_dir=Path(cfg.out), callback=_callbacks(s.tb, s.callback), stop=stop, **run)
     report = EvalImages(s.report, s.report_idx, eval_tf)
     logits = predict(model, report, mean=mean, std=std, batch_size=cfg.batch_size, progress=cfg.progress, **run)
     spec = cfg.strategy_spec()
@@ -468,14 +495,17 @@ def _fit_loop(s: _Setup) -> _Outcome:
     )
 
 
-class _NoAug:
-    """Adapts an eval transform to the training transform's ``(img, rng)`` signature."""
+def _callbacks(tb: Any, user: Callable[[str, dict[str, float]], None] | None) -> Any:
+    """One ``callback(kind, row)`` for fit(): TensorBoard's and the caller's, or None."""
+    hooks = [h for h in (None if tb is None else tb.record, user) if h is not None]
+    if not hooks:
+        return None
 
-    def __init__(self, tf: Any) -> None:
-        self.tf = tf
+    def both(kind: str, row: dict[str, float]) -> None:
+        for h in hooks:
+            h(kind, row)
 
-    def __call__(self, img: Any, rng: Any) -> torch.Tensor:
-        return self.tf(img)
+    return both
 
 
 def write_history(path: Path, rows: list[dict[str, float]]) -> None:

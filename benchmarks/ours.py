@@ -1,0 +1,254 @@
+"""transferlab's side of the speed benchmark: the same four jobs as ``baseline.py``, through the library.
+
+Every job runs what a user of transferlab runs, with the defaults a user gets: the decoded cache,
+batched tensor resizing and augmentation, bf16 autocast + channels_last where the hardware supports it
+(decided by :func:`transferlab.runtime.resolve_precision`, logged), and for the frozen-backbone row the
+feature cache. Only the data selection is pinned so that both sides see the same images: the first
+``--limit`` samples of a split in its order, which is the order of the list files ``run.py`` writes for
+the baseline.
+
+Each subcommand prints one JSON object as the last line of stdout, with the same keys as the baseline's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from transferlab.data import open_dataset
+from transferlab.data.batched import ArrayBatches, eval_batch
+from transferlab.data.decoded import decode_split, pixel_array
+from transferlab.evaluate import make_eval_transform, predict_logits
+from transferlab.models.backbones import create_backbone
+from transferlab.models.imagenet import imagenet_indices
+from transferlab.runtime import resolve_device, resolve_precision
+from transferlab.train.config import TrainConfig
+from transferlab.train.run import train
+
+
+def _rss() -> dict[str, float]:
+    return {
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "children_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+    }
+
+
+def _split(args: argparse.Namespace, name: str) -> Any:
+    split = open_dataset(args.data).split(name)
+    return decode_split(split, Path(args.cache))
+
+
+def cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the decoded cache of train and val (the one-time cost, reported separately)."""
+    out: dict[str, Any] = {}
+    for name in ("train", "val"):
+        t0 = time.perf_counter()
+        split = _split(args, name)
+        out[f"{name}_seconds"] = round(time.perf_counter() - t0, 3)
+        out[f"{name}_images"] = len(split)
+        out[f"{name}_bytes"] = int(pixel_array(split).nbytes) if pixel_array(split) is not None else 0
+    return out
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    precision = resolve_precision("auto", "auto", device)
+    backbone = create_backbone(args.model, "auto")
+    split = _split(args, "val")
+    idx = np.arange(min(args.limit or len(split), len(split)))
+    tf = make_eval_transform(backbone.preprocessing, args.size)
+    t0 = time.perf_counter()
+    logits = predict_logits(
+        backbone, split, tf, indices=idx, precision=precision, device=device, batch_size=args.batch_size, progress=False
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    cols = imagenet_indices(open_dataset(args.data).classes.ids)
+    top1 = float((logits[:, cols].argmax(1) == split.targets[idx]).mean())
+    return {
+        "images": len(idx),
+        "seconds": round(secs, 3),
+        "images_per_s": round(len(idx) / secs, 2),
+        "top1": top1,
+        "precision": precision.describe(),
+    }
+
+
+def cmd_head(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache"
+        cache.mkdir()
+        # The decoded cache is shared (built once per dataset); the feature cache starts empty, so the
+        # measured wall time includes extracting every feature.
+        (cache / "decoded").symlink_to(Path(args.cache).resolve() / "decoded")
+        cfg = TrainConfig(
+            model=args.model,
+            data=args.data,
+            out=Path(tmp) / "run",
+            strategy="linear-probe",
+            head_init="random",
+            img_size=args.size,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            optimizer="adamw",
+            cache_dir=cache,
+            device=args.device,
+            train_limit=args.train_limit,
+            report_limit=args.val_limit,
+            progress=False,
+        )
+        t0 = time.perf_counter()
+        m = train(cfg)
+        secs = time.perf_counter() - t0
+    return {
+        "seconds": round(secs, 3),
+        "feature_seconds": m.get("feature_seconds"),
+        "fit_seconds": m.get("fit_seconds"),
+        "epochs": args.epochs,
+        "images": m["n_fit"] + m["n_holdout"],
+        "val_images": m["n"],
+        "top1": m["top1"],
+        "precision": m["precision"],
+    }
+
+
+def cmd_bnonly(args: argparse.Namespace) -> dict[str, Any]:
+    steps_needed = args.warmup + args.steps
+    holdout = 0.02
+    limit = int(np.ceil(steps_needed * args.batch_size / (1 - holdout))) + 200 * 2  # class-stratified rounding
+    stamps: list[tuple[float, float]] = []
+
+    def on(kind: str, row: dict[str, float]) -> None:
+        if kind == "step":
+            if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+                torch.cuda.synchronize()
+            stamps.append((time.perf_counter(), float(row["loss"])))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache"
+        cache.mkdir()
+        (cache / "decoded").symlink_to(Path(args.cache).resolve() / "decoded")
+        cfg = TrainConfig(
+            model=args.model,
+            data=args.data,
+            out=Path(tmp) / "run",
+            strategy="bn-only",
+            head="seed",
+            aug="seed",
+            img_size=args.size,
+            epochs=1,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            optimizer="rmsprop",
+            holdout=holdout,
+            train_limit=limit,
+            report_limit=args.batch_size,
+            cache_dir=cache,
+            device=args.device,
+            progress=False,
+        )
+        m = train(cfg, callback=on)
+    if len(stamps) < steps_needed:
+        raise SystemExit(f"only {len(stamps)} steps ran, {steps_needed} needed")
+    t = [s[0] for s in stamps]
+    losses = [s[1] for s in stamps[args.warmup : steps_needed]]
+    # Step k's stamp is taken when step k is done, so K timed steps span stamps[W - 1] .. stamps[W + K - 1].
+    secs = t[steps_needed - 1] - t[args.warmup - 1] if args.warmup > 0 else t[steps_needed - 1] - t[0]
+    n_steps = args.steps if args.warmup > 0 else args.steps - 1
+    w = min(10, len(losses))
+    return {
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "images": n_steps * args.batch_size,
+        "seconds": round(secs, 3),
+        "images_per_s": round(n_steps * args.batch_size / secs, 2),
+        "first_loss": float(np.mean(losses[:w])),
+        "final_loss": float(np.mean(losses[-w:])),
+        "precision": m["precision"],
+    }
+
+
+def cmd_data(args: argparse.Namespace) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    backbone_pre = create_backbone(args.model, "auto").preprocessing
+    split = _split(args, "val")
+    idx = np.arange(min(args.limit or len(split), len(split)))
+    tf = make_eval_transform(backbone_pre, args.size)
+    pixels = pixel_array(split)
+    assert pixels is not None, "the decoded cache was not used"
+    batches = ArrayBatches(
+        pixels, split.targets, idx, range(len(idx)), args.batch_size, lambda u8, _i: eval_batch(u8, tf), device
+    )
+    t0 = time.perf_counter()
+    n = 0
+    for x, _, _ in batches:
+        n += len(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    return {"images": n, "seconds": round(secs, 3), "images_per_s": round(n / secs, 2)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data", required=True, help="the dataset (zip, folder or name) transferlab reads")
+    common.add_argument("--cache", required=True, help="cache root holding decoded/ (built by `prepare`)")
+    common.add_argument("--model", default="tf_efficientnet_lite0")
+    common.add_argument("--size", type=int, default=224)
+    common.add_argument("--batch-size", type=int, default=64)
+    common.add_argument("--device", default="auto")
+    common.add_argument("--threads", type=int, default=None)
+    for name in ("prepare", "eval", "head", "bnonly", "data"):
+        sp = sub.add_parser(name, parents=[common])
+        if name in ("eval", "data"):
+            sp.add_argument("--limit", type=int, default=None)
+        if name == "head":
+            sp.add_argument("--epochs", type=int, default=10)
+            sp.add_argument("--lr", type=float, default=1e-3)
+            sp.add_argument("--train-limit", type=int, default=None, help="a seeded subset of train (smoke runs)")
+            sp.add_argument("--val-limit", type=int, default=None, help="a seeded subset of val (smoke runs)")
+        if name == "bnonly":
+            sp.add_argument("--steps", type=int, default=50)
+            sp.add_argument("--warmup", type=int, default=5)
+            sp.add_argument("--lr", type=float, default=1e-4)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = {
+        **{"prepare": cmd_prepare, "eval": cmd_eval, "head": cmd_head, "bnonly": cmd_bnonly, "data": cmd_data}[
+            args.command
+        ](args),
+    }
+    out.update(
+        command=args.command,
+        model=args.model,
+        size=args.size,
+        batch_size=args.batch_size,
+        device=str(resolve_device(args.device)),
+        torch_threads=torch.get_num_threads(),
+        **_rss(),
+    )
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The benchmark harness runs end to end (``benchmarks/run.py --quick``): both sides, every row, one JSON file.
+
+The quick sizes prove that the commands, the shared image selection and the result file work, not the speed;
+the speed numbers come from ``make bench`` and live in the README's performance table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_writes_every_row_for_both_sides(mini_zip: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "TRANSFERLAB_DATA": str(mini_zip.parent)}
+    out = tmp_path / "results"
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--work", str(tmp_path), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    (path,) = out.glob("*-quick.json")
+    doc = json.loads(path.read_text())
+    rows = {r["row"]: r for r in doc["rows"]}
+    assert set(rows) == {"eval", "head", "bnonly", "data"}
+    for name, r in rows.items():
+        assert r["baseline"] > 0 and r["transferlab"] > 0, name
+        assert r["ratio"] > 0 and r["transferlab_peak_rss_mb"] > 100, name
+        runs = doc["runs"][name]
+        assert len(runs["baseline"]) == len(runs["transferlab"]) == 1
+    # Both sides scored the same 48 val images with the same ImageNet weights and the same 64px input: the
+    # decoded cache + batched resize must not change what the model sees beyond rounding.
+    assert abs(rows["eval"]["delta_top1_pt"]) <= 100 * 3 / 48 + 1e-9
+    assert rows["eval"]["baseline_top1"] > 0.05  # real weights on real images: far above 1/200
+    for side in ("baseline", "transferlab"):
+        assert math.isfinite(rows["bnonly"][f"{side}_final_loss"])
+    assert "| eval |" in p.stdout and str(path) in p.stdout
+    assert doc["machine"]["torch"] and doc["prepare"]["prepare"]["val_images"] == 5000
