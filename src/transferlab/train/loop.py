@@ -42,6 +42,7 @@ from transferlab.data.batched import ArrayBatches, eval_batch, needs_serial, tra
 from transferlab.data.decoded import pixel_array
 from transferlab.data.transforms import EvalTransform, normalize_batch
 from transferlab.errors import TransferlabError
+from transferlab.models.fold import inference_copy
 from transferlab.models.heads import TransferModel
 from transferlab.models.strategies import apply_strategy, param_groups, set_train_mode, unfreeze
 from transferlab.runtime import Precision
@@ -247,12 +248,15 @@ def predict(
         )
     was = model.training
     model.eval()
+    # BatchNorm folded into the convolutions of an eval copy (the training model keeps its layers).
+    size = data.transform.size
+    fast = inference_copy(model, size, device, channels_last=precision.channels_last)
     outs, poss = [], []
     disable = (None if progress is None else not progress) if d.main else True
     for x, _, pos in tqdm(loader, desc="eval", unit="batch", leave=False, disable=disable):
         x = normalize_batch(x.to(device), mean, std, channels_last=precision.channels_last)
         with precision.autocast():
-            outs.append(model(x).float().cpu())
+            outs.append(fast(x).float().cpu())
         poss.append(pos)
     model.train(was)
     logits = torch.cat(outs) if outs else torch.empty(0)

@@ -1,0 +1,93 @@
+"""BatchNorm folding for inference copies: same outputs, original untouched, unsafe cases refused."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from transferlab.models.fold import fold_batchnorm, inference_copy
+
+
+def _randomize_bn(model: nn.Module) -> None:
+    """Give every BatchNorm non-trivial statistics and affine params (fresh ones are an identity map)."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "resnet18", "test_efficientnet"])
+def test_folded_copy_computes_the_same_function(name: str) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=7)
+    _randomize_bn(model)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 3, 64, 64)
+    folded, n = fold_batchnorm(model, x[:2])
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert n == n_bn > 0  # every BatchNorm in these nets follows its own conv
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert model.training  # the caller's mode and weights are left as they were
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+class _ConvFeedsTwo(nn.Module):
+    """conv -> BN and conv -> skip: folding the BN into the conv would change the skip branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class _SharedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.bn2 = nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn1(self.conv(x)) + self.bn2(self.conv(x))
+
+
+def test_a_conv_with_another_consumer_is_not_folded(caplog: pytest.LogCaptureFixture) -> None:
+    model = _ConvFeedsTwo()
+    _randomize_bn(model)
+    with caplog.at_level(logging.WARNING, logger="transferlab.models.fold"):
+        out, n = fold_batchnorm(model, torch.randn(2, 3, 8, 8))
+    assert out is model and n == 0 and "unfolded" in caplog.text
+
+
+def test_a_conv_run_twice_is_not_folded() -> None:
+    model = _SharedConv()
+    _randomize_bn(model)
+    out, n = fold_batchnorm(model, torch.randn(2, 3, 8, 8))
+    assert out is model and n == 0
+
+
+def test_inference_copy_keeps_the_global_rng_untouched() -> None:
+    model = timm.create_model("test_resnet", num_classes=3)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    inference_copy(model, 32, torch.device("cpu"), channels_last=True)
+    assert torch.equal(torch.rand(3), expected)  # exact resume depends on this stream
