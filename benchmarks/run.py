@@ -40,10 +40,10 @@ ROOT = HERE.parent
 
 #: Row settings: full run, and the --quick smoke version (seconds; proves the harness, not the speed).
 ROWS: dict[str, dict[str, Any]] = {
-    "eval": {"size": 224, "limit": 2000, "batch": 64},
+    "eval": {"size": 224, "limit": 2000, "batch": 32},
     "head": {"size": 64, "epochs": 10, "batch": 128},
     "bnonly": {"size": 128, "steps": 20, "warmup": 3, "batch": 64},
-    "data": {"size": 224, "limit": 2000, "batch": 64},
+    "data": {"size": 224, "limit": 2000, "batch": 32},
 }
 QUICK: dict[str, dict[str, Any]] = {
     "eval": {"size": 64, "limit": 48, "batch": 16},

@@ -182,9 +182,11 @@ def ceil_div(a: int, b: int) -> int:
 class ArrayBatches:
     """``(x, y, pos)`` batches over ``positions`` of a pixel array, like a DataLoader over the same positions.
 
-    ``x = make(uint8 batch, sample indices)`` is the processed float batch. While the caller works on one
-    batch, the next is prepared in a background thread (torch ops release the GIL), unless ``prefetch``
-    is False: RandAugment/TrivialAugment reseed torch's global generator per sample, which must not
+    ``x = make(uint8 batch, sample indices)`` is the processed float batch. With ``prefetch`` (the default
+    when the model runs on a GPU) the next batch is prepared in a background thread while the caller works
+    on the current one. On a CPU the model's own threads already use every core and a second thread only
+    competes with them (measured on 2 cores: no gain), so callers pass ``prefetch=False`` there. Never
+    with RandAugment/TrivialAugment: they reseed torch's global generator per sample, which must not
     happen while the model's dropout draws from it in the main thread.
     """
 
@@ -198,11 +200,12 @@ class ArrayBatches:
         make: Callable[[torch.Tensor, np.ndarray], torch.Tensor],
         device: torch.device,
         *,
-        prefetch: bool = True,
+        prefetch: bool | None = None,
     ) -> None:
         self.images, self.targets, self.indices = images, targets, np.asarray(indices)
         self.positions = np.asarray(positions, dtype=np.int64)
-        self.batch_size, self.make, self.device, self.prefetch = batch_size, make, device, prefetch
+        self.batch_size, self.make, self.device = batch_size, make, device
+        self.prefetch = device.type != "cpu" if prefetch is None else prefetch
 
     def __len__(self) -> int:
         return ceil_div(len(self.positions), self.batch_size)

@@ -510,7 +510,7 @@ def fit(
                 cfg.batch_size,
                 functools.partial(_augment, tf=data.train.transform, seed=data.train.seed, epoch=epoch),
                 device,
-                prefetch=not needs_serial(data.train.transform),
+                prefetch=False if needs_serial(data.train.transform) else None,
             )
         else:
             loader = DataLoader(
