@@ -240,3 +240,31 @@ def test_array_batches_match_positions_and_prefetch_changes_nothing(mini_val) ->
         np.testing.assert_array_equal(x0.numpy(), np.asarray(dec.images[indices[positions[3]]]).transpose(2, 0, 1))
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a[0], b[0])
+
+
+@pytest.mark.parametrize(
+    "tf",
+    [
+        EvalTransform(224, "bicubic", 0.875, "auto", "auto"),
+        EvalTransform(48, "bicubic", 0.875, "auto"),  # antialiased down-scale + center crop, clamped
+        TrainTransform(96, "bilinear", "seed"),
+        TrainTransform(64, "bicubic", "flip"),
+        TrainTransform(64, "bilinear", "randaugment"),
+    ],
+    ids=repr,
+)
+def test_standardising_at_the_stored_size_commutes_with_the_resize(mini_val, tf) -> None:
+    from transferlab.data.transforms import normalize_batch
+
+    _, dec = mini_val
+    idx = np.arange(200, 216)
+    u8 = gather(dec.images, idx, CPU)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    if isinstance(tf, EvalTransform):
+        late = normalize_batch(eval_batch(u8, tf), mean, std)
+        early = eval_batch(u8, tf, norm=(mean, std), channels_last=True)
+    else:
+        late = normalize_batch(train_batch(u8, tf, 1, 2, idx), mean, std)
+        early = train_batch(u8, tf, 1, 2, idx, norm=(mean, std), channels_last=True)
+    assert early.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(early, late, atol=1e-4, rtol=1e-4)

@@ -190,7 +190,8 @@ def predict_logits(
             indices,
             range(len(indices)),
             batch_size,
-            lambda u8, _idx: eval_batch(u8, transform),
+            # Standardised (and made channels_last) at the stored size, before the resize: see batched.py.
+            lambda u8, _idx: eval_batch(u8, transform, norm=(pre.mean, pre.std), channels_last=precision.channels_last),
             device,
         )
     else:
@@ -207,9 +208,9 @@ def predict_logits(
     disable = None if progress is None else not progress
     with eval_mode(model):
         for batch in tqdm(loader, desc=desc or f"eval {split.name}", unit="batch", disable=disable, leave=False):
-            x = normalize_batch(
-                batch[0].to(device, non_blocking=True), pre.mean, pre.std, channels_last=precision.channels_last
-            )
+            x = batch[0].to(device, non_blocking=True)
+            if pixels is None:
+                x = normalize_batch(x, pre.mean, pre.std, channels_last=precision.channels_last)
             with precision.autocast():
                 y = model(x) if forward is None else forward(model, x)
             y = y.float().cpu().numpy()

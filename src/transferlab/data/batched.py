@@ -50,14 +50,48 @@ def _interpolate(x: torch.Tensor, h: int, w: int, method: str) -> torch.Tensor:
     return F.interpolate(x, size=(h, w), mode=mode, align_corners=False, antialias=shrink)
 
 
-def eval_batch(x: torch.Tensor, tf: EvalTransform) -> torch.Tensor:
-    """uint8 (B, 3, h, w) -> float32 (B, 3, S, S) in 0..255, as ``tf`` would make each image."""
+Norm = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def _standardize(x: torch.Tensor, norm: Norm | None, channels_last: bool) -> torch.Tensor:
+    """uint8 -> float32, standardised with ``norm`` = (mean, std) in [0, 1] units when given.
+
+    Standardising is a per-channel affine map and every resampling here (bilinear, bicubic, antialiased,
+    grid_sample with edge replication) is a weighted average with weights summing to 1, so the two
+    commute: doing it at the stored 64px instead of after up-scaling to 224 touches 12x fewer values and
+    drops one full-size pass. ``channels_last`` here makes the resampled output channels_last too.
+    """
+    xf = x.float()
+    if norm is not None:
+        m = torch.tensor(norm[0], dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
+        s = torch.tensor(norm[1], dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
+        xf = (xf - m) / s
+    return xf.contiguous(memory_format=torch.channels_last) if channels_last else xf
+
+
+def _clamp(x: torch.Tensor, norm: Norm | None) -> torch.Tensor:
+    """Clip bicubic overshoot to the valid pixel range (0..255, or its standardised image)."""
+    if norm is None:
+        return x.clamp_(0.0, 255.0)
+    m = torch.tensor(norm[0], dtype=x.dtype, device=x.device).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(norm[1], dtype=x.dtype, device=x.device).view(1, -1, 1, 1) * 255.0
+    return torch.minimum(torch.maximum(x, -m / s), (255.0 - m) / s)
+
+
+def eval_batch(
+    x: torch.Tensor, tf: EvalTransform, *, norm: Norm | None = None, channels_last: bool = False
+) -> torch.Tensor:
+    """uint8 (B, 3, h, w) -> float32 (B, 3, S, S), as ``tf`` would make each image.
+
+    Pixel values 0..255, or standardised with ``norm`` = (mean, std) (what the model takes; see
+    :func:`_standardize`).
+    """
     h, w = x.shape[-2:]
     size = tf.size
     small = min(h, w) < size
     method = tf.upsample if small else tf.interpolation
     mode = tf.crop if tf.crop != "auto" else ("center" if min(h, w) >= tf.crop_threshold else "none")
-    xf = x.float()
+    xf = _standardize(x, norm, channels_last)
     if mode == "none":
         out = _interpolate(xf, size, size, method)
     else:
@@ -67,7 +101,9 @@ def eval_batch(x: torch.Tensor, tf: EvalTransform) -> torch.Tensor:
         out = _interpolate(xf, nh, nw, method)
         top, left = (nh - size) // 2, (nw - size) // 2
         out = out[:, :, top : top + size, left : left + size]
-    return out.clamp_(0.0, 255.0) if method == "bicubic" else out
+        if channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
+    return _clamp(out, norm) if method == "bicubic" else out
 
 
 def draw_params(tf: TrainTransform, seed: int, epoch: int, indices: Sequence[int]) -> list[tuple[float | int, ...]]:
@@ -117,44 +153,56 @@ def train_batch(
     seed: int,
     epoch: int,
     indices: Sequence[int],
+    *,
+    norm: Norm | None = None,
+    channels_last: bool = False,
 ) -> torch.Tensor:
-    """Augmented float32 (B, 3, S, S) batch in 0..255 from uint8 (B, 3, h, w) source pixels.
+    """Augmented float32 (B, 3, S, S) batch from uint8 (B, 3, h, w) source pixels.
 
     ``tf`` is the run's train transform (its size, interpolation and policy are used), or an eval
-    transform when the run trains without augmentation.
+    transform when the run trains without augmentation. Values 0..255, or standardised with ``norm``.
     """
     if isinstance(tf, EvalAsTrain):
-        return eval_batch(x, tf.eval_transform)
+        return eval_batch(x, tf.eval_transform, norm=norm, channels_last=channels_last)
     if isinstance(tf, EvalTransform):
-        return eval_batch(x, tf)
+        return eval_batch(x, tf, norm=norm, channels_last=channels_last)
     size = tf.size
-    xf = x.float()
+    if tf.aug in ("randaugment", "trivialaugment"):
+        out = _policies(x, tf, seed, epoch, indices)  # works on 0..255 pixels: standardised afterwards
+        return _standardize(out, norm, channels_last) if norm is not None or channels_last else out.float()
+    xf = _standardize(x, norm, False)
     if tf.aug == "seed":
         p = torch.tensor(draw_params(tf, seed, epoch, indices), dtype=torch.float32, device=x.device)
         if min(xf.shape[-2:]) > size:  # shrink first with antialiasing; a sampling grid would alias
             xf = _interpolate(xf, size, size, tf.interpolation)
         grid = _warp_grid(p, size)
         out = F.grid_sample(xf, grid, mode=_GRID_MODES[tf.interpolation], padding_mode="border", align_corners=False)
-        return out.clamp_(0.0, 255.0) if tf.interpolation == "bicubic" else out
-    out = _interpolate(xf, size, size, tf.interpolation)
+    else:
+        out = _interpolate(xf, size, size, tf.interpolation)
+        if tf.aug == "flip":
+            flips = torch.tensor([d[0] > 0.5 for d in draw_params(tf, seed, epoch, indices)], device=x.device)
+            out = torch.where(flips.view(-1, 1, 1, 1), out.flip(-1), out)
+    if tf.interpolation == "bicubic":
+        out = _clamp(out, norm)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def _policies(x: torch.Tensor, tf: TrainTransform, seed: int, epoch: int, indices: Sequence[int]) -> torch.Tensor:
+    """RandAugment / TrivialAugment per sample on uint8 tensors, seeded as in TrainTransform.__call__."""
+    out = _interpolate(x.float(), tf.size, tf.size, tf.interpolation)
     if tf.interpolation == "bicubic":
         out = out.clamp_(0.0, 255.0)
-    if tf.aug == "none":
-        return out
     draws = draw_params(tf, seed, epoch, indices)
-    flips = torch.tensor([d[0] > 0.5 for d in draws], device=x.device)
-    if tf.aug == "flip" or tf.hflip:
+    if tf.hflip:
+        flips = torch.tensor([d[0] > 0.5 for d in draws], device=x.device)
         out = torch.where(flips.view(-1, 1, 1, 1), out.flip(-1), out)
-    if tf.aug == "flip":
-        return out
-    # RandAugment / TrivialAugment: per sample on uint8 tensors, seeded as in TrainTransform.__call__.
     u8 = out.round_().to(torch.uint8)
     res = []
     for k, d in enumerate(draws):
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(int(d[1]))
             res.append(tf._policy(u8[k]))  # type: ignore[misc]
-    return torch.stack(res).float()
+    return torch.stack(res)
 
 
 def gather(images: np.ndarray, indices: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -234,9 +234,15 @@ def predict(
     pixels = pixel_array(data.split)
     loader: Iterable[Any]
     if pixels is not None:  # decoded cache: batches resized as tensors in this process
-        tf = data.transform
+        tf, cl = data.transform, precision.channels_last
         loader = ArrayBatches(
-            pixels, data.split.targets, data.indices, mine, batch_size, lambda u8, _i: eval_batch(u8, tf), device
+            pixels,
+            data.split.targets,
+            data.indices,
+            mine,
+            batch_size,
+            lambda u8, _i: eval_batch(u8, tf, norm=(mean, std), channels_last=cl),  # standardised, see batched.py
+            device,
         )
     else:
         loader = DataLoader(
@@ -254,7 +260,9 @@ def predict(
     outs, poss = [], []
     disable = (None if progress is None else not progress) if d.main else True
     for x, _, pos in tqdm(loader, desc="eval", unit="batch", leave=False, disable=disable):
-        x = normalize_batch(x.to(device), mean, std, channels_last=precision.channels_last)
+        x = x.to(device)
+        if pixels is None:
+            x = normalize_batch(x, mean, std, channels_last=precision.channels_last)
         with precision.autocast():
             outs.append(fast(x).float().cpu())
         poss.append(pos)
@@ -274,8 +282,8 @@ def predict(
     return logits.numpy()
 
 
-def _augment(u8: torch.Tensor, idx: np.ndarray, *, tf: Any, seed: int, epoch: int) -> torch.Tensor:
-    return train_batch(u8, tf, seed, epoch, idx)
+def _augment(u8: torch.Tensor, idx: np.ndarray, *, tf: Any, seed: int, epoch: int, **kw: Any) -> torch.Tensor:
+    return train_batch(u8, tf, seed, epoch, idx, **kw)
 
 
 def _maybe_compile(model: nn.Module, enabled: bool) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -508,7 +516,14 @@ def fit(
                 data.train.indices,
                 list(sampler),
                 cfg.batch_size,
-                functools.partial(_augment, tf=data.train.transform, seed=data.train.seed, epoch=epoch),
+                functools.partial(
+                    _augment,
+                    tf=data.train.transform,
+                    seed=data.train.seed,
+                    epoch=epoch,
+                    norm=(data.mean, data.std),
+                    channels_last=precision.channels_last,
+                ),
                 device,
                 prefetch=False if needs_serial(data.train.transform) else None,
             )
@@ -532,9 +547,9 @@ def fit(
                         marker.touch()
                     log.error("test fault injection: crashing at step %d on rank %d", state["step"] + 1, d.rank)
                     os._exit(13)
-            x = normalize_batch(
-                x.to(device, non_blocking=True), data.mean, data.std, channels_last=precision.channels_last
-            )
+            x = x.to(device, non_blocking=True)
+            if pixels is None:  # the batched path standardised at the stored size already
+                x = normalize_batch(x, data.mean, data.std, channels_last=precision.channels_last)
             y = y.to(device)
             if mix:
                 gen = torch.Generator().manual_seed(
