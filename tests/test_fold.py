@@ -91,3 +91,20 @@ def test_inference_copy_keeps_the_global_rng_untouched() -> None:
     torch.manual_seed(5)
     inference_copy(model, 32, torch.device("cpu"), channels_last=True)
     assert torch.equal(torch.rand(3), expected)  # exact resume depends on this stream
+
+
+@pytest.mark.parametrize("size", [15, 16])
+def test_tensorflow_same_padding_is_replaced_exactly(size: int) -> None:
+    from timm.layers import create_conv2d
+
+    conv = create_conv2d(3, 8, 5, stride=2, padding="same")
+    assert type(conv).__name__ == "Conv2dSame"  # what tf_efficientnet_* use for their stride-2 convs
+    model = nn.Sequential(conv, nn.BatchNorm2d(8), nn.ReLU6())
+    _randomize_bn(model)
+    x = torch.randn(2, 3, size, size).contiguous(memory_format=torch.channels_last)
+    folded, n = fold_batchnorm(model, x)
+    assert n == 2  # one BatchNorm folded, one padding replaced
+    assert type(folded[0]).__name__ == "_SamePadConv"  # the conv's weights, a cheaper pad
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
