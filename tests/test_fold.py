@@ -108,3 +108,28 @@ def test_tensorflow_same_padding_is_replaced_exactly(size: int) -> None:
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_inference_streams_split_batches_without_changing_results() -> None:
+    from transferlab.runtime import inference_streams
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=5).eval()
+    x = torch.randn(7, 3, 32, 32)
+
+    def fwd(t: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(t)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with inference_streams(torch.device("cpu")) as run:
+            out = run(fwd, x)
+            assert torch.get_num_threads() == 1  # two streams share the two threads
+        assert torch.get_num_threads() == 2
+        torch.testing.assert_close(out, fwd(x), atol=1e-5, rtol=1e-5)
+        with inference_streams(torch.device("meta")) as run:  # not a CPU: a plain call
+            assert run(lambda t: t * 2, torch.ones(3)).tolist() == [2.0, 2.0, 2.0]
+    finally:
+        torch.set_num_threads(before)

@@ -33,7 +33,7 @@ from transferlab.models.backbones import Backbone, create_backbone
 from transferlab.models.fold import inference_copy
 from transferlab.models.imagenet import imagenet_indices
 from transferlab.models.preprocessing import Preprocessing
-from transferlab.runtime import Precision, eval_mode, resolve_device, resolve_precision
+from transferlab.runtime import Precision, eval_mode, inference_streams, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -206,14 +206,17 @@ def predict_logits(
     out: np.ndarray | None = None
     pos = 0
     disable = None if progress is None else not progress
-    with eval_mode(model):
+
+    def run_model(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), precision.autocast():
+            return (model(x) if forward is None else forward(model, x)).float()
+
+    with eval_mode(model), inference_streams(device) as run:
         for batch in tqdm(loader, desc=desc or f"eval {split.name}", unit="batch", disable=disable, leave=False):
             x = batch[0].to(device, non_blocking=True)
             if pixels is None:
                 x = normalize_batch(x, pre.mean, pre.std, channels_last=precision.channels_last)
-            with precision.autocast():
-                y = model(x) if forward is None else forward(model, x)
-            y = y.float().cpu().numpy()
+            y = run(run_model, x).cpu().numpy()
             if out is None:
                 out = np.empty((len(indices), *y.shape[1:]), dtype=np.float32)
             out[pos : pos + len(y)] = y
