@@ -190,8 +190,7 @@ def predict_logits(
             indices,
             range(len(indices)),
             batch_size,
-            # Standardised (and made channels_last) at the stored size, before the resize: see batched.py.
-            lambda u8, _idx: eval_batch(u8, transform, norm=(pre.mean, pre.std), channels_last=precision.channels_last),
+            lambda u8, _idx: u8,  # resized inside each inference stream (below), in parallel
             device,
         )
     else:
@@ -208,8 +207,12 @@ def predict_logits(
     disable = None if progress is None else not progress
 
     def run_model(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), precision.autocast():
-            return (model(x) if forward is None else forward(model, x)).float()
+        with torch.inference_mode():
+            if pixels is not None:
+                # Standardised (and made channels_last) at the stored size, then resized: see batched.py.
+                x = eval_batch(x, transform, norm=(pre.mean, pre.std), channels_last=precision.channels_last)
+            with precision.autocast():
+                return (model(x) if forward is None else forward(model, x)).float()
 
     with eval_mode(model), inference_streams(device) as run:
         for batch in tqdm(loader, desc=desc or f"eval {split.name}", unit="batch", disable=disable, leave=False):
