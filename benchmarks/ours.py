@@ -13,12 +13,14 @@ Each subcommand prints one JSON object as the last line of stdout, with the same
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import resource
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,30 +87,41 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def cmd_head(args: argparse.Namespace) -> dict[str, Any]:
+@contextlib.contextmanager
+def _run_dirs(args: argparse.Namespace, **options: Any) -> Iterator[TrainConfig]:
+    """A TrainConfig writing into a temporary run folder, with a fresh cache that shares only the decoded cache.
+
+    The decoded cache is built once per dataset (``prepare``); the feature cache starts empty, so a
+    measured wall time includes extracting every feature.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
         cache.mkdir()
-        # The decoded cache is shared (built once per dataset); the feature cache starts empty, so the
-        # measured wall time includes extracting every feature.
         (cache / "decoded").symlink_to(Path(args.cache).resolve() / "decoded")
-        cfg = TrainConfig(
+        yield TrainConfig(
             model=args.model,
             data=args.data,
             out=Path(tmp) / "run",
-            strategy="linear-probe",
-            head_init="random",
             img_size=args.size,
-            epochs=args.epochs,
             lr=args.lr,
             batch_size=args.batch_size,
-            optimizer="adamw",
             cache_dir=cache,
             device=args.device,
-            train_limit=args.train_limit,
-            report_limit=args.val_limit,
             progress=False,
+            **options,
         )
+
+
+def cmd_head(args: argparse.Namespace) -> dict[str, Any]:
+    with _run_dirs(
+        args,
+        strategy="linear-probe",
+        head_init="random",
+        epochs=args.epochs,
+        optimizer="adamw",
+        train_limit=args.train_limit,
+        report_limit=args.val_limit,
+    ) as cfg:
         t0 = time.perf_counter()
         m = train(cfg)
         secs = time.perf_counter() - t0
@@ -136,29 +149,17 @@ def cmd_bnonly(args: argparse.Namespace) -> dict[str, Any]:
                 torch.cuda.synchronize()
             stamps.append((time.perf_counter(), float(row["loss"])))
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = Path(tmp) / "cache"
-        cache.mkdir()
-        (cache / "decoded").symlink_to(Path(args.cache).resolve() / "decoded")
-        cfg = TrainConfig(
-            model=args.model,
-            data=args.data,
-            out=Path(tmp) / "run",
-            strategy="bn-only",
-            head="seed",
-            aug="seed",
-            img_size=args.size,
-            epochs=1,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            optimizer="rmsprop",
-            holdout=holdout,
-            train_limit=limit,
-            report_limit=args.batch_size,
-            cache_dir=cache,
-            device=args.device,
-            progress=False,
-        )
+    with _run_dirs(
+        args,
+        strategy="bn-only",
+        head="seed",
+        aug="seed",
+        epochs=1,
+        optimizer="rmsprop",
+        holdout=holdout,
+        train_limit=limit,
+        report_limit=args.batch_size,
+    ) as cfg:
         m = train(cfg, callback=on)
     if len(stamps) < steps_needed:
         raise SystemExit(f"only {len(stamps)} steps ran, {steps_needed} needed")
