@@ -24,7 +24,7 @@ from transferlab import __version__
 from transferlab.data import ImageSplit, open_dataset
 from transferlab.data.base import data_fingerprint
 from transferlab.data.batched import ArrayBatches, eval_batch
-from transferlab.data.decoded import decode_split, pixel_array
+from transferlab.data.decoded import DECODED_MODES, decode_split, pixel_array
 from transferlab.data.transforms import CROP_MODES, INTERPOLATIONS, EvalTransform, normalize_batch
 from transferlab.errors import ConfigError, DataError
 from transferlab.io import atomic_write_json, atomic_write_text, atomic_write_with
@@ -94,8 +94,8 @@ class EvalConfig:
             raise ConfigError(f"--limit must be >= 1, got {self.limit}")
         if self.n_boot < 0:
             raise ConfigError(f"--n-boot must be >= 0, got {self.n_boot}")
-        if self.decoded_cache not in ("auto", "off"):
-            raise ConfigError(f"--decoded-cache must be auto or off, not {self.decoded_cache!r}")
+        if self.decoded_cache not in DECODED_MODES:
+            raise ConfigError(f"--decoded-cache must be one of {', '.join(DECODED_MODES)}, not {self.decoded_cache!r}")
         from transferlab.predict import check_tta
 
         check_tta(self.tta)

@@ -8,7 +8,7 @@ KB) and resized once, on the compute device, which also makes the GPU do the res
 
 The results follow the per-image transforms' semantics, not their bits:
 
-* eval: the same crop policy (``auto`` crops only sources at least as large as the input) and
+* eval: the same crop policy (``auto`` crops only sources with pixels to spare) and
   interpolation choice (``upsample`` for sources smaller than the input, ``interpolation`` otherwise),
   with ``F.interpolate``; down-scaling is antialiased as PIL's is. Bilinear up-scaling agrees with PIL's
   to within a couple of grey levels (the pixel-centre conventions are the same);
@@ -25,6 +25,7 @@ in the same order and number as the per-image path, so flips and warp parameters
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,8 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from transferlab.data.augment import _INT63_MAX, EvalAsTrain, TrainTransform, sample_rng
-from transferlab.data.transforms import EvalTransform
+from transferlab.data.transforms import EvalTransform, normalize_batch
 
+#: Policies that torchvision applies per image with torch's global generator (run per sample here).
+POLICY_AUGS = ("randaugment", "trivialaugment")
 _MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest-exact"}
 _GRID_MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
 
@@ -61,11 +64,9 @@ def _standardize(x: torch.Tensor, norm: Norm | None, channels_last: bool) -> tor
     commute: doing it at the stored 64px instead of after up-scaling to 224 touches 12x fewer values and
     drops one full-size pass. ``channels_last`` here makes the resampled output channels_last too.
     """
-    xf = x.float()
     if norm is not None:
-        m = torch.tensor(norm[0], dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
-        s = torch.tensor(norm[1], dtype=torch.float32, device=x.device).view(1, -1, 1, 1) * 255.0
-        xf = (xf - m) / s
+        return normalize_batch(x, norm[0], norm[1], channels_last=channels_last)
+    xf = x.float()
     return xf.contiguous(memory_format=torch.channels_last) if channels_last else xf
 
 
@@ -119,7 +120,7 @@ def draw_params(tf: TrainTransform, seed: int, epoch: int, indices: Sequence[int
             out.append((p.shear, p.zx, p.zy, float(p.flip)))
         elif tf.aug == "flip":
             out.append((float(rng.random() < 0.5),))
-        elif tf.aug in ("randaugment", "trivialaugment"):
+        elif tf.aug in POLICY_AUGS:
             flip = float(rng.random() < 0.5)
             out.append((flip, int(rng.integers(0, _INT63_MAX))))  # an exact int: floats hold 53 bits
         else:
@@ -149,7 +150,7 @@ def _warp_grid(params: torch.Tensor, size: int) -> torch.Tensor:
 
 def train_batch(
     x: torch.Tensor,
-    tf: TrainTransform | EvalAsTrain | EvalTransform,
+    tf: TrainTransform | EvalAsTrain,
     seed: int,
     epoch: int,
     indices: Sequence[int],
@@ -159,15 +160,13 @@ def train_batch(
 ) -> torch.Tensor:
     """Augmented float32 (B, 3, S, S) batch from uint8 (B, 3, h, w) source pixels.
 
-    ``tf`` is the run's train transform (its size, interpolation and policy are used), or an eval
-    transform when the run trains without augmentation. Values 0..255, or standardised with ``norm``.
+    ``tf`` is the run's train transform (its size, interpolation and policy are used), or
+    :class:`EvalAsTrain` when the run trains without augmentation. Values 0..255, or standardised with ``norm``.
     """
     if isinstance(tf, EvalAsTrain):
         return eval_batch(x, tf.eval_transform, norm=norm, channels_last=channels_last)
-    if isinstance(tf, EvalTransform):
-        return eval_batch(x, tf, norm=norm, channels_last=channels_last)
     size = tf.size
-    if tf.aug in ("randaugment", "trivialaugment"):
+    if tf.aug in POLICY_AUGS:
         out = _policies(x, tf, seed, epoch, indices)  # works on 0..255 pixels: standardised afterwards
         return _standardize(out, norm, channels_last) if norm is not None or channels_last else out.float()
     xf = _standardize(x, norm, False)
@@ -180,11 +179,16 @@ def train_batch(
     else:
         out = _interpolate(xf, size, size, tf.interpolation)
         if tf.aug == "flip":
-            flips = torch.tensor([d[0] > 0.5 for d in draw_params(tf, seed, epoch, indices)], device=x.device)
-            out = torch.where(flips.view(-1, 1, 1, 1), out.flip(-1), out)
+            out = _flip_where(out, draw_params(tf, seed, epoch, indices))
     if tf.interpolation == "bicubic":
         out = _clamp(out, norm)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def _flip_where(x: torch.Tensor, draws: Sequence[tuple[float | int, ...]]) -> torch.Tensor:
+    """Mirror the samples whose first draw is a flip."""
+    flips = torch.tensor([d[0] > 0.5 for d in draws], device=x.device)
+    return torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
 def _policies(x: torch.Tensor, tf: TrainTransform, seed: int, epoch: int, indices: Sequence[int]) -> torch.Tensor:
@@ -194,8 +198,7 @@ def _policies(x: torch.Tensor, tf: TrainTransform, seed: int, epoch: int, indice
         out = out.clamp_(0.0, 255.0)
     draws = draw_params(tf, seed, epoch, indices)
     if tf.hflip:
-        flips = torch.tensor([d[0] > 0.5 for d in draws], device=x.device)
-        out = torch.where(flips.view(-1, 1, 1, 1), out.flip(-1), out)
+        out = _flip_where(out, draws)
     u8 = out.round_().to(torch.uint8)
     res = []
     for k, d in enumerate(draws):
@@ -219,12 +222,7 @@ def gather(images: np.ndarray, indices: np.ndarray, device: torch.device) -> tor
 
 def needs_serial(tf: object) -> bool:
     """True for the policies that reseed torch's global generator per sample (no background prefetch)."""
-    return isinstance(tf, TrainTransform) and tf.aug in ("randaugment", "trivialaugment")
-
-
-def ceil_div(a: int, b: int) -> int:
-    """Number of batches of ``b`` in ``a`` items."""
-    return -(-a // b) if b > 0 else 0
+    return isinstance(tf, TrainTransform) and tf.aug in POLICY_AUGS
 
 
 class ArrayBatches:
@@ -256,7 +254,7 @@ class ArrayBatches:
         self.prefetch = device.type != "cpu" if prefetch is None else prefetch
 
     def __len__(self) -> int:
-        return ceil_div(len(self.positions), self.batch_size)
+        return math.ceil(len(self.positions) / self.batch_size)
 
     def _batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pos = self.positions[k * self.batch_size : (k + 1) * self.batch_size]

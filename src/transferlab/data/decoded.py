@@ -202,6 +202,9 @@ def _build(split: ImageSplit, folder: Path, fingerprint: str, *, progress: bool 
                 except BadImageError as e:
                     bad[i] = e.reason
                     arr = None
+                except Exception as e:  # unreadable member, I/O error: the same words as `--bad-images`
+                    bad[i] = f"cannot read: {type(e).__name__}: {e}"
+                    arr = None
                 if arr is not None and shape is None:
                     shape = (arr.shape[0], arr.shape[1])
                     for _ in range(i):  # the bad rows before the first good one, now that the size is known

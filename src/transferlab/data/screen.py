@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from transferlab.data.base import ArraySplit, DatasetSource, FileSplit, ImageSplit, split_fingerprint
+from transferlab.data.decoded import DecodedSplit
 from transferlab.errors import BadImageError, DataError
 from transferlab.io import atomic_write_json
 
@@ -61,6 +62,8 @@ def find_bad_samples(
     Array-backed splits (CIFAR-10) hold decoded pixels whose shape was checked when the batch was read,
     so there is nothing to decode.
     """
+    if isinstance(split, DecodedSplit):  # decoded once already: its build recorded what failed, and why
+        return [(int(i), split.origin(int(i)), split.bad[int(i)]) for i in indices if int(i) in split.bad]
     if isinstance(split, ArraySplit) or not len(indices):
         return []
     idx = [int(i) for i in indices]
@@ -89,7 +92,7 @@ def empty_classes(
     A class without a single training image cannot be learned, yet the model still has an output for it and
     the report still counts it: a silent wrong answer. ``where`` is the class folder when there is one.
     """
-    split = source.split(split_name)
+    split = getattr(source.split(split_name), "base_split", source.split(split_name))  # folders of a decoded one
     counts = np.bincount(split.targets[split.targets >= 0], minlength=len(source.classes))
     for i, _, _ in bad or []:
         counts[split.targets[i]] -= 1

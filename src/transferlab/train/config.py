@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from transferlab.data.decoded import DECODED_MODES
 from transferlab.data.transforms import CROP_MODES, INTERPOLATIONS
 from transferlab.errors import ConfigError
 
@@ -21,7 +22,6 @@ STANDARDIZE = ("pretrained", "dataset")
 CLASS_WEIGHTS = ("none", "balanced")
 SAMPLERS = ("shuffle", "balanced")
 FEATURE_CACHE = ("auto", "on", "off")
-DECODED_CACHE = ("auto", "off")
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class TrainConfig:
         choice("--class-weights", self.class_weights, CLASS_WEIGHTS)
         choice("--sampler", self.sampler, SAMPLERS)
         choice("--feature-cache", self.feature_cache, FEATURE_CACHE)
-        choice("--decoded-cache", self.decoded_cache, DECODED_CACHE)
+        choice("--decoded-cache", self.decoded_cache, DECODED_MODES)
         rng("--img-size", self.img_size, 16, 1024)
         rng("--mixup", self.mixup, 0, 10)
         rng("--cutmix", self.cutmix, 0, 10)

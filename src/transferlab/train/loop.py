@@ -18,7 +18,6 @@ What makes it trustworthy:
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -282,10 +281,6 @@ def predict(
     return logits.numpy()
 
 
-def _augment(u8: torch.Tensor, idx: np.ndarray, *, tf: Any, seed: int, epoch: int, **kw: Any) -> torch.Tensor:
-    return train_batch(u8, tf, seed, epoch, idx, **kw)
-
-
 def _maybe_compile(model: nn.Module, enabled: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """``torch.compile(model)`` for ``--compile``, else the model itself (its parameters are shared either way)."""
     if not enabled:
@@ -516,11 +511,12 @@ def fit(
                 data.train.indices,
                 list(sampler),
                 cfg.batch_size,
-                functools.partial(
-                    _augment,
-                    tf=data.train.transform,
-                    seed=data.train.seed,
-                    epoch=epoch,
+                lambda u8, idx, epoch=epoch: train_batch(
+                    u8,
+                    data.train.transform,
+                    data.train.seed,
+                    epoch,
+                    idx,
                     norm=(data.mean, data.std),
                     channels_last=precision.channels_last,
                 ),

@@ -232,6 +232,16 @@ def _setup(cfg: TrainConfig, d: Any, bad_images: str = "error") -> _Setup:
     workers = default_workers() if cfg.workers < 0 else cfg.workers
     train_idx = subset_indices(len(train_split), cfg.train_limit, cfg.seed)
     report_idx = subset_indices(len(report), cfg.report_limit, cfg.seed)
+    root = Path(cfg.cache_dir) if cfg.cache_dir else user_cache_dir()
+    if cfg.decoded_cache == "auto":
+        # Every later pass (screening, epochs, holdout, report, feature extraction) reads pixels from one
+        # memory-mapped array and resizes whole batches; split fingerprints stay those of the source files.
+        # The decode pass records the unreadable images, so the screening below reads that list instead
+        # of decoding every image a second time.
+        from transferlab.data.decoded import decode_split
+
+        for name in dict.fromkeys(("train", cfg.report_split)):
+            source.splits[name] = decode_split(source.split(name), root, progress=cfg.progress)
     # Every image the run will read is decoded once, before any work (cached by the samples' fingerprint).
     # With --bad-images skip the broken ones leave the index lists here, before the holdout and the data
     # order are drawn, so every run and every resume sees the same samples in the same order.
@@ -239,21 +249,13 @@ def _setup(cfg: TrainConfig, d: Any, bad_images: str = "error") -> _Setup:
         source,
         {"train": train_idx, cfg.report_split: report_idx},
         policy=bad_images,
-        cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else user_cache_dir(),
+        cache_dir=root,
         workers=workers,
         progress=cfg.progress,
         rank=d.rank,
         world=d.world,
     )
     train_idx, report_idx = kept["train"], kept[cfg.report_split]
-    if cfg.decoded_cache == "auto":
-        # Every later pass (epochs, holdout, report, feature extraction) reads pixels from one memory-mapped
-        # array and resizes whole batches; split fingerprints stay those of the source files.
-        from transferlab.data.decoded import decode_split
-
-        root = Path(cfg.cache_dir) if cfg.cache_dir else user_cache_dir()
-        for name in dict.fromkeys(("train", cfg.report_split)):
-            source.splits[name] = decode_split(source.split(name), root, progress=cfg.progress)
     backbone = _load_backbone(cfg)
     device = resolve_device(cfg.device)
     if d.world > 1 and device.type == "cuda":
