@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from transferlab.models.cpu_kernels import pad_border, same_pads
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +65,8 @@ class _SamePadConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        (kh, kw), (sh, sw), (dh, dw) = c.weight.shape[-2:], c.stride, c.dilation
-        ih, iw = x.shape[-2:]
-        ph = max((math.ceil(ih / sh) - 1) * sh + (kh - 1) * dh + 1 - ih, 0)
-        pw = max((math.ceil(iw / sw) - 1) * sw + (kw - 1) * dw + 1 - iw, 0)
-        if ph or pw:
-            top, left = ph // 2, pw // 2
-            fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-            out = torch.empty((*x.shape[:2], ih + ph, iw + pw), dtype=x.dtype, device=x.device, memory_format=fmt)
-            out[:, :, :top].zero_()
-            out[:, :, top + ih :].zero_()
-            out[:, :, top : top + ih, :left].zero_()
-            out[:, :, top : top + ih, left + iw :].zero_()
-            out[:, :, top : top + ih, left : left + iw].copy_(x)
-            x = out
-        return F.conv2d(x, c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
+        pads = same_pads(x.shape[-2], x.shape[-1], c.weight.shape[-2:], c.stride, c.dilation)  # type: ignore[arg-type]
+        return F.conv2d(pad_border(x, pads), c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
 
 
 def _find_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:

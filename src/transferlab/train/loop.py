@@ -41,6 +41,7 @@ from transferlab.data.batched import ArrayBatches, eval_batch, needs_serial, tra
 from transferlab.data.decoded import pixel_array
 from transferlab.data.transforms import EvalTransform, normalize_batch
 from transferlab.errors import TransferlabError
+from transferlab.models.cpu_kernels import cpu_training_kernels
 from transferlab.models.fold import inference_copy
 from transferlab.models.heads import TransferModel
 from transferlab.models.strategies import apply_strategy, param_groups, set_train_mode, unfreeze
@@ -346,6 +347,39 @@ def fit(
     :class:`~transferlab.errors.TrainingInterrupted` raised. A NaN/inf loss or gradient raises
     :class:`NonFiniteLossError` before the optimizer step, so no checkpoint ever holds non-finite weights.
     """
+    # On a CPU in bf16, strided depthwise layers compute their backward in fp32: same forward, ~30% faster
+    # BatchNorm-only steps on EfficientNet (see models/cpu_kernels.py). Parameters are shared, so the
+    # optimizer, checkpoints and DDP see the same tensors; the original layers are back on return.
+    with cpu_training_kernels(model, precision.dtype, device) as swapped:
+        if swapped:
+            log.info("CPU bf16 training: %d strided depthwise convolution(s) take an fp32 backward pass", swapped)
+        return _fit(
+            model,
+            data,
+            cfg,
+            run_dir=run_dir,
+            precision=precision,
+            device=device,
+            workers=workers,
+            d=d,
+            callback=callback,
+            stop=stop,
+        )
+
+
+def _fit(
+    model: TransferModel,
+    data: FitData,
+    cfg: TrainConfig,
+    *,
+    run_dir: Path,
+    precision: Precision,
+    device: torch.device,
+    workers: int,
+    d: Dist | None = None,
+    callback: Callable[[str, dict[str, float]], None] | None = None,
+    stop: GracefulStop | None = None,
+) -> FitResult:
     from transferlab.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 
     d = d or Dist()
