@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from timm.layers import Conv2dSame
 from torch import nn
 
-from transferlab.models.cpu_kernels import FastStridedDepthwise, cpu_training_kernels
+from transferlab.models.cpu_kernels import FastReLU6, FastStridedDepthwise, cpu_training_kernels
 
 CPU = torch.device("cpu")
 CL = torch.channels_last
@@ -73,8 +73,10 @@ def test_context_swaps_shares_parameters_and_restores() -> None:
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=5)
     keys = list(model.state_dict())
     before = {n: p for n, p in model.named_parameters()}
+    relu6 = sum(type(m) is nn.ReLU6 for m in model.modules())
     with cpu_training_kernels(model, torch.bfloat16, CPU) as n:
-        assert n == 4  # Lite0 downsamples with four stride-2 depthwise layers
+        # Lite0 downsamples with four stride-2 depthwise layers; every BatchNormAct2d has a ReLU6
+        assert n == {"FastStridedDepthwise": 4, "FastReLU6": relu6} and relu6 > 20
         assert isinstance(model.blocks[1][0].conv_dw, FastStridedDepthwise)
         assert list(model.state_dict()) == keys
         assert all(p is before[name] for name, p in model.named_parameters())
@@ -86,11 +88,12 @@ def test_context_swaps_shares_parameters_and_restores() -> None:
         w = model.blocks[1][0].conv_dw.weight.detach().clone()
         opt.step()
     assert type(model.blocks[1][0].conv_dw) is Conv2dSame
+    assert sum(type(m) is nn.ReLU6 for m in model.modules()) == relu6
     assert not torch.equal(model.blocks[1][0].conv_dw.weight, w)  # the restored layer holds the trained values
     with cpu_training_kernels(model, None, CPU) as n32:
-        assert n32 == 0
+        assert n32 == {}
     with cpu_training_kernels(model, torch.bfloat16, torch.device("meta")) as n_other:
-        assert n_other == 0
+        assert n_other == {}
 
 
 def test_bn_only_steps_match_without_the_swap() -> None:
@@ -120,3 +123,30 @@ def test_bn_only_steps_match_without_the_swap() -> None:
         losses[swap] = out
     assert losses[True][-1] < losses[True][0]
     assert losses[True] == pytest.approx(losses[False], rel=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inplace", [True, False])
+def test_relu6_same_values_and_gradients_without_a_clone(dtype: torch.dtype, inplace: bool) -> None:
+    """Values at, below, between and above the clip points, through a BatchNorm as in timm's BatchNormAct2d."""
+    base = torch.tensor([-1.0, 0.0, 0.5, 3.0, 6.0, 7.5]).repeat(2, 4, 3, 1).to(dtype)
+
+    def run(act: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        x = base.clone().requires_grad_(True)
+        h = x * 1.0  # a non-leaf, as a BatchNorm output is: in-place on it is allowed
+        y = act(h)
+        y.backward(torch.arange(y.numel(), dtype=dtype).view_as(y))
+        return y.detach(), x.grad
+
+    y_ref, g_ref = run(nn.ReLU6(inplace=inplace))
+    y, g = run(FastReLU6(inplace=inplace))
+    assert torch.equal(y, y_ref) and torch.equal(g, g_ref)
+    assert g[..., 0].eq(0).all() and g[..., 1].eq(0).all() and g[..., 4].eq(0).all() and g[..., 2].ne(0).all()
+
+    # The clone the stock op makes is gone: the profiler sees none.
+    from torch.profiler import ProfilerActivity, profile
+
+    x = base.clone().requires_grad_(True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        FastReLU6(inplace=inplace)(x * 1.0)
+    assert not any(e.name == "aten::clone" for e in prof.events())

@@ -86,6 +86,10 @@ def test_defaults_resolved() -> None:
         ({"name": "full", "unfreeze_epoch": 2}, r"--unfreeze-epoch applies only"),
         ({"name": "freeze-unfreeze", "unfreeze_lr_scale": 0}, r"--unfreeze-lr-scale"),
         ({"name": "scratch", "unfreeze_lr_scale": 0.1}, r"--unfreeze-lr-scale applies only"),
+        ({"name": "linear-probe", "backbone_lr_scale": 0.1}, r"--backbone-lr-scale applies only"),
+        ({"name": "freeze-unfreeze", "backbone_lr_scale": 0.1}, r"use --unfreeze-lr-scale"),
+        ({"name": "bn-only", "backbone_lr_scale": 0}, r"--backbone-lr-scale must be"),
+        ({"name": "full", "backbone_lr_scale": "x"}, r"--backbone-lr-scale must be"),
     ],
 )
 def test_invalid_specs_name_the_option(kwargs: dict, option: str) -> None:
@@ -303,6 +307,20 @@ def test_plain_groups_cover_trainable_params_once() -> None:
     assert all(g["lr"] == 0.01 for g in groups)
     seen = [id(p) for g in groups for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+
+
+def test_backbone_lr_scale_sets_the_backbone_groups_only() -> None:
+    model = make_model()
+    spec = StrategySpec("bn-only", backbone_lr_scale=0.1)
+    apply_strategy(model, spec)
+    lrs = {g["name"]: (g["lr"], g["lr_scale"]) for g in param_groups(model, spec, 0.01)}
+    assert lrs["bn"] == (pytest.approx(0.001), pytest.approx(0.1)) and lrs["head"] == (0.01, 1.0)
+    assert "backbone lr x0.1" in str(spec)
+
+    full = StrategySpec("full", layer_decay=0.5, backbone_lr_scale=0.1)
+    apply_strategy(model, full)
+    groups = param_groups(model, full, 1.0)
+    assert groups[-1]["lr"] == 1.0 and groups[-2]["lr"] == pytest.approx(0.05)  # scale x the first decay
 
 
 def test_param_groups_need_something_to_train() -> None:

@@ -291,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="freeze-unfreeze: backbone LR factor after unfreezing (default: 0.1)",
     )
+    g.add_argument(
+        "--backbone-lr-scale",
+        type=float,
+        default=None,
+        help="bn-only, full: the backbone's LR (BatchNorm's for bn-only) as a fraction of the head's, "
+        "e.g. 0.1 (default: 1)",
+    )
     g = tr.add_argument_group("data")
     g.add_argument("--data", default="tiny-imagenet-mini", help=DATA_HELP + " (default: tiny-imagenet-mini)")
     _add_resize_options(g)

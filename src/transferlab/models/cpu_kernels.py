@@ -12,6 +12,10 @@ would. The backward pass is the exact gradient of that bf16 forward (bf16-rounde
 widened to fp32), computed in fp32 and rounded once to bf16, where the stock path accumulates in bf16
 kernels. So gradients are, if anything, more accurate.
 
+The same context also swaps ``nn.ReLU6`` for a version whose backward reads its output instead of a clone
+of its input (the stock in-place op keeps one): identical values and gradients, one activation-sized copy
+less per layer (about 7% of the same step).
+
 How. :func:`cpu_training_kernels` swaps each eligible layer in place for a :class:`FastStridedDepthwise`
 that shares the original's parameters (same objects, same state-dict keys, so checkpoints, optimizers and
 DDP see no difference) and puts the originals back on exit. It does nothing on other devices or precisions.
@@ -157,6 +161,52 @@ class FastStridedDepthwise(nn.Conv2d):
         return F.conv2d(xp, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
+class _ReLU6Fn(torch.autograd.Function):
+    """ReLU6 whose backward reads its output: ``0 < y < 6`` is the same mask as ``0 < x < 6``.
+
+    The stock in-place ``hardtanh_`` keeps a clone of its input for the backward pass, an extra read and
+    write of every activation (about 5% of a Lite0 BatchNorm-only step) and an extra activation-sized
+    tensor held until backward. The output is held anyway by whatever reads it next.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, inplace: bool) -> torch.Tensor:  # type: ignore[override]
+        if inplace:
+            ctx.mark_dirty(x)
+            y = x.clamp_(0.0, 6.0)
+        else:
+            y = x.clamp(0.0, 6.0)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.hardtanh_backward(grad, y, 0.0, 6.0), None
+
+
+class FastReLU6(nn.ReLU6):
+    """``nn.ReLU6`` computing the same values; with gradients on, its backward keeps the output, not a clone."""
+
+    @classmethod
+    def adopt(cls, act: nn.ReLU6) -> FastReLU6:
+        """A ReLU6 like ``act`` (same ``inplace``)."""
+        return cls(inplace=act.inplace)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or not x.requires_grad:
+            return super().forward(x)
+        return _ReLU6Fn.apply(x, self.inplace)
+
+
+def _replacement(m: nn.Module) -> nn.Module | None:
+    if type(m) is nn.ReLU6:
+        return FastReLU6.adopt(m)
+    if _eligible(m):
+        return FastStridedDepthwise.adopt(m)  # type: ignore[arg-type]
+    return None
+
+
 def _eligible(m: nn.Module) -> bool:
     if not isinstance(m, nn.Conv2d) or isinstance(m, FastStridedDepthwise):
         return False
@@ -174,21 +224,29 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def cpu_training_kernels(model: nn.Module, dtype: torch.dtype | None, device: torch.device) -> Iterator[int]:
-    """Within the block, ``model``'s strided depthwise convolutions use :class:`FastStridedDepthwise`.
+def cpu_training_kernels(model: nn.Module, dtype: torch.dtype | None, device: torch.device) -> Iterator[dict[str, int]]:
+    """Within the block, ``model``'s strided depthwise convolutions use :class:`FastStridedDepthwise` and
+    its ``nn.ReLU6`` layers :class:`FastReLU6`.
 
     Applies only to CPU training under bf16 autocast (``dtype`` is the autocast dtype, None for fp32);
-    yields how many layers were swapped. The original layers are put back on exit, holding whatever the
-    shared parameters were trained to.
+    yields how many layers of each kind were swapped (empty when none). The original layers are put back
+    on exit, holding whatever the shared parameters were trained to.
     """
     if device.type != "cpu" or dtype != torch.bfloat16:
-        yield 0
+        yield {}
         return
-    swapped = [(name, m) for name, m in model.named_modules() if name and _eligible(m)]
-    for name, m in swapped:
-        _set(model, name, FastStridedDepthwise.adopt(m))  # type: ignore[arg-type]
+    swapped = []
+    for name, m in list(model.named_modules()):
+        new = _replacement(m) if name else None
+        if new is not None:
+            _set(model, name, new)
+            swapped.append((name, m))
+    counts: dict[str, int] = {}
+    for name, _ in swapped:
+        kind = type(model.get_submodule(name)).__name__
+        counts[kind] = counts.get(kind, 0) + 1
     try:
-        yield len(swapped)
+        yield counts
     finally:
         for name, m in swapped:
             _set(model, name, m)

@@ -79,6 +79,9 @@ class StrategySpec:
     unfreeze_epoch: int | None = None
     #: freeze-unfreeze only: backbone learning rate after unfreezing, as a fraction of the head's, in (0, 1].
     unfreeze_lr_scale: float | None = None
+    #: bn-only and full: the backbone's learning rate as a fraction of the head's (discriminative LR: a new,
+    #: random head needs large steps, pretrained BatchNorm scales and weights small ones). None means 1.
+    backbone_lr_scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.name not in STRATEGIES:
@@ -116,6 +119,16 @@ class StrategySpec:
                 raise ConfigError(f"--layer-decay must be a number in (0, 1], got {self.layer_decay!r}")
             object.__setattr__(self, "layer_decay", float(self.layer_decay))
 
+        if self.backbone_lr_scale is not None:
+            if self.name not in ("bn-only", "full"):
+                hint = " (use --unfreeze-lr-scale)" if self.name == "freeze-unfreeze" else ""
+                raise ConfigError(
+                    f"--backbone-lr-scale applies only to --strategy bn-only or full, not {self.name}{hint}"
+                )
+            if not _is_number(self.backbone_lr_scale) or not 0 < self.backbone_lr_scale <= 10:
+                raise ConfigError(f"--backbone-lr-scale must be a number in (0, 10], got {self.backbone_lr_scale!r}")
+            object.__setattr__(self, "backbone_lr_scale", float(self.backbone_lr_scale))
+
         if self.name == "freeze-unfreeze":
             epoch = DEFAULT_UNFREEZE_EPOCH if self.unfreeze_epoch is None else self.unfreeze_epoch
             if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
@@ -143,6 +156,8 @@ class StrategySpec:
         extra = ""
         if self.layer_decay is not None:
             extra = f", layer decay {self.layer_decay:g}"
+        if self.backbone_lr_scale is not None:
+            extra += f", backbone lr x{self.backbone_lr_scale:g}"
         if self.name == "freeze-unfreeze":
             extra = f", unfreeze at epoch {self.unfreeze_epoch} with lr x{self.unfreeze_lr_scale:g}"
         return f"{self.name} (BN {self.bn}{extra})"
@@ -294,7 +309,8 @@ def param_groups(model: TransferModel, spec: StrategySpec, base_lr: float) -> li
     Each group is a dict with ``params``, ``lr``, ``lr_scale`` (lr / base_lr, for schedulers that scale
     per group) and ``name``. The head always trains at ``base_lr``. Backbone parameters go in a ``bn`` and
     a ``backbone`` group (so the loop can, say, exempt BatchNorm from weight decay), at
-    ``base_lr * unfreeze_lr_scale`` for freeze-unfreeze. With ``layer_decay`` (full only) the backbone is
+    ``base_lr * unfreeze_lr_scale`` for freeze-unfreeze, ``base_lr * backbone_lr_scale`` for bn-only and
+    full when it is set. With ``layer_decay`` (full only) the backbone is
     split by depth instead: the layer just below the head gets ``base_lr * decay``, each one further
     towards the stem another factor of ``decay``. Frozen parameters are left out, so call this after
     :func:`apply_strategy` / :func:`unfreeze`.
@@ -311,10 +327,10 @@ def param_groups(model: TransferModel, spec: StrategySpec, base_lr: float) -> li
             if p.requires_grad:
                 by_layer.setdefault(ids.get(name, num - 1), []).append(p)
         for layer in sorted(by_layer):
-            scale = spec.layer_decay ** (num - layer)
+            scale = (spec.backbone_lr_scale or 1.0) * spec.layer_decay ** (num - layer)
             groups.append(_group(f"backbone.layer{layer}", by_layer[layer], base_lr, scale))
     else:
-        scale = spec.unfreeze_lr_scale if spec.name == "freeze-unfreeze" else 1.0
+        scale = spec.unfreeze_lr_scale if spec.name == "freeze-unfreeze" else (spec.backbone_lr_scale or 1.0)
         assert scale is not None
         for which in ("backbone", "bn"):
             params = [p for g, _, p in _named_groups(model) if g == which and p.requires_grad]

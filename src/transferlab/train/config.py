@@ -40,6 +40,7 @@ class TrainConfig:
     layer_decay: float | None = None
     unfreeze_epoch: int | None = None
     unfreeze_lr_scale: float | None = None
+    backbone_lr_scale: float | None = None
     img_size: int | None = None
     crop: str = "auto"
     interpolation: str = "auto"
@@ -171,6 +172,7 @@ class TrainConfig:
             layer_decay=self.layer_decay,
             unfreeze_epoch=self.unfreeze_epoch,
             unfreeze_lr_scale=self.unfreeze_lr_scale,
+            backbone_lr_scale=self.backbone_lr_scale,
         )
 
     def head_spec(self):  # type: ignore[no-untyped-def]
