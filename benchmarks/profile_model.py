@@ -6,8 +6,8 @@
   folded (:func:`transferlab.models.fold.inference_copy`); then folded and run as two streams
   (:func:`transferlab.runtime.inference_streams`);
 * one BatchNorm-only training step with the seed head at 128px, batch 64, RMSProp: fp32 NCHW (the
-  baseline's numerics), fp32 channels_last, bf16 channels_last (transferlab's default where the CPU has
-  bf16).
+  baseline's numerics), fp32 channels_last, bf16 channels_last, and bf16 channels_last with the CPU
+  training kernels of :mod:`transferlab.models.cpu_kernels` (transferlab's default where the CPU has bf16).
 
 Repeats alternate between the variants and the median is printed, so a busy neighbour affects all alike.
 """
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from transferlab.models.backbones import create_backbone
+from transferlab.models.cpu_kernels import cpu_training_kernels
 from transferlab.models.fold import inference_copy
 from transferlab.models.heads import TransferModel
 from transferlab.models.strategies import apply_strategy, set_train_mode
@@ -74,7 +75,7 @@ def bn_only_step(model_name: str, repeats: int) -> dict[str, float]:
     x = torch.randn(64, 3, 128, 128)
     y = torch.randint(0, 200, (64,))
 
-    def make(bf16: bool, cl: bool) -> Callable[[], None]:
+    def make(bf16: bool, cl: bool, kernels: bool = False) -> Callable[[], None]:
         model = TransferModel.from_backbone(create_backbone(model_name, "auto").model, cfg.head_spec(), 200)
         spec = cfg.strategy_spec()
         apply_strategy(model, spec)
@@ -84,6 +85,9 @@ def bn_only_step(model_name: str, repeats: int) -> dict[str, float]:
             model = model.to(memory_format=torch.channels_last)
             inp = x.contiguous(memory_format=torch.channels_last)
         opt = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        if kernels:  # swapped for good in this throwaway model (train() swaps them back after fitting)
+            swap = cpu_training_kernels(model, torch.bfloat16, CPU)
+            swap.__enter__()
 
         def step() -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -97,6 +101,7 @@ def bn_only_step(model_name: str, repeats: int) -> dict[str, float]:
     variants = {"fp32 NCHW": make(False, False), "fp32 channels_last": make(False, True)}
     if resolve_precision("auto", "auto", CPU).dtype is not None:
         variants["bf16 channels_last"] = make(True, True)
+        variants["bf16 cl + CPU kernels"] = make(True, True, kernels=True)
     rates: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):
         for name, fn in variants.items():

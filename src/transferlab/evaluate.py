@@ -33,7 +33,14 @@ from transferlab.models.backbones import Backbone, create_backbone
 from transferlab.models.fold import inference_copy
 from transferlab.models.imagenet import imagenet_indices
 from transferlab.models.preprocessing import Preprocessing
-from transferlab.runtime import Precision, eval_mode, inference_streams, resolve_device, resolve_precision
+from transferlab.runtime import (
+    Precision,
+    eval_mode,
+    inference_streams,
+    resolve_device,
+    resolve_precision,
+    reuse_freed_memory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +221,7 @@ def predict_logits(
             with precision.autocast():
                 return (model(x) if forward is None else forward(model, x)).float()
 
-    with eval_mode(model), inference_streams(device) as run:
+    with eval_mode(model), reuse_freed_memory(device), inference_streams(device) as run:
         for batch in tqdm(loader, desc=desc or f"eval {split.name}", unit="batch", disable=disable, leave=False):
             x = batch[0].to(device, non_blocking=True)
             if pixels is None:
