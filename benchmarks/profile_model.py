@@ -75,6 +75,8 @@ def bn_only_step(model_name: str, repeats: int) -> dict[str, float]:
     x = torch.randn(64, 3, 128, 128)
     y = torch.randint(0, 200, (64,))
 
+    alive: list[object] = []
+
     def make(bf16: bool, cl: bool, kernels: bool = False) -> Callable[[], None]:
         model = TransferModel.from_backbone(create_backbone(model_name, "auto").model, cfg.head_spec(), 200)
         spec = cfg.strategy_spec()
@@ -88,6 +90,7 @@ def bn_only_step(model_name: str, repeats: int) -> dict[str, float]:
         if kernels:  # swapped for good in this throwaway model (train() swaps them back after fitting)
             swap = cpu_training_kernels(model, torch.bfloat16, CPU)
             swap.__enter__()
+            alive.append(swap)  # a dropped context would close its generator, which swaps the layers back
 
         def step() -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -79,8 +79,9 @@ class StrategySpec:
     unfreeze_epoch: int | None = None
     #: freeze-unfreeze only: backbone learning rate after unfreezing, as a fraction of the head's, in (0, 1].
     unfreeze_lr_scale: float | None = None
-    #: bn-only and full: the backbone's learning rate as a fraction of the head's (discriminative LR: a new,
-    #: random head needs large steps, pretrained BatchNorm scales and weights small ones). None means 1.
+    #: bn-only and full: the backbone's learning rate as a multiple of the head's, in (0, 10] (discriminative
+    #: LR: pretrained weights usually want smaller steps than a new head; BatchNorm's few affine parameters
+    #: may want larger ones). None means 1.
     backbone_lr_scale: float | None = None
 
     def __post_init__(self) -> None:
