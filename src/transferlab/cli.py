@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="bn-only, full: the backbone's LR (BatchNorm's for bn-only) as a multiple of the head's, in "
-        "(0, 10] (default: 1)",
+        "(0, 100] (default: 1)",
     )
     g = tr.add_argument_group("data")
     g.add_argument("--data", default="tiny-imagenet-mini", help=DATA_HELP + " (default: tiny-imagenet-mini)")

@@ -79,7 +79,7 @@ class StrategySpec:
     unfreeze_epoch: int | None = None
     #: freeze-unfreeze only: backbone learning rate after unfreezing, as a fraction of the head's, in (0, 1].
     unfreeze_lr_scale: float | None = None
-    #: bn-only and full: the backbone's learning rate as a multiple of the head's, in (0, 10] (discriminative
+    #: bn-only and full: the backbone's learning rate as a multiple of the head's, in (0, 100] (discriminative
     #: LR: pretrained weights usually want smaller steps than a new head; BatchNorm's few affine parameters
     #: may want larger ones). None means 1.
     backbone_lr_scale: float | None = None
@@ -126,8 +126,8 @@ class StrategySpec:
                 raise ConfigError(
                     f"--backbone-lr-scale applies only to --strategy bn-only or full, not {self.name}{hint}"
                 )
-            if not _is_number(self.backbone_lr_scale) or not 0 < self.backbone_lr_scale <= 10:
-                raise ConfigError(f"--backbone-lr-scale must be a number in (0, 10], got {self.backbone_lr_scale!r}")
+            if not _is_number(self.backbone_lr_scale) or not 0 < self.backbone_lr_scale <= 100:
+                raise ConfigError(f"--backbone-lr-scale must be a number in (0, 100], got {self.backbone_lr_scale!r}")
             object.__setattr__(self, "backbone_lr_scale", float(self.backbone_lr_scale))
 
         if self.name == "freeze-unfreeze":
