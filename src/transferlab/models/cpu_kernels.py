@@ -217,12 +217,6 @@ def _eligible(m: nn.Module) -> bool:
     return depthwise and padding_ok and m.stride != (1, 1)
 
 
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
-
-
 @contextlib.contextmanager
 def cpu_training_kernels(model: nn.Module, dtype: torch.dtype | None, device: torch.device) -> Iterator[dict[str, int]]:
     """Within the block, ``model``'s strided depthwise convolutions use :class:`FastStridedDepthwise` and
@@ -239,7 +233,7 @@ def cpu_training_kernels(model: nn.Module, dtype: torch.dtype | None, device: to
     for name, m in list(model.named_modules()):
         new = _replacement(m) if name else None
         if new is not None:
-            _set(model, name, new)
+            model.set_submodule(name, new)
             swapped.append((name, m))
     counts: dict[str, int] = {}
     for name, _ in swapped:
@@ -249,4 +243,4 @@ def cpu_training_kernels(model: nn.Module, dtype: torch.dtype | None, device: to
         yield counts
     finally:
         for name, m in swapped:
-            _set(model, name, m)
+            model.set_submodule(name, m)

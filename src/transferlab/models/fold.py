@@ -101,12 +101,6 @@ def _find_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]
     return [(names[c], names[b]) for c, b in pairs if calls[c] == 1 and calls[b] == 1]
 
 
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
-
-
 @torch.no_grad()
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     scale = bn.weight.float() if bn.affine else torch.ones_like(bn.running_var, dtype=torch.float32)
@@ -135,11 +129,11 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, atol: float = 1e-
             if bn.running_mean is None or bn.running_var is None:
                 continue
             _fold(conv, bn)  # type: ignore[arg-type]
-            _set(folded, bn_name, _AfterFold(bn))
+            folded.set_submodule(bn_name, _AfterFold(bn))
             n += 1
         for name, m in list(folded.named_modules()):
             if type(m).__name__ == "Conv2dSame" and isinstance(m, nn.Conv2d):
-                _set(folded, name, _SamePadConv(m))
+                folded.set_submodule(name, _SamePadConv(m))
                 n += 1
         if n == 0:
             return model, 0

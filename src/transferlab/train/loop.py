@@ -360,360 +360,338 @@ def fit(
                 swapped.get("FastStridedDepthwise", 0),
                 swapped.get("FastReLU6", 0),
             )
-        return _fit(
-            model,
-            data,
-            cfg,
-            run_dir=run_dir,
-            precision=precision,
-            device=device,
-            workers=workers,
-            d=d,
-            callback=callback,
-            stop=stop,
-        )
+        from transferlab.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 
+        d = d or Dist()
+        spec = cfg.strategy_spec()
+        ckpt_dir = run_dir / "checkpoints"
+        model.to(device)
+        if precision.channels_last:
+            model.to(memory_format=torch.channels_last)
+        apply_strategy(model, spec)
 
-def _fit(
-    model: TransferModel,
-    data: FitData,
-    cfg: TrainConfig,
-    *,
-    run_dir: Path,
-    precision: Precision,
-    device: torch.device,
-    workers: int,
-    d: Dist | None = None,
-    callback: Callable[[str, dict[str, float]], None] | None = None,
-    stop: GracefulStop | None = None,
-) -> FitResult:
-    from transferlab.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+        steps_per_epoch = math.ceil(len(EpochSampler(len(data.train), cfg.seed, world=d.world)) / cfg.batch_size)
+        opt_steps_per_epoch = math.ceil(steps_per_epoch / cfg.accum_steps)
+        total_opt_steps = opt_steps_per_epoch * cfg.epochs
+        schedule = ScheduleSpec(cfg.schedule, warmup_steps=cfg.warmup_steps, step_size=cfg.step_size, gamma=cfg.gamma)
+        stopper = EarlyStopping(cfg.early_stop, patience=cfg.patience)
 
-    d = d or Dist()
-    spec = cfg.strategy_spec()
-    ckpt_dir = run_dir / "checkpoints"
-    model.to(device)
-    if precision.channels_last:
-        model.to(memory_format=torch.channels_last)
-    apply_strategy(model, spec)
+        # State that a checkpoint carries besides model/optimizer/RNG.
+        state: dict[str, Any] = {
+            "epoch": 0,
+            "pos": 0,
+            "step": 0,
+            "opt_step": 0,
+            "sums": [0.0, 0.0, 0.0],
+            "history": [],
+            "steps": [],
+            "early_stop": stopper.state_dict(),
+            "unfrozen": False,
+            "accum": 0,
+        }
+        resume_from = latest_checkpoint(ckpt_dir, prefix="") if cfg.resume else None
+        if resume_from is not None:
+            peek = load_checkpoint(ckpt_dir, resume_from, restore_rng=False)
+            if peek.state.get("unfrozen"):
+                unfreeze(model, spec)
 
-    steps_per_epoch = math.ceil(len(EpochSampler(len(data.train), cfg.seed, world=d.world)) / cfg.batch_size)
-    opt_steps_per_epoch = math.ceil(steps_per_epoch / cfg.accum_steps)
-    total_opt_steps = opt_steps_per_epoch * cfg.epochs
-    schedule = ScheduleSpec(cfg.schedule, warmup_steps=cfg.warmup_steps, step_size=cfg.step_size, gamma=cfg.gamma)
-    stopper = EarlyStopping(cfg.early_stop, patience=cfg.patience)
+        def make_optimizer() -> torch.optim.Optimizer:
+            return build_optimizer(param_groups(model, spec, cfg.lr), cfg.optimizer, cfg.lr, cfg.weight_decay)
 
-    # State that a checkpoint carries besides model/optimizer/RNG.
-    state: dict[str, Any] = {
-        "epoch": 0,
-        "pos": 0,
-        "step": 0,
-        "opt_step": 0,
-        "sums": [0.0, 0.0, 0.0],
-        "history": [],
-        "steps": [],
-        "early_stop": stopper.state_dict(),
-        "unfrozen": False,
-        "accum": 0,
-    }
-    resume_from = latest_checkpoint(ckpt_dir, prefix="") if cfg.resume else None
-    if resume_from is not None:
-        peek = load_checkpoint(ckpt_dir, resume_from, restore_rng=False)
-        if peek.state.get("unfrozen"):
-            unfreeze(model, spec)
-
-    def make_optimizer() -> torch.optim.Optimizer:
-        return build_optimizer(param_groups(model, spec, cfg.lr), cfg.optimizer, cfg.lr, cfg.weight_decay)
-
-    optimizer = make_optimizer()
-    # fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not (the scaler is then a no-op).
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.dtype == torch.float16)
-    if resume_from is not None:
-        ck = load_checkpoint(ckpt_dir, resume_from, optimizer=optimizer, restore_rng=True)
-        model.load_state_dict(ck.model_state)
-        if ck.scaler_state and scaler.is_enabled():
-            scaler.load_state_dict(ck.scaler_state)
-        state = ck.state
-        if not d.main:
-            state["sums"] = [0.0, 0.0, 0.0]
-        stopper.load_state_dict(state["early_stop"])
-        log.info(
-            "resuming from %s: epoch %d, position %d, step %d", ck.path, state["epoch"], state["pos"], state["step"]
-        )
-    elif cfg.resume:
-        log.info("--resume: no checkpoint in %s, starting fresh", ckpt_dir)
-
-    ddp_model: nn.Module = model
-    if d.world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
-    fwd = _maybe_compile(ddp_model, cfg.compile)
-    pixels = pixel_array(data.train.split)
-    log.info(
-        "input pipeline: %s",
-        "decoded cache, batched tensor resize/augmentation"
-        if pixels is not None
-        else f"PIL per image in {workers} DataLoader worker(s)",
-    )
-
-    sampler = EpochSampler(len(data.train), cfg.seed, weights=data.sample_weights, rank=d.rank, world=d.world)
-    disable = (None if cfg.progress is None else not cfg.progress) if d.main else True
-    mix = cfg.mixup > 0 or cfg.cutmix > 0
-
-    def checkpoint(name: str) -> None:
-        # Every rank takes part: the running train-loss sums are per rank, the checkpoint keeps their total
-        # (and on resume only rank 0 starts from it, the others from zero).
-        snapshot = {**state, "sums": _all_reduce_sum(state["sums"], d), "early_stop": stopper.state_dict()}
-        if d.main:
-            save_checkpoint(
-                ckpt_dir,
-                name,
-                model_state=model.state_dict(),
-                optimizer=optimizer,
-                scaler_state=scaler.state_dict() if scaler.is_enabled() else None,
-                state=snapshot,
+        optimizer = make_optimizer()
+        # fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not (the scaler is then a no-op).
+        scaler = torch.amp.GradScaler(device.type, enabled=precision.dtype == torch.float16)
+        if resume_from is not None:
+            ck = load_checkpoint(ckpt_dir, resume_from, optimizer=optimizer, restore_rng=True)
+            model.load_state_dict(ck.model_state)
+            if ck.scaler_state and scaler.is_enabled():
+                scaler.load_state_dict(ck.scaler_state)
+            state = ck.state
+            if not d.main:
+                state["sums"] = [0.0, 0.0, 0.0]
+            stopper.load_state_dict(state["early_stop"])
+            log.info(
+                "resuming from %s: epoch %d, position %d, step %d", ck.path, state["epoch"], state["pos"], state["step"]
             )
+        elif cfg.resume:
+            log.info("--resume: no checkpoint in %s, starting fresh", ckpt_dir)
+
+        ddp_model: nn.Module = model
         if d.world > 1:
+            ddp_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+        fwd = _maybe_compile(ddp_model, cfg.compile)
+        pixels = pixel_array(data.train.split)
+        log.info(
+            "input pipeline: %s",
+            "decoded cache, batched tensor resize/augmentation"
+            if pixels is not None
+            else f"PIL per image in {workers} DataLoader worker(s)",
+        )
+
+        sampler = EpochSampler(len(data.train), cfg.seed, weights=data.sample_weights, rank=d.rank, world=d.world)
+        disable = (None if cfg.progress is None else not cfg.progress) if d.main else True
+        mix = cfg.mixup > 0 or cfg.cutmix > 0
+
+        def checkpoint(name: str) -> None:
+            # Every rank takes part: the running train-loss sums are per rank, the checkpoint keeps their total
+            # (and on resume only rank 0 starts from it, the others from zero).
+            snapshot = {**state, "sums": _all_reduce_sum(state["sums"], d), "early_stop": stopper.state_dict()}
+            if d.main:
+                save_checkpoint(
+                    ckpt_dir,
+                    name,
+                    model_state=model.state_dict(),
+                    optimizer=optimizer,
+                    scaler_state=scaler.state_dict() if scaler.is_enabled() else None,
+                    state=snapshot,
+                )
+            if d.world > 1:
+                import torch.distributed as dist
+
+                dist.barrier()
+
+        faults = _test_faults()
+
+        def agree(nonfinite: bool) -> tuple[bool, bool]:
+            """(some rank's loss is not finite, some rank was asked to stop), the same on every rank.
+
+            One tiny all-reduce per step under DDP: a NaN that one rank sees, or a signal that reaches one rank
+            first, must stop all of them at the same step, or the others would wait forever in the next
+            collective. No-op in a single process.
+            """
+            asked = stop is not None and stop.requested is not None
+            if d.world == 1:
+                return nonfinite, asked
             import torch.distributed as dist
 
-            dist.barrier()
+            dev = device if dist.get_backend() == "nccl" else torch.device("cpu")
+            t = torch.tensor([float(nonfinite), float(asked)], device=dev)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            return bool(t[0] > 0), bool(t[1] > 0)
 
-    faults = _test_faults()
-
-    def agree(nonfinite: bool) -> tuple[bool, bool]:
-        """(some rank's loss is not finite, some rank was asked to stop), the same on every rank.
-
-        One tiny all-reduce per step under DDP: a NaN that one rank sees, or a signal that reaches one rank
-        first, must stop all of them at the same step, or the others would wait forever in the next
-        collective. No-op in a single process.
-        """
-        asked = stop is not None and stop.requested is not None
-        if d.world == 1:
-            return nonfinite, asked
-        import torch.distributed as dist
-
-        dev = device if dist.get_backend() == "nccl" else torch.device("cpu")
-        t = torch.tensor([float(nonfinite), float(asked)], device=dev)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t[0] > 0), bool(t[1] > 0)
-
-    def stop_after(name: str, *, written: bool, epoch: int) -> None:
-        """Write checkpoint ``name`` unless it was just written, then raise TrainingInterrupted."""
-        if not written:
-            checkpoint(name)
-            if d.main:
-                prune_checkpoints(ckpt_dir, "step-", keep=cfg.keep_checkpoints)
-        # A rank the signal has not reached yet (DDP) reports SIGTERM, what torchrun's agent sends.
-        signum = stop.requested if stop is not None and stop.requested is not None else int(signal.SIGTERM)
-        raise interrupted(signum, state["step"], epoch, str(ckpt_dir / name))
-
-    def optimizer_step() -> None:
-        scaler.unscale_(optimizer)  # clip and check the true gradients, not the fp16-scaled ones
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if "NAN_GRAD_AT_STEP" in faults and faults["NAN_GRAD_AT_STEP"].step == state["step"]:
-            next(p for p in trainable if p.grad is not None).grad.view(-1)[0] = float("nan")
-        norm = clip_gradients(trainable, cfg.clip_grad)
-        if norm is None and not scaler.is_enabled():
-            # Checked even without clipping: one NaN gradient turns every weight it touches into NaN, and
-            # the next checkpoint would save them. After DDP's all-reduce every rank holds the same gradients,
-            # so every rank stops here together.
-            grads = [p.grad for p in trainable if p.grad is not None]
-            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        # With fp16 loss scaling an overflow is expected now and then: the scaler skips that step.
-        if norm is not None and not math.isfinite(norm) and not scaler.is_enabled():
-            raise NonFiniteLossError(
-                f"the gradient norm became {norm} at step {state['step']}; stopped before the "
-                "optimizer step, the last checkpoint is intact"
-            )
-        set_lr(optimizer, lr_factor(state["opt_step"], total_opt_steps, schedule))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        state["opt_step"] += 1
-        state["accum"] = 0
-
-    for epoch in range(state["epoch"], cfg.epochs):
-        if spec.name == "freeze-unfreeze" and epoch >= (spec.unfreeze_epoch or 0) and not state["unfrozen"]:
-            unfreeze(model, spec)
-            state["unfrozen"] = True
-            optimizer = make_optimizer()
-            if d.world > 1:
-                ddp_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
-            fwd = _maybe_compile(ddp_model, cfg.compile)
-        set_train_mode(model, spec)
-        data.train.epoch = epoch
-        sampler.set_epoch(epoch, state["pos"])
-        loader: Iterable[Any]
-        if pixels is not None:
-            # The same positions the DataLoader would visit, as whole batches gathered from the decoded
-            # array and augmented with the same per-sample draws (see transferlab.data.batched).
-            loader = ArrayBatches(
-                pixels,
-                data.train.split.targets,
-                data.train.indices,
-                list(sampler),
-                cfg.batch_size,
-                lambda u8, idx, epoch=epoch: train_batch(
-                    u8,
-                    data.train.transform,
-                    data.train.seed,
-                    epoch,
-                    idx,
-                    norm=(data.mean, data.std),
-                    channels_last=precision.channels_last,
-                ),
-                device,
-                prefetch=False if needs_serial(data.train.transform) else None,
-            )
-        else:
-            loader = DataLoader(
-                data.train,
-                batch_size=cfg.batch_size,
-                sampler=sampler,
-                num_workers=workers,
-                generator=torch.Generator().manual_seed(cfg.seed),
-                persistent_workers=False,
-                worker_init_fn=ignore_stop_signals_in_worker if workers else None,
-            )
-        t0 = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False, disable=disable)
-        for x, y, _ in bar:
-            if "CRASH_AT_STEP" in faults and faults["CRASH_AT_STEP"].hits(state["step"] + 1, d.rank):
-                marker = faults["CRASH_AT_STEP"].marker
-                if marker is None or not marker.exists():
-                    if marker is not None:
-                        marker.touch()
-                    log.error("test fault injection: crashing at step %d on rank %d", state["step"] + 1, d.rank)
-                    os._exit(13)
-            x = x.to(device, non_blocking=True)
-            if pixels is None:  # the batched path standardised at the stored size already
-                x = normalize_batch(x, data.mean, data.std, channels_last=precision.channels_last)
-            y = y.to(device)
-            if mix:
-                gen = torch.Generator().manual_seed(
-                    int(np.random.SeedSequence([cfg.seed, epoch, state["step"]]).generate_state(1)[0])
-                )
-                x, soft = mix_batch(
-                    x,
-                    y,
-                    data.num_classes,
-                    mixup_alpha=cfg.mixup,
-                    cutmix_alpha=cfg.cutmix,
-                    label_smoothing=cfg.label_smoothing,
-                    generator=gen,
-                )
-            with precision.autocast():
-                logits = fwd(x)
-            logits = logits.float()
-            if mix:
-                loss = soft_cross_entropy(logits, soft)
-            else:
-                loss = F.cross_entropy(logits, y, weight=data.class_weights, label_smoothing=cfg.label_smoothing)
-            if "NAN_AT_STEP" in faults and faults["NAN_AT_STEP"].hits(state["step"] + 1, d.rank):
-                loss = loss * float("nan")
-            local_bad = not bool(torch.isfinite(loss))
-            any_bad, asked_to_stop = agree(local_bad)
-            if any_bad:
-                what = "the loss became NaN/inf on another rank"
-                if local_bad:
-                    what = f"the loss became {float(loss.detach())}"
-                raise NonFiniteLossError(
-                    f"{what} at step {state['step'] + 1} (epoch {epoch + 1}); stopped before the optimizer step, "
-                    f"the last checkpoint in {ckpt_dir} is intact. Lower --lr, set --clip-grad, or use --precision fp32"
-                )
-            scaler.scale(loss / cfg.accum_steps).backward()
-            state["step"] += 1
-            n = len(y)
-            hits = float((logits.argmax(1) == y).sum())
-            state["sums"] = [state["sums"][0] + float(loss.detach()) * n, state["sums"][1] + hits, state["sums"][2] + n]
-            state["pos"] += n * d.world
-            state["accum"] += 1
-            if state["accum"] == cfg.accum_steps:
-                optimizer_step()
-            state["steps"].append(
-                {
-                    "step": state["step"],
-                    "epoch": epoch + 1,
-                    "loss": float(loss.detach()),
-                    "lr": optimizer.param_groups[-1]["lr"],
-                }
-            )
-            if callback is not None and d.main:
-                callback("step", state["steps"][-1])
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-            # Checkpoints only fall between optimizer steps: accumulated gradients are never lost.
-            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and state["accum"] == 0:
-                checkpoint(f"step-{state['step']:08d}")
+        def stop_after(name: str, *, written: bool, epoch: int) -> None:
+            """Write checkpoint ``name`` unless it was just written, then raise TrainingInterrupted."""
+            if not written:
+                checkpoint(name)
                 if d.main:
                     prune_checkpoints(ckpt_dir, "step-", keep=cfg.keep_checkpoints)
-            if d.world == 1:  # a single process may look again: a signal during this step counts
-                asked_to_stop = stop is not None and stop.requested is not None
-            if asked_to_stop and state["accum"] == 0:
-                every = cfg.checkpoint_every
-                written = bool(every) and state["step"] % every == 0
-                stop_after(f"step-{state['step']:08d}", written=written, epoch=epoch + 1)
-        if state["accum"]:
-            optimizer_step()  # the epoch's last, partial accumulation
-        secs = time.perf_counter() - t0
-        loss_sum, hit_sum, count = _all_reduce_sum(state["sums"], d)
-        hold_logits = predict(
-            model,
-            data.holdout,
-            mean=data.mean,
-            std=data.std,
-            precision=precision,
-            device=device,
-            batch_size=cfg.batch_size,
-            workers=workers,
-            d=d,
-            progress=cfg.progress,
-        )
-        hold_targets = data.holdout.split.targets[data.holdout.indices]
-        val_loss, val_acc = _score(hold_logits, hold_targets)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / max(count, 1),
-            "train_acc": hit_sum / max(count, 1),
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "lr": optimizer.param_groups[-1]["lr"],
-            "seconds": secs,
-            "images_per_s": (count - 0) / max(secs, 1e-9),
-        }
-        state["history"].append(row)
-        if callback is not None and d.main:
-            callback("epoch", row)
-        if d.main:
-            log.info(
-                "epoch %d/%d: train loss %.4f acc %.4f | holdout loss %.4f acc %.4f | %.0f img/s",
-                epoch + 1,
-                cfg.epochs,
-                row["train_loss"],
-                row["train_acc"],
-                val_loss,
-                val_acc,
-                row["images_per_s"],
-            )
-        improved = stopper.update(val_loss if cfg.early_stop == "val_loss" else val_acc, epoch + 1)
-        state.update(epoch=epoch + 1, pos=0, sums=[0.0, 0.0, 0.0])
-        if improved:
-            checkpoint("best")
-        checkpoint("last")
-        if agree(False)[1]:
-            stop_after("last", written=True, epoch=epoch + 1)
-        if stopper.should_stop:
-            log.info(
-                "early stopping after epoch %d: no improvement of %s for %s epochs",
-                epoch + 1,
-                cfg.early_stop,
-                cfg.patience,
-            )
-            break
+            # A rank the signal has not reached yet (DDP) reports SIGTERM, what torchrun's agent sends.
+            signum = stop.requested if stop is not None and stop.requested is not None else int(signal.SIGTERM)
+            raise interrupted(signum, state["step"], epoch, str(ckpt_dir / name))
 
-    best = load_checkpoint(ckpt_dir, "best", restore_rng=False)
-    model.load_state_dict(best.model_state)
-    return FitResult(
-        history=state["history"],
-        best_epoch=stopper.best_epoch or len(state["history"]),
-        steps=state["steps"],
-        stopped_early=stopper.should_stop,
-    )
+        def optimizer_step() -> None:
+            scaler.unscale_(optimizer)  # clip and check the true gradients, not the fp16-scaled ones
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            if "NAN_GRAD_AT_STEP" in faults and faults["NAN_GRAD_AT_STEP"].step == state["step"]:
+                next(p for p in trainable if p.grad is not None).grad.view(-1)[0] = float("nan")
+            norm = clip_gradients(trainable, cfg.clip_grad)
+            if norm is None and not scaler.is_enabled():
+                # Checked even without clipping: one NaN gradient turns every weight it touches into NaN, and
+                # the next checkpoint would save them. After DDP's all-reduce every rank holds the same gradients,
+                # so every rank stops here together.
+                grads = [p.grad for p in trainable if p.grad is not None]
+                norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            # With fp16 loss scaling an overflow is expected now and then: the scaler skips that step.
+            if norm is not None and not math.isfinite(norm) and not scaler.is_enabled():
+                raise NonFiniteLossError(
+                    f"the gradient norm became {norm} at step {state['step']}; stopped before the "
+                    "optimizer step, the last checkpoint is intact"
+                )
+            set_lr(optimizer, lr_factor(state["opt_step"], total_opt_steps, schedule))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            state["opt_step"] += 1
+            state["accum"] = 0
+
+        for epoch in range(state["epoch"], cfg.epochs):
+            if spec.name == "freeze-unfreeze" and epoch >= (spec.unfreeze_epoch or 0) and not state["unfrozen"]:
+                unfreeze(model, spec)
+                state["unfrozen"] = True
+                optimizer = make_optimizer()
+                if d.world > 1:
+                    ddp_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+                fwd = _maybe_compile(ddp_model, cfg.compile)
+            set_train_mode(model, spec)
+            data.train.epoch = epoch
+            sampler.set_epoch(epoch, state["pos"])
+            loader: Iterable[Any]
+            if pixels is not None:
+                # The same positions the DataLoader would visit, as whole batches gathered from the decoded
+                # array and augmented with the same per-sample draws (see transferlab.data.batched).
+                loader = ArrayBatches(
+                    pixels,
+                    data.train.split.targets,
+                    data.train.indices,
+                    list(sampler),
+                    cfg.batch_size,
+                    lambda u8, idx, epoch=epoch: train_batch(
+                        u8,
+                        data.train.transform,
+                        data.train.seed,
+                        epoch,
+                        idx,
+                        norm=(data.mean, data.std),
+                        channels_last=precision.channels_last,
+                    ),
+                    device,
+                    prefetch=False if needs_serial(data.train.transform) else None,
+                )
+            else:
+                loader = DataLoader(
+                    data.train,
+                    batch_size=cfg.batch_size,
+                    sampler=sampler,
+                    num_workers=workers,
+                    generator=torch.Generator().manual_seed(cfg.seed),
+                    persistent_workers=False,
+                    worker_init_fn=ignore_stop_signals_in_worker if workers else None,
+                )
+            t0 = time.perf_counter()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False, disable=disable)
+            for x, y, _ in bar:
+                if "CRASH_AT_STEP" in faults and faults["CRASH_AT_STEP"].hits(state["step"] + 1, d.rank):
+                    marker = faults["CRASH_AT_STEP"].marker
+                    if marker is None or not marker.exists():
+                        if marker is not None:
+                            marker.touch()
+                        log.error("test fault injection: crashing at step %d on rank %d", state["step"] + 1, d.rank)
+                        os._exit(13)
+                x = x.to(device, non_blocking=True)
+                if pixels is None:  # the batched path standardised at the stored size already
+                    x = normalize_batch(x, data.mean, data.std, channels_last=precision.channels_last)
+                y = y.to(device)
+                if mix:
+                    gen = torch.Generator().manual_seed(
+                        int(np.random.SeedSequence([cfg.seed, epoch, state["step"]]).generate_state(1)[0])
+                    )
+                    x, soft = mix_batch(
+                        x,
+                        y,
+                        data.num_classes,
+                        mixup_alpha=cfg.mixup,
+                        cutmix_alpha=cfg.cutmix,
+                        label_smoothing=cfg.label_smoothing,
+                        generator=gen,
+                    )
+                with precision.autocast():
+                    logits = fwd(x)
+                logits = logits.float()
+                if mix:
+                    loss = soft_cross_entropy(logits, soft)
+                else:
+                    loss = F.cross_entropy(logits, y, weight=data.class_weights, label_smoothing=cfg.label_smoothing)
+                if "NAN_AT_STEP" in faults and faults["NAN_AT_STEP"].hits(state["step"] + 1, d.rank):
+                    loss = loss * float("nan")
+                local_bad = not bool(torch.isfinite(loss))
+                any_bad, asked_to_stop = agree(local_bad)
+                if any_bad:
+                    what = "the loss became NaN/inf on another rank"
+                    if local_bad:
+                        what = f"the loss became {float(loss.detach())}"
+                    raise NonFiniteLossError(
+                        f"{what} at step {state['step'] + 1} (epoch {epoch + 1}); stopped before the optimizer "
+                        f"step, the last checkpoint in {ckpt_dir} is intact. Lower --lr, set --clip-grad, or use "
+                        "--precision fp32"
+                    )
+                scaler.scale(loss / cfg.accum_steps).backward()
+                state["step"] += 1
+                n = len(y)
+                hits = float((logits.argmax(1) == y).sum())
+                state["sums"] = [
+                    state["sums"][0] + float(loss.detach()) * n,
+                    state["sums"][1] + hits,
+                    state["sums"][2] + n,
+                ]
+                state["pos"] += n * d.world
+                state["accum"] += 1
+                if state["accum"] == cfg.accum_steps:
+                    optimizer_step()
+                state["steps"].append(
+                    {
+                        "step": state["step"],
+                        "epoch": epoch + 1,
+                        "loss": float(loss.detach()),
+                        "lr": optimizer.param_groups[-1]["lr"],
+                    }
+                )
+                if callback is not None and d.main:
+                    callback("step", state["steps"][-1])
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+                # Checkpoints only fall between optimizer steps: accumulated gradients are never lost.
+                if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and state["accum"] == 0:
+                    checkpoint(f"step-{state['step']:08d}")
+                    if d.main:
+                        prune_checkpoints(ckpt_dir, "step-", keep=cfg.keep_checkpoints)
+                if d.world == 1:  # a single process may look again: a signal during this step counts
+                    asked_to_stop = stop is not None and stop.requested is not None
+                if asked_to_stop and state["accum"] == 0:
+                    every = cfg.checkpoint_every
+                    written = bool(every) and state["step"] % every == 0
+                    stop_after(f"step-{state['step']:08d}", written=written, epoch=epoch + 1)
+            if state["accum"]:
+                optimizer_step()  # the epoch's last, partial accumulation
+            secs = time.perf_counter() - t0
+            loss_sum, hit_sum, count = _all_reduce_sum(state["sums"], d)
+            hold_logits = predict(
+                model,
+                data.holdout,
+                mean=data.mean,
+                std=data.std,
+                precision=precision,
+                device=device,
+                batch_size=cfg.batch_size,
+                workers=workers,
+                d=d,
+                progress=cfg.progress,
+            )
+            hold_targets = data.holdout.split.targets[data.holdout.indices]
+            val_loss, val_acc = _score(hold_logits, hold_targets)
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / max(count, 1),
+                "train_acc": hit_sum / max(count, 1),
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+                "lr": optimizer.param_groups[-1]["lr"],
+                "seconds": secs,
+                "images_per_s": (count - 0) / max(secs, 1e-9),
+            }
+            state["history"].append(row)
+            if callback is not None and d.main:
+                callback("epoch", row)
+            if d.main:
+                log.info(
+                    "epoch %d/%d: train loss %.4f acc %.4f | holdout loss %.4f acc %.4f | %.0f img/s",
+                    epoch + 1,
+                    cfg.epochs,
+                    row["train_loss"],
+                    row["train_acc"],
+                    val_loss,
+                    val_acc,
+                    row["images_per_s"],
+                )
+            improved = stopper.update(val_loss if cfg.early_stop == "val_loss" else val_acc, epoch + 1)
+            state.update(epoch=epoch + 1, pos=0, sums=[0.0, 0.0, 0.0])
+            if improved:
+                checkpoint("best")
+            checkpoint("last")
+            if agree(False)[1]:
+                stop_after("last", written=True, epoch=epoch + 1)
+            if stopper.should_stop:
+                log.info(
+                    "early stopping after epoch %d: no improvement of %s for %s epochs",
+                    epoch + 1,
+                    cfg.early_stop,
+                    cfg.patience,
+                )
+                break
+
+        best = load_checkpoint(ckpt_dir, "best", restore_rng=False)
+        model.load_state_dict(best.model_state)
+        return FitResult(
+            history=state["history"],
+            best_epoch=stopper.best_epoch or len(state["history"]),
+            steps=state["steps"],
+            stopped_early=stopper.should_stop,
+        )
