@@ -7,7 +7,10 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
+
+from transferlab.runtime import cpu_has_bf16
 
 #: Real ImageNet-1k WordNet ids (also Tiny ImageNet classes), deliberately not in sorted order, so a
 #: loader that sorts instead of following wnids.txt gets the labels wrong.
@@ -78,12 +81,17 @@ def write_zip(path: Path, files: dict[str, bytes], top: str = "tiny-imagenet-200
     return path
 
 
-def fast_train_argv(*args: str) -> list[str]:
-    """``transferlab train`` arguments with the fast, deterministic CPU settings the tests use."""
-    return ["train", "--progress", "off", "--workers", "0", "--precision", "fp32", *args]
+def fast_train_argv(*args: str, precision: str | None = "fp32") -> list[str]:
+    """``transferlab train`` arguments with the fast, deterministic CPU settings the tests use.
+
+    ``precision=None`` passes no ``--precision``, so the run takes the default users get (``auto``: bf16
+    autocast + channels_last on a CPU with native bf16, the swapped training kernels, heap reuse).
+    """
+    prec = ["--precision", precision] if precision else []
+    return ["train", "--progress", "off", "--workers", "0", *prec, *args]
 
 
-def train_argv(ds: Path, weights: Path, out: Path, *extra: str) -> list[str]:
+def train_argv(ds: Path, weights: Path, out: Path, *extra: str, precision: str | None = "fp32") -> list[str]:
     """A fast, deterministic ``transferlab train`` run of test_resnet on CPU."""
     return fast_train_argv(
         "--model",
@@ -101,7 +109,52 @@ def train_argv(ds: Path, weights: Path, out: Path, *extra: str) -> list[str]:
         "--out",
         str(out),
         *extra,
+        precision=precision,
     )
+
+
+#: bf16 is the default only on CPUs that execute it natively; elsewhere ``auto`` is fp32 and the default path
+#: is the fp32 one, which the other tests cover.
+requires_native_bf16 = pytest.mark.skipif(
+    not cpu_has_bf16(), reason="this CPU has no native bf16 (avx512_bf16/amx_bf16): the default precision is fp32 here"
+)
+
+
+def default_train_argv(ds: Path, out: Path, *extra: str) -> list[str]:
+    """A short ``transferlab train`` run on the path users run: EfficientNet-Lite0 with its real ImageNet weights
+    (the offline package) at 32px and the default precision, so on this CPU bf16 autocast, channels_last, the
+    swapped training kernels (4 strided depthwise convolutions, 33 ReLU6) and heap reuse all take part."""
+    return fast_train_argv(
+        "--model",
+        "tf_efficientnet_lite0",
+        "--img-size",
+        "32",
+        "--data",
+        str(ds),
+        "--batch-size",
+        "6",
+        "--holdout",
+        "0.2",
+        "--cache-dir",
+        str(out.parent / "cache"),
+        "--out",
+        str(out),
+        *extra,
+        precision=None,
+    )
+
+
+def assert_default_path(log_text: str, run: Path | None = None) -> None:
+    """The run logged in ``log_text`` took the default CPU path: the training kernels were swapped in, freed
+    memory stays in the heap, and (for a
+    finished ``run``) its metrics record bf16 autocast with channels_last."""
+    import json
+
+    assert "CPU bf16 training kernels: 4 strided depthwise convolution(s)" in log_text, log_text[-3000:]
+    assert "freed tensors stay in the heap for reuse" in log_text, log_text[-3000:]
+    if run is not None:
+        m = json.loads((run / "metrics.json").read_text())
+        assert (m["precision"], m["channels_last"]) == ("bf16", True), (m["precision"], m["channels_last"])
 
 
 def imagenet_test_resnet(path: Path, input_size: int) -> tuple[Path, object]:

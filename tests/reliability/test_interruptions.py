@@ -22,7 +22,16 @@ from typing import IO, Any
 import pytest
 import torch
 
-from builders import cifar_files, train_argv, write_folder
+from builders import (
+    WNIDS,
+    assert_default_path,
+    cifar_files,
+    default_train_argv,
+    jpeg_bytes,
+    requires_native_bf16,
+    train_argv,
+    write_folder,
+)
 from test_checkpoint import LOGGER, quick_save
 from test_study import _spec, _study, _summary, _write
 from transferlab.cli import main
@@ -43,7 +52,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 #: 24 fit images at batch 6: 4 steps per epoch; a step checkpoint every 2 steps, none pruned. On the CPU
-#: also where a GPU is present, so the in-process reference and the subprocesses compute the same way.
+#: also where a GPU is present, so the in-process reference and the subprocesses compute the same way. Every
+#: run here takes the default precision (bf16 autocast + channels_last + the swapped training kernels + heap
+#: reuse on this CPU), the path users run: see builders.default_train_argv.
 ARGS = (
     "--device",
     "cpu",
@@ -62,6 +73,8 @@ ARGS = (
     "--lr",
     "3e-3",
 )
+#: Timing columns of history rows: the only values a resumed run may record differently.
+TIMING = ("seconds", "images_per_s")
 
 
 #: ``reference(kind)`` -> (the uninterrupted run directory, its data path and extra options)
@@ -72,17 +85,11 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "transferlab", *args]
 
 
-def _start(argv: list[str]) -> subprocess.Popen[bytes]:
+def _start(argv: list[str], **popen: Any) -> subprocess.Popen[bytes]:
     # SIGINT back to its default in the child, even when the test itself runs as a background job (where it
     # is inherited as ignored, and GracefulStop deliberately leaves an ignored signal ignored).
-    return subprocess.Popen(
-        _cli(*argv),
-        env=ENV,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    popen.setdefault("preexec_fn", lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(_cli(*argv), env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
@@ -98,8 +105,37 @@ def _resume(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return res
 
 
+def _children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # "pid (comm) state ppid ...": comm may hold spaces, so split after its closing parenthesis
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+    return out
+
+
+def _without_timing(state: dict[str, Any]) -> dict[str, Any]:
+    history = [{k: v for k, v in row.items() if k not in TIMING} for row in state["history"]]
+    return {**state, "history": history}
+
+
 def assert_same_run(ref: Path, run: Path) -> None:
-    """Every weight tensor bit-identical (torch.equal) and the per-step loss log the same."""
+    """The two runs ended identically: every tensor of the final checkpoint (model weights, optimizer state,
+    RNG states) and of model.safetensors is bit-identical (torch.equal), the optimizer's structure and the
+    loop's state (step, position, history without timings, early stopping) are equal, and so is the per-step
+    loss log."""
+    a_ck, _ = read_weight_file(ref / "checkpoints" / "last.safetensors")
+    b_ck, _ = read_weight_file(run / "checkpoints" / "last.safetensors")
+    assert a_ck.keys() == b_ck.keys()
+    assert any(k.startswith("optim.") for k in a_ck) and any(k.startswith("model.") for k in a_ck)
+    for k in a_ck:
+        assert torch.equal(a_ck[k], b_ck[k]), k
+    a_meta = verify_checkpoint(ref / "checkpoints", "last")
+    b_meta = verify_checkpoint(run / "checkpoints", "last")
+    assert a_meta["optimizer"] == b_meta["optimizer"] and a_meta["rng"] == b_meta["rng"]
+    assert _without_timing(a_meta["state"]) == _without_timing(b_meta["state"])
     a, _ = read_weight_file(ref / "model.safetensors")
     b, _ = read_weight_file(run / "model.safetensors")
     assert a.keys() == b.keys()
@@ -109,19 +145,37 @@ def assert_same_run(ref: Path, run: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(train_ds: Path, dirty_ds: Path, in1k32: Path, tmp_path_factory: pytest.TempPathFactory) -> Reference:
+def mixed_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ImageFolder (``train/<class>``, ``val/<class>``) of images of many sizes: no single array holds them,
+    so the decoded cache steps aside and the per-image PIL path (DataLoader, optionally with workers) runs."""
+    files: dict[str, bytes] = {}
+    for k, wnid in enumerate(WNIDS):
+        color = [30, 30, 30]
+        color[k] = 220
+        for split, n in (("train", 10), ("val", 4)):
+            for i in range(n):
+                files[f"{split}/{wnid}/{i}.jpg"] = jpeg_bytes(tuple(color), size=36 + 4 * i + k)  # type: ignore[arg-type]
+    return write_folder(tmp_path_factory.mktemp("mixed") / "mixed-sizes", files)
+
+
+@pytest.fixture(scope="module")
+def reference(train_ds: Path, dirty_ds: Path, mixed_ds: Path, tmp_path_factory: pytest.TempPathFactory) -> Reference:
     """``reference(kind)``: the uninterrupted run every interrupted one must end up equal to, and its data and
-    options; kind ``clean`` (train_ds) or ``skip`` (dirty_ds with --bad-images skip). Each is trained once."""
+    options; kind ``clean`` (train_ds, decoded cache), ``skip`` (dirty_ds with --bad-images skip) or
+    ``per-image`` (mixed_ds: the per-image PIL path). Each is trained once, in this process."""
     runs: dict[str, tuple[Path, tuple[str, ...]]] = {}
+    data = {"clean": (train_ds, ()), "skip": (dirty_ds, ("--bad-images", "skip")), "per-image": (mixed_ds, ())}
 
     def get(kind: str) -> tuple[Path, tuple[str, ...]]:
         if kind not in runs:
-            ds, extra = (train_ds, ()) if kind == "clean" else (dirty_ds, ("--bad-images", "skip"))
+            ds, extra = data[kind]
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             ref = tmp_path_factory.mktemp(f"reference-{kind}") / "ref"
-            assert main(train_argv(ds, in1k32, ref, *ARGS, *extra)) == 0
+            assert main(default_train_argv(ds, ref, *ARGS, *extra)) == 0
             torch.set_num_threads(threads)
+            m = json.loads((ref / "metrics.json").read_text())
+            assert (m["precision"], m["channels_last"]) == ("bf16", True)
             runs[kind] = ref, (str(ds), *extra)
         return runs[kind]
 
@@ -131,44 +185,56 @@ def reference(train_ds: Path, dirty_ds: Path, in1k32: Path, tmp_path_factory: py
 # ------------------------------------------------------------------------------------- SIGKILL, signals
 
 
-def test_sigkill_mid_epoch_then_resume_is_exact(
-    reference: Reference, train_ds: Path, in1k32: Path, tmp_path: Path
-) -> None:
-    ref, _ = reference("clean")
+@requires_native_bf16
+def test_sigkill_then_resume_from_a_mid_epoch_checkpoint_is_exact(reference: Reference, tmp_path: Path) -> None:
+    ref, (ds, *_) = reference("clean")
     run = tmp_path / "killed"
-    argv = train_argv(train_ds, in1k32, run, *ARGS)
+    argv = default_train_argv(Path(ds), run, *ARGS)
     proc = _start(argv)
     ckpts = run / "checkpoints"
-    # Kill as soon as a mid-epoch checkpoint (step 6 is inside epoch 2) is complete.
-    _wait_for(ckpts / "step-00000006.json", proc)
+    # Kill as soon as the checkpoint at the end of epoch 2 (step 8) is complete, with half the run to go.
+    _wait_for(ckpts / "step-00000008.json", proc)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode() if proc.stderr else ""
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-3000:]
     assert not (run / "metrics.json").exists(), "the run finished before it could be killed"
+    assert_default_path(err.decode())
 
-    # A kill during a checkpoint write leaves a tensor file cut short: do that to the newest one. Resume
-    # must name it, skip it, and continue from the one before, still ending bit-identical.
-    newest = latest_checkpoint(ckpts, prefix="")
-    assert newest is not None
-    cut = ckpts / f"{newest}.safetensors"
-    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    # A kill during a checkpoint write leaves a tensor file cut short. Do that to every checkpoint newer than
+    # step 6 (the middle of epoch 2: step-8, and last/best if the epoch's end was reached), so that the resume
+    # must name and skip them and start from a position inside an epoch, not from an epoch boundary.
+    cut = []
+    for manifest in sorted(ckpts.glob("*.json")):
+        if json.loads(manifest.read_text())["state"]["step"] > 6:
+            tensors = manifest.with_suffix(".safetensors")
+            tensors.write_bytes(tensors.read_bytes()[: tensors.stat().st_size // 2])
+            cut.append(manifest.stem)
+    assert "step-00000008" in cut
     res = _resume(argv)
-    assert f"skipping checkpoint {newest}" in res.stderr and str(cut) in res.stderr
+    for name in cut:
+        assert f"skipping checkpoint {name}" in res.stderr and str(ckpts / f"{name}.safetensors") in res.stderr
+    m = re.search(r"resuming from (\S+): epoch (\d+), position (\d+), step (\d+)", res.stderr)
+    assert m, res.stderr[-3000:]
+    assert Path(m.group(1)).name == "step-00000006.safetensors"
+    assert (int(m.group(2)), int(m.group(3)), int(m.group(4))) == (1, 12, 6)  # 2 of epoch 2's 4 batches done
+    assert_default_path(res.stderr, run)
     assert_same_run(ref, run)
 
 
+@requires_native_bf16
 @pytest.mark.parametrize(
     ("sig", "kind"),
-    [(signal.SIGTERM, "clean"), (signal.SIGINT, "clean"), (signal.SIGTERM, "skip")],
-    ids=["SIGTERM", "SIGINT", "SIGTERM-bad-images-skip"],
+    [(signal.SIGTERM, "clean"), (signal.SIGINT, "clean"), (signal.SIGTERM, "skip"), (signal.SIGINT, "per-image")],
+    ids=["SIGTERM", "SIGINT", "SIGTERM-bad-images-skip", "SIGINT-per-image-path"],
 )
 def test_signal_finishes_the_step_checkpoints_and_exits(
-    sig: signal.Signals, kind: str, reference: Reference, in1k32: Path, tmp_path: Path
+    sig: signal.Signals, kind: str, reference: Reference, tmp_path: Path
 ) -> None:
-    """The third case resumes a run that left broken images out: the same ones, so the same data order."""
+    """The third case resumes a run that left broken images out: the same ones, so the same data order. The
+    fourth runs the per-image PIL path (mixed sizes), where the decoded cache does not apply."""
     ref, (ds, *extra) = reference(kind)
     run = tmp_path / "stopped"
-    argv = train_argv(Path(ds), in1k32, run, *ARGS, *extra)
+    argv = default_train_argv(Path(ds), run, *ARGS, *extra)
     proc = _start(argv)
     _wait_for(run / "checkpoints" / "step-00000002.json", proc)
     proc.send_signal(sig)
@@ -183,31 +249,38 @@ def test_signal_finishes_the_step_checkpoints_and_exits(
     meta = verify_checkpoint(written.parent, written.name)  # complete, sha256 verified
     assert meta["state"]["step"] == step
     assert latest_checkpoint(written.parent, prefix="") == written.name
-    _resume(argv)
+    pipeline = "PIL per image in 0 DataLoader worker(s)" if kind == "per-image" else "decoded cache"
+    assert f"input pipeline: {pipeline}" in err, err[-3000:]
+    res = _resume(argv)
+    assert f"input pipeline: {pipeline}" in res.stderr
     assert_same_run(ref, run)
 
 
-def test_sigterm_to_the_process_group_with_dataloader_workers(
-    reference: Reference, in1k32: Path, tmp_path: Path
-) -> None:
-    """Schedulers signal the whole process group: workers must not die first and turn the stop into a crash."""
-    _, (ds, *extra) = reference("clean")
+@requires_native_bf16
+def test_sigterm_to_the_process_group_with_dataloader_workers(reference: Reference, tmp_path: Path) -> None:
+    """Schedulers signal the whole process group: workers must not die first and turn the stop into a crash.
+    On the per-image path (mixed sizes), where worker processes really run; the resumed run, also with a
+    worker, ends exactly as the reference did with none (the data order does not depend on workers)."""
+    ref, (ds, *extra) = reference("per-image")
     run = tmp_path / "group"
-    argv = train_argv(Path(ds), in1k32, run, *ARGS, *extra, "--workers", "1")
-    proc = subprocess.Popen(
-        _cli(*argv),
-        env=ENV,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # its own process group, so killpg reaches it and its workers only
-    )
-    _wait_for(run / "checkpoints" / "step-00000002.json", proc)
+    argv = default_train_argv(Path(ds), run, *ARGS, *extra, "--workers", "1")
+    # its own process group, so killpg reaches it and its workers only
+    proc = _start(argv, start_new_session=True, preexec_fn=None)
+    workers: set[int] = set()
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (run / "checkpoints" / "step-00000002.json").exists():
+        workers.update(_children(proc.pid))
+        time.sleep(0.005)
+    workers.update(_children(proc.pid))
+    assert workers, "no DataLoader worker process was started"
     os.killpg(proc.pid, signal.SIGTERM)
     _, err_bytes = proc.communicate(timeout=120)
     err = err_bytes.decode()
     assert proc.returncode == 143, err[-3000:]
+    assert "input pipeline: PIL per image in 1 DataLoader worker(s)" in err
     assert "killed by signal" not in err and re.search(r"stopped by SIGTERM after step \d+", err), err[-3000:]
+    _resume(argv)
+    assert_same_run(ref, run)
 
 
 def test_graceful_stop_sets_a_flag_and_restores_the_handlers() -> None:

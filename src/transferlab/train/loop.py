@@ -352,7 +352,9 @@ def fit(
     # Parameters are shared, so the optimizer, checkpoints and DDP see the same tensors; the original layers
     # are back on return. reuse_freed_memory: glibc keeps freed activations for the next step instead of
     # returning them to the kernel and faulting them back in (88 -> 110 img/s on the same step).
-    with reuse_freed_memory(device), cpu_training_kernels(model, precision.dtype, device) as swapped:
+    with reuse_freed_memory(device) as heap, cpu_training_kernels(model, precision.dtype, device) as swapped:
+        if heap:
+            log.info("CPU memory: freed tensors stay in the heap for reuse (TRANSFERLAB_MALLOC=default opts out)")
         if swapped:
             log.info(
                 "CPU bf16 training kernels: %d strided depthwise convolution(s) with an fp32 backward, "

@@ -20,6 +20,7 @@ import dataclasses
 import io
 import logging
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -292,6 +293,9 @@ def _train(
         from transferlab.train.tensorboard import TensorBoardLog
 
         tb = TensorBoardLog(Path(cfg.out) / "tensorboard")  # a missing package fails here, before any work
+    # Every global RNG a step may draw from, Python's too: checkpoints restore all three, so an uninterrupted
+    # run must start them from the seed for a resumed one to match it.
+    random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
     if cfg.deterministic:
