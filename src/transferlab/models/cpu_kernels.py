@@ -9,8 +9,9 @@ backward of the strided ones changes.
 
 What changes numerically. Nothing in the forward pass: the layer computes the bf16 convolution autocast
 would. The backward pass is the exact gradient of that bf16 forward (bf16-rounded weights and inputs,
-widened to fp32), computed in fp32 and rounded once to bf16, where the stock path accumulates in bf16
-kernels. So gradients are, if anything, more accurate.
+widened to fp32), computed in fp32 and rounded once to bf16 (tests/test_cpu_kernels.py checks this with
+torch.equal). On the dev machine oneDNN's stock bf16 kernels return the same values bit for bit, since they
+also accumulate in fp32: the swap changes the speed, not the numbers.
 
 The same context also swaps ``nn.ReLU6`` for a version whose backward reads its output instead of a clone
 of its input (the stock in-place op keeps one): identical values and gradients, one activation-sized copy
