@@ -456,8 +456,16 @@ def test_runlock_unreadable_old_lock_is_taken_over(tmp_path: Path, caplog: pytes
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
-def test_runlock_reused_pid_is_stale(tmp_path: Path) -> None:
-    """A lock naming a live pid that started long after the lock was written belongs to a dead run."""
-    _write_lock(tmp_path, pid=os.getpid(), hostname=socket.gethostname(), started="2001-01-01T00:00:00+00:00")
-    with RunLock(tmp_path):
-        pass
+def test_runlock_reused_pid_is_stale(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A lock naming a live pid that started long after the lock was written belongs to a dead run: it is taken
+    over with a warning, and the new lock is this process's own (a fresh token, a current start time)."""
+    old = _write_lock(
+        tmp_path, pid=os.getpid(), hostname=socket.gethostname(), started="2001-01-01T00:00:00+00:00", token="old"
+    )
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    with RunLock(tmp_path) as lock:
+        record = json.loads(lock.path.read_text())
+        assert record["token"] != "old" and not record["started"].startswith("2001-")
+        assert record["pid"] == os.getpid()
+    assert f"process {os.getpid()}, which is no longer running (stale since 2001-01-01" in caplog.text
+    assert not old.exists() and not list(tmp_path.iterdir())

@@ -303,6 +303,30 @@ def test_graceful_stop_sets_a_flag_and_restores_the_handlers() -> None:
     assert TrainingInterrupted(signal.SIGINT, "x").exit_code == 130
 
 
+def test_a_second_signal_stops_at_once() -> None:
+    """The first SIGINT/SIGTERM only sets the flag; a second one, for a step that hangs, is handled at once the way
+    it was before training started: for SIGINT that is Python's KeyboardInterrupt, raised inside the block."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt), GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested == signal.SIGINT  # still running: the loop would finish its step
+        os.kill(os.getpid(), signal.SIGINT)
+        pytest.fail("the second SIGINT did not stop at once")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    received: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        with GracefulStop():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert received == []
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert received == [signal.SIGTERM]  # delivered to the previous handler at once, inside the block
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert received == [signal.SIGTERM]  # and not a second time on exit
+
+
 # ------------------------------------------------------------------------ checkpoints cut or not written
 
 

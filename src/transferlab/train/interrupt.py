@@ -39,6 +39,8 @@ class GracefulStop:
 
     def __init__(self) -> None:
         self.requested: int | None = None
+        # Set once a second signal has been passed on to the previous handler: it is not delivered again on exit.
+        self._passed_on = False
         self._previous: dict[int, Any] = {}
         self._pid = os.getpid()
 
@@ -56,7 +58,7 @@ class GracefulStop:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._restore()
-        if exc_type is None and self.requested is not None:
+        if exc_type is None and self.requested is not None and not self._passed_on:
             os.kill(os.getpid(), self.requested)
 
     def _restore(self) -> None:
@@ -70,6 +72,7 @@ class GracefulStop:
         if self.requested is not None:
             log.warning("received %s again: stopping at once", signal.Signals(signum).name)
             self._restore()
+            self._passed_on = True
             os.kill(os.getpid(), signum)  # now handled the way it was before training started
             return
         self.requested = signum
