@@ -18,6 +18,7 @@ from builders import eval_argv, train_argv
 from transferlab.cli import main
 from transferlab.evaluate import load_predictions
 from transferlab.models.weights import read_weight_file
+from transferlab.runtime import cpu_has_bf16
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -81,28 +82,41 @@ def test_other_strategies_run_and_learn(strategy: str, train_ds: Path, in1k32: P
     assert moved == len(conv)  # every conv trained (after unfreezing, for freeze-unfreeze)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "default"])
 @pytest.mark.parametrize(
     "extra",
     [[], ["--schedule", "cosine", "--warmup-steps", "2", "--clip-grad", "0.5"]],
     ids=["constant", "cosine-warmup-clip"],
 )
 def test_feature_cache_path_equals_the_image_loop(
-    extra: list[str], train_ds: Path, in1k32: Path, tmp_path: Path
+    extra: list[str], precision: str, train_ds: Path, in1k32: Path, tmp_path: Path
 ) -> None:
-    """The fast path is the same computation: same order, same init, same optimizer and schedule -> same head."""
+    """The fast path is the same computation: same order, same init, same optimizer and schedule -> same head.
+
+    In fp32 to float rounding. On the default path (bf16 autocast + channels_last on this CPU) the cached
+    features come from the BatchNorm-folded inference copy and the image loop runs the unfolded backbone, so
+    the bf16 features differ by rounding: the heads agree to 5e-3 (they moved 0.16-0.2 from their start), and
+    the predictions and the epoch kept are the same.
+    """
+    if precision == "default" and not cpu_has_bf16():
+        pytest.skip("this CPU has no native bf16: the default path is the fp32 one")
+    prec = "fp32" if precision == "fp32" else None
+    tol = {"rtol": 1e-4, "atol": 1e-5} if prec else {"rtol": 0, "atol": 5e-3}
     fast, slow = tmp_path / "fast", tmp_path / "slow"
     common = ["--epochs", "3", "--lr", "1e-2", *extra]
-    assert main(train_argv(train_ds, in1k32, fast, "--feature-cache", "on", *common)) == 0
-    assert main(train_argv(train_ds, in1k32, slow, "--feature-cache", "off", *common)) == 0
+    assert main(train_argv(train_ds, in1k32, fast, "--feature-cache", "on", *common, precision=prec)) == 0
+    assert main(train_argv(train_ds, in1k32, slow, "--feature-cache", "off", *common, precision=prec)) == 0
     mf = json.loads((fast / "metrics.json").read_text())
     ms = json.loads((slow / "metrics.json").read_text())
     assert "feature_cache" in mf and "feature_cache" not in ms
+    assert mf["precision"] == ms["precision"] == ("fp32" if prec else "bf16")
     wf, _ = read_weight_file(fast / "model.safetensors")
     wsl, _ = read_weight_file(slow / "model.safetensors")
-    torch.testing.assert_close(wf["head.fc.weight"], wsl["head.fc.weight"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(wf["head.fc.weight"], wsl["head.fc.weight"], **tol)
     pf = load_predictions(fast / "predictions" / "val.npz")["logits"]
     ps = load_predictions(slow / "predictions" / "val.npz")["logits"]
-    np.testing.assert_allclose(pf, ps, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(pf, ps, rtol=1e-4 if prec else 0, atol=1e-4 if prec else 5e-3)
+    assert (pf.argmax(1) == ps.argmax(1)).all()
     assert mf["top1"] == ms["top1"] and mf["best_epoch"] == ms["best_epoch"]
     # The learning rate each epoch ended on is the same schedule on both paths (it decays under cosine).
     lr_fast = [r["lr"] for r in _history(fast) if r["epoch"] >= 1]

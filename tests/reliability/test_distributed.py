@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_interruptions import assert_same_run
 
-from builders import train_argv
+from builders import assert_default_path, default_train_argv, requires_native_bf16, train_argv
 from transferlab.train.checkpoint import verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,16 +35,19 @@ def _torchrun(argv: list[str], env: dict[str, str], *extra: str) -> subprocess.C
 
 
 @pytest.mark.slow
-def test_restart_after_a_rank_crash_resumes_exactly(train_ds: Path, in1k32: Path, tmp_path: Path) -> None:
+@requires_native_bf16
+def test_restart_after_a_rank_crash_resumes_exactly(train_ds: Path, tmp_path: Path) -> None:
+    """On the default path (Lite0, bf16 + channels_last + the swapped kernels on this CPU), under DDP."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU and gloo, even on a GPU machine
     ref = tmp_path / "ref"
-    res = _torchrun(train_argv(train_ds, in1k32, ref, *ARGS)[1:], env)
+    res = _torchrun(default_train_argv(train_ds, ref, *ARGS)[1:], env)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert_default_path(res.stderr, ref)
 
     run = tmp_path / "crashed"
     marker = tmp_path / "crashed-once"
     crash = {**env, "TRANSFERLAB_TEST_CRASH_AT_STEP": f"9:1:{marker}"}
-    res = _torchrun(train_argv(train_ds, in1k32, run, *ARGS)[1:], crash, "--max-restarts", "1")
+    res = _torchrun(default_train_argv(train_ds, run, *ARGS)[1:], crash, "--max-restarts", "1")
     assert res.returncode == 0, res.stderr[-3000:]
     assert marker.exists(), "rank 1 never crashed"
     assert "crashing at step 9 on rank 1" in res.stderr

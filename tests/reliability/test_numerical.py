@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from builders import train_argv
+from builders import assert_default_path, default_train_argv, train_argv
 from transferlab.cli import main
+from transferlab.runtime import cpu_has_bf16
 from transferlab.train.checkpoint import latest_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,6 +41,7 @@ def _assert_last_good_checkpoint(run: Path, step: int) -> None:
     assert not (run / "metrics.json").exists() and not (run / ".lock").exists()
 
 
+@pytest.mark.parametrize("path", ["default", "fp32"])
 @pytest.mark.parametrize(
     ("hook", "message"),
     [
@@ -51,17 +53,52 @@ def _assert_last_good_checkpoint(run: Path, step: int) -> None:
 def test_nan_stops_before_the_optimizer_step(
     hook: str,
     message: str,
+    path: str,
     train_ds: Path,
     in1k32: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """``default``: Lite0 on the precision users get (bf16 + channels_last + the swapped kernels on this CPU);
+    ``fp32``: test_resnet in fp32."""
+    if path == "default" and not cpu_has_bf16():
+        pytest.skip("this CPU has no native bf16: the default path is the fp32 one")
     monkeypatch.setenv(hook, "7")
     run = tmp_path / "run"
-    assert main(train_argv(train_ds, in1k32, run, *ARGS)) == 2
-    assert message in capsys.readouterr().err
+    argv = default_train_argv(train_ds, run, *ARGS) if path == "default" else train_argv(train_ds, in1k32, run, *ARGS)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    if path == "default":
+        assert_default_path(err)
     _assert_last_good_checkpoint(run, 7)
+
+
+@pytest.mark.parametrize(
+    ("hook", "value"),
+    [
+        ("TRANSFERLAB_TEST_NAN_AT_STEP", "seven"),
+        ("TRANSFERLAB_TEST_NAN_AT_STEP", "0"),
+        ("TRANSFERLAB_TEST_NAN_AT_STEP", "3:x"),
+        ("TRANSFERLAB_TEST_NAN_GRAD_AT_STEP", "3:1"),
+        ("TRANSFERLAB_TEST_CRASH_AT_STEP", "3:-1:m"),
+    ],
+)
+def test_a_malformed_fault_variable_is_a_clear_error(
+    hook: str,
+    value: str,
+    train_ds: Path,
+    in1k32: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv(hook, value)
+    assert main(train_argv(train_ds, in1k32, tmp_path / "run", *ARGS)) == 2
+    err = capsys.readouterr().err
+    assert f"{hook}={value!r} is not " in err and "unset it for a normal run" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.slow

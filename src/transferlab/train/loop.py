@@ -40,7 +40,7 @@ from transferlab.data.base import ImageSplit
 from transferlab.data.batched import ArrayBatches, eval_batch, needs_serial, train_batch
 from transferlab.data.decoded import pixel_array
 from transferlab.data.transforms import EvalTransform, normalize_batch
-from transferlab.errors import TransferlabError
+from transferlab.errors import ConfigError, TransferlabError
 from transferlab.models.cpu_kernels import cpu_training_kernels
 from transferlab.models.fold import inference_copy
 from transferlab.models.heads import TransferModel
@@ -81,14 +81,25 @@ def _test_faults() -> dict[str, _Fault]:
     They exist because a real NaN or a real crash at a chosen step cannot be produced reliably from outside.
     """
     out: dict[str, _Fault] = {}
-    for key in ("NAN_AT_STEP", "NAN_GRAD_AT_STEP", "CRASH_AT_STEP"):
-        value = os.environ.get(f"TRANSFERLAB_TEST_{key}", "").strip()
+    forms = {"NAN_AT_STEP": "STEP[:RANK]", "NAN_GRAD_AT_STEP": "STEP", "CRASH_AT_STEP": "STEP:RANK:MARKER"}
+    for key, form in forms.items():
+        name = f"TRANSFERLAB_TEST_{key}"
+        value = os.environ.get(name, "").strip()
         if not value:
             continue
         parts = value.split(":", 2)
-        rank = int(parts[1]) if len(parts) > 1 and parts[1] else None
-        out[key] = _Fault(int(parts[0]), rank, Path(parts[2]) if len(parts) > 2 else None)
-        log.warning("test fault injection active: TRANSFERLAB_TEST_%s=%s", key, value)
+        try:
+            step = int(parts[0])
+            rank = int(parts[1]) if len(parts) > 1 and parts[1] else None
+        except ValueError:
+            step = rank = -1
+        if step < 1 or (rank is not None and rank < 0) or len(parts) > len(form.split(":")):
+            raise ConfigError(
+                f"{name}={value!r} is not {form} (STEP a step number from 1, RANK a process rank from 0); it is a "
+                f"test-only fault injection: unset it for a normal run"
+            )
+        out[key] = _Fault(step, rank, Path(parts[2]) if len(parts) > 2 else None)
+        log.warning("test fault injection active: %s=%s", name, value)
     return out
 
 
