@@ -22,6 +22,13 @@ class BadImageError(DataError):
         self.reason = reason
 
 
+class TooFewClassesError(DataError):
+    """A dataset (or its train split) has fewer than two classes, so no classifier can be trained or scored.
+
+    Its own class so callers (a study's pre-flight, tests) can tell it from other data problems.
+    """
+
+
 class WeightsError(TransferlabError):
     """Pretrained weights are missing, unreadable or do not fit the model."""
 

@@ -242,8 +242,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     Writes ``metrics.json``, ``predictions.npz`` (logits, targets, sample_ids, class_ids) and
     ``per_class.csv``, each atomically. Returns the metrics dict.
     """
+    from transferlab.data.screen import refuse_too_few_classes
+
     torch.manual_seed(cfg.seed)
     source = open_dataset(cfg.data)
+    # Every mode scores an argmax over the dataset's classes (zero-shot keeps only their ImageNet columns, a
+    # run's head has exactly them): over one class it is always right, so the top-1 100% would mean nothing.
+    refuse_too_few_classes(source, None, "transferlab evaluate")
     split = source.split(cfg.split)
     if not split.labeled:
         raise DataError(

@@ -414,6 +414,12 @@ class _DataInfo:
             self._fp[key] = data_fingerprint(src, splits)
         return self._fp[key]
 
+    def require_classes(self, spec: str, fit_split: str | None, action: str) -> None:
+        """A one-class dataset fails the pre-flight, as it would fail the member later (after others ran)."""
+        from transferlab.data.screen import refuse_too_few_classes
+
+        refuse_too_few_classes(self.source(spec), fit_split, action)
+
 
 def resolve(spec: StudySpec, out: Path, *, progress: bool | None = None) -> list[Resolved]:
     """Turn the spec into runnable configs and reuse hashes, checking every input first.
@@ -462,6 +468,8 @@ def resolve(spec: StudySpec, out: Path, *, progress: bool | None = None) -> list
                         parent_hash = "file sha256:" + _file_sha256(pdir / "model.safetensors")
                 cfg = TrainConfig.from_dict({**opts, "out": str(d), "resume": True, "progress": progress})
                 fp = check(data.fingerprint, cfg.data, ["train", cfg.report_split])
+                if fp is not None:
+                    check(data.require_classes, cfg.data, "train", "transferlab study")
                 if parent is not None:
                     wid = "init_from"  # the parent's weights, already in its hash
                 elif cfg.strategy == "scratch":
@@ -491,6 +499,8 @@ def resolve(spec: StudySpec, out: Path, *, progress: bool | None = None) -> list
                     **opts,
                 )
                 fp = check(data.fingerprint, cfg.data, [cfg.split])
+                if fp is not None:
+                    check(data.require_classes, cfg.data, None, "transferlab study")
                 wid = check(weights_identity, cfg.model or "", cfg.weights)
                 ident = {
                     "kind": "zero-shot",

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from transferlab.data.base import ArraySplit, DatasetSource, FileSplit, ImageSplit, split_fingerprint
 from transferlab.data.decoded import DecodedSplit
-from transferlab.errors import BadImageError, DataError
+from transferlab.errors import BadImageError, DataError, TooFewClassesError
 from transferlab.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,38 @@ def empty_classes(
         label = f"{cid} ({name})" if name != cid else cid
         out.append((where, f"class {label} has no usable image in the {split_name} split (an empty class folder?)"))
     return out
+
+
+def refuse_too_few_classes(source: DatasetSource, split_name: str | None, action: str) -> None:
+    """Raise :class:`TooFewClassesError` unless ``source`` has two classes (and ``split_name`` images of two).
+
+    A classifier over one class is always right: a one-class ImageFolder trained, and was scored, top-1
+    100% with NLL 0, a number that looks like success. ``action`` (``transferlab train``, ...) names what
+    refuses; ``split_name`` is the split a model would be fitted on (None when nothing is fitted).
+    Called before any work, so nothing (decoded cache, image checks, features) is written first.
+    """
+    ids = source.classes.ids
+    if len(ids) < 2:
+        found = f"a single class, {ids[0]!r}" if ids else "no class"
+        raise TooFewClassesError(
+            f"{source.location} has {found}: a classifier needs at least two classes to tell apart (over one class "
+            f"every prediction is right, top-1 100%). {action} refuses it before any work. Add images of at least "
+            "one other class (root/<class>/*.jpg, or root/train/<class>/ and root/val/<class>/), or check that "
+            "--data points at the dataset's root rather than at one class folder"
+        )
+    if split_name is None:
+        return
+    split = getattr(source.split(split_name), "base_split", source.split(split_name))
+    present = np.unique(split.targets[split.targets >= 0])
+    if len(present) < 2:
+        only = f"only class {ids[present[0]]!r}" if len(present) else "no labeled image"
+        missing = [c for k, c in enumerate(ids) if k not in set(present.tolist())]
+        raise TooFewClassesError(
+            f"the {split_name} split of {source.location} holds images of {only}; the other "
+            f"{len(missing)} class(es) ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}) have none "
+            f"there. A classifier needs {split_name} images of at least two classes; {action} refuses it before "
+            f"any work. Add {split_name}/<class>/ folders with images for the other classes"
+        )
 
 
 def _cached_bad_samples(

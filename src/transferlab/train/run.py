@@ -223,13 +223,15 @@ class _Outcome:
 
 def _setup(cfg: TrainConfig, d: Any, bad_images: str = "error") -> _Setup:
     from transferlab.data.resolve import cache_dir as user_cache_dir
-    from transferlab.data.screen import screen_images
+    from transferlab.data.screen import refuse_too_few_classes, screen_images
 
     source = open_dataset(cfg.data)
     train_split = source.split("train")
     report = source.split(cfg.report_split)
     if not train_split.labeled or not report.labeled:
         raise DataError(f"training needs labeled train and {cfg.report_split} splits in {source.location}")
+    # Every strategy, the feature-cache probe included, passes here before anything is decoded or cached.
+    refuse_too_few_classes(source, "train", "transferlab train")
     workers = default_workers() if cfg.workers < 0 else cfg.workers
     train_idx = subset_indices(len(train_split), cfg.train_limit, cfg.seed)
     report_idx = subset_indices(len(report), cfg.report_limit, cfg.seed)
