@@ -115,6 +115,17 @@ def _check_chunk(split: ImageSplit, indices: list[int]) -> tuple[Counter[str], C
     return modes, sizes, failures
 
 
+_WORKER_SPLIT: list[ImageSplit] = []
+
+
+def _set_worker_split(split: ImageSplit) -> None:
+    _WORKER_SPLIT[:] = [split]
+
+
+def _check_worker_chunk(indices: list[int]) -> tuple[Counter[str], Counter[str], list[tuple[str, str]]]:
+    return _check_chunk(_WORKER_SPLIT[0], indices)
+
+
 def check_dataset(source: DatasetSource, *, workers: int | None = None, progress: bool | None = None) -> CheckReport:
     """Decode every image of every split of ``source`` and collect a :class:`CheckReport`."""
     if workers is None:
@@ -129,8 +140,10 @@ def check_dataset(source: DatasetSource, *, workers: int | None = None, progress
         chunks = [list(range(s, min(s + chunk, len(split)))) for s in range(0, len(split), chunk)]
         bar = tqdm(total=len(split), desc=f"check {name}", unit="img", disable=disable, leave=False)
         if workers > 1 and len(chunks) > 1 and not isinstance(split, ArraySplit):
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                results = pool.map(_check_chunk, [split] * len(chunks), chunks)
+            # The split travels once per worker, not once per chunk: each unpickled copy of a zip-backed split
+            # reopens the archive (parsing its whole table of contents), which made 2 workers slower than 1.
+            with ProcessPoolExecutor(max_workers=workers, initializer=_set_worker_split, initargs=(split,)) as pool:
+                results = pool.map(_check_worker_chunk, chunks)
                 for ch, (m, s, f) in zip(chunks, results, strict=True):
                     rep.modes.update(m)
                     rep.sizes.update(s)
