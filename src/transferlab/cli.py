@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from transferlab import __version__
 from transferlab.errors import ConfigError, TrainingInterrupted, TransferlabError
@@ -431,10 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     chk = dsub.add_parser(
         "check",
-        help="decode every image and report counts, classes, sizes, modes and failures",
+        help="decode every image and report counts, classes, sizes, modes, duplicates and failures",
         description="Decode every image of every split; print per-split counts, the number of classes, the "
-        "size and mode histograms (grayscale counted) and every file that fails to decode, with the reason. "
-        "Exit status 1 if any file failed.",
+        "size and mode histograms (grayscale counted), exact duplicates (same file bytes; re-encoded or resized "
+        "copies are not found) within a split, across splits and across classes, and every file that fails to "
+        "decode, with the reason. Exit status 1 if any file failed or a class has no training image; duplicates "
+        "are reported, not failed.",
     )
     chk.add_argument("path", metavar="PATH", help=DATA_HELP)
     chk.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores, at most 4)")
@@ -830,6 +833,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         sizes = s.sizes.most_common(5)
         more = f" (+{len(s.sizes) - 5} more sizes)" if len(s.sizes) > 5 else ""
         print(f"         sizes: {', '.join(f'{k} {v:,}' for k, v in sizes)}{more}")
+    _print_duplicates(rep.duplicates)
     fails = rep.failures
     if args.json is not None:
         atomic_write_json(args.json, rep.to_dict())
@@ -840,6 +844,19 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         return 1
     print("all images decoded")
     return 0
+
+
+def _print_duplicates(dup: Any, shown: int = 5) -> None:
+    """The duplicate summary of ``data check``: counts, the class folders sharing images, a few groups."""
+    print(f"duplicates: {dup.summary()}")
+    for a, b, n in dup.class_pairs()[:shown]:
+        print(f"  {a} and {b} share {n:,} identical image(s)")
+    # Copies across splits first (they inflate the reported numbers), then across classes (label noise).
+    ranked = sorted(dup.groups, key=lambda g: (len({x.split for x in g}) == 1, len({x.label for x in g}) == 1))
+    for g in ranked[:shown]:
+        print("  " + " = ".join(s.origin for s in g[:4]) + (f" (+{len(g) - 4} more)" if len(g) > 4 else ""))
+    if len(dup.groups) > shown:
+        print(f"  ... and {len(dup.groups) - shown:,} more set(s); --json FILE lists them")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
