@@ -434,10 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="decode every image and report counts, classes, sizes, modes, duplicates and failures",
         description="Decode every image of every split; print per-split counts, the number of classes, the "
-        "size and mode histograms (grayscale counted), exact duplicates (same file bytes; re-encoded or resized "
-        "copies are not found) within a split, across splits and across classes, and every file that fails to "
-        "decode, with the reason. Exit status 1 if any file failed or a class has no training image; duplicates "
-        "are reported, not failed.",
+        "size and mode histograms (grayscale counted), classes without images, exact duplicates (same file "
+        "bytes; re-encoded or resized copies are not found) within a split, across splits and across classes, "
+        "the files that are not samples (hidden, not images) and every file that fails to decode, with the "
+        "reason. Exit status 1 if any file failed or a class has no training image; duplicates are reported, "
+        "not failed.",
     )
     chk.add_argument("path", metavar="PATH", help=DATA_HELP)
     chk.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores, at most 4)")
@@ -815,6 +816,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     """``transferlab data check``."""
     from transferlab.data import open_dataset
     from transferlab.data.checks import check_dataset
+    from transferlab.data.imagefolder import describe_ignored
     from transferlab.io import atomic_write_json
 
     source = open_dataset(args.path)
@@ -833,7 +835,18 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         sizes = s.sizes.most_common(5)
         more = f" (+{len(s.sizes) - 5} more sizes)" if len(s.sizes) > 5 else ""
         print(f"         sizes: {', '.join(f'{k} {v:,}' for k, v in sizes)}{more}")
+        if len(s.sizes) > 1:
+            print(
+                "         (sizes differ: train and evaluate decode and resize each image on its own, no decoded cache)"
+            )
+        if s.missing_classes and s.name != "train":  # train's are failures, listed below
+            names = ", ".join(s.missing_classes[:8]) + (" ..." if len(s.missing_classes) > 8 else "")
+            print(f"         no image of {len(s.missing_classes)} class(es): {names}")
     _print_duplicates(rep.duplicates)
+    if rep.ignored:
+        print(f"not samples ({sum(len(v) for v in rep.ignored.values()):,} files left out):")
+        for line in describe_ignored(rep.ignored):
+            print(f"  {line}")
     fails = rep.failures
     if args.json is not None:
         atomic_write_json(args.json, rep.to_dict())

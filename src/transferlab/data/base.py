@@ -135,6 +135,9 @@ class DatasetSource:
     splits: dict[str, ImageSplit] = field(default_factory=dict)
     #: True when class ids are ImageNet-1k WordNet ids (so zero-shot and head warm-start apply).
     imagenet_classes: bool = False
+    #: Files below the dataset that are not samples, by reason (hidden, not an image, ...), as origins:
+    #: ``data check`` lists them, so a file format that is not read is seen instead of silently lost.
+    ignored: dict[str, list[str]] = field(default_factory=dict)
 
     def split(self, name: str) -> ImageSplit:
         """The split ``name``, or a DataError listing the available ones."""

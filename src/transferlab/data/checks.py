@@ -4,7 +4,8 @@ Run it before a long training job: a broken file found at epoch 37 costs hours, 
 seconds. Decoding is spread over worker processes; each failure is reported with its file and reason.
 
 The bytes read for decoding are also hashed (:mod:`transferlab.data.digests`), so exact duplicates
-within a split, across splits and across classes are reported at almost no cost.
+within a split, across splits and across classes are reported at almost no cost; so are classes that
+have no image in a split and the files that were not made samples (hidden files, non-images).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class SplitReport:
     sizes: Counter[str] = field(default_factory=Counter)
     per_class: list[int] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    #: Classes of the dataset with no image in this split (labeled splits only).
+    missing_classes: list[str] = field(default_factory=list)
 
     @property
     def grayscale(self) -> int:
@@ -55,6 +58,7 @@ class SplitReport:
             "per_class_min": min(self.per_class) if self.per_class else None,
             "per_class_max": max(self.per_class) if self.per_class else None,
             "failures": [{"file": f, "reason": r} for f, r in self.failures],
+            "classes_without_images": self.missing_classes,
         }
 
 
@@ -69,6 +73,8 @@ class CheckReport:
     splits: list[SplitReport]
     #: Exact copies among the readable images of every split.
     duplicates: Duplicates = field(default_factory=Duplicates)
+    #: Files below the dataset that are not samples, by reason (see DatasetSource.ignored).
+    ignored: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -91,6 +97,7 @@ class CheckReport:
             "failures": len(self.failures),
             "splits": {s.name: s.to_dict() for s in self.splits},
             "duplicates": self.duplicates.to_dict(),
+            "ignored": {why: {"count": len(files), "files": files[:100]} for why, files in self.ignored.items()},
         }
 
 
@@ -152,6 +159,7 @@ def check_dataset(source: DatasetSource, *, workers: int | None = None, progress
         rep = SplitReport(name=name, n=len(split), labeled=split.labeled)
         if split.labeled:
             rep.per_class = np.bincount(split.targets, minlength=len(source.classes)).tolist()
+            rep.missing_classes = [source.classes.ids[c] for c, n in enumerate(rep.per_class) if n == 0]
         chunk = 500
         chunks = [list(range(s, min(s + chunk, len(split)))) for s in range(0, len(split), chunk)]
         bar = tqdm(total=len(split), desc=f"check {name}", unit="img", disable=disable, leave=False)
@@ -193,4 +201,5 @@ def check_dataset(source: DatasetSource, *, workers: int | None = None, progress
         source.imagenet_classes,
         reports,
         duplicates=find_duplicates(source, digests),
+        ignored=dict(source.ignored),
     )

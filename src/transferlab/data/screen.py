@@ -100,9 +100,16 @@ def empty_classes(
     folders = set(split.store.list_dirs(split_name)) if isinstance(split, FileSplit) else set()
     for c in np.flatnonzero(counts <= 0):
         cid, name = source.classes.ids[c], source.classes.names[c]
-        where = split.store.origin(f"{split_name}/{cid}") if cid in folders else f"{source.location} ({split_name})"
         label = f"{cid} ({name})" if name != cid else cid
-        out.append((where, f"class {label} has no usable image in the {split_name} split (an empty class folder?)"))
+        if cid in folders:
+            where, why = split.store.origin(f"{split_name}/{cid}"), "an empty class folder?"
+        elif not isinstance(split, FileSplit):
+            where, why = f"{source.location} ({split_name})", "no image has that label"
+        else:  # the class comes from another split's folders (root/val/<class> without root/train/<class>)
+            where = f"{source.location} ({split_name})"
+            others = [n for n, s in source.splits.items() if n != split_name and bool((s.targets == c).any())]
+            why = f"no {split_name}/{cid} folder; the class only has images in {', '.join(others) or 'no split'}"
+        out.append((where, f"class {label} has no usable image in the {split_name} split ({why})"))
     return out
 
 

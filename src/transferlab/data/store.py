@@ -3,11 +3,18 @@
 Datasets are read in place and never moved or extracted. A :class:`ZipStore` opens its archive lazily
 and once per process, so it can be pickled into DataLoader worker processes (each worker reopens the
 archive instead of sharing one file handle, which would corrupt reads).
+
+A :class:`FolderStore` follows symbolic links, to files and to folders, at every depth (datasets are
+often built as a tree of links into a larger collection), but never into a link that leads back to one
+of its own parent folders: that loop is skipped with a warning naming the link. A link whose target is
+missing is still listed, so the image it stood for is reported as unreadable instead of vanishing.
 """
 
 from __future__ import annotations
 
 import bisect
+import errno
+import logging
 import os
 import threading
 import zipfile
@@ -16,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from transferlab.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 class FileStore(ABC):
@@ -54,6 +63,10 @@ class FileStore(ABC):
     def sub(self, prefix: str) -> FileStore:
         """A store rooted at the folder ``prefix`` inside this one."""
 
+    def dangling(self, rel: str) -> bool:
+        """True if ``rel`` is a symbolic link whose target is missing (or loops); only folders have links."""
+        return False
+
     def read_text(self, rel: str) -> str:
         """Read a UTF-8 text file, with a :class:`DataError` naming it when absent."""
         try:
@@ -67,26 +80,70 @@ class FolderStore(FileStore):
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        #: Links already reported as loops: a dataset is listed more than once while its layout is detected.
+        self._loops_seen: set[str] = set()
 
     @property
     def location(self) -> str:
         return str(self.root)
 
     def read(self, rel: str) -> bytes:
-        return (self.root / rel).read_bytes()
+        path = self.root / rel
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            if self.dangling(rel):
+                # "No such file or directory" for a path that is listed right there is a riddle; say why.
+                target = os.readlink(path)
+                why = f"broken symbolic link: its target {target} does not exist (or the links loop)"
+                raise FileNotFoundError(errno.ENOENT, why, str(path)) from e
+            raise
 
     def exists(self, rel: str) -> bool:
         return (self.root / rel).is_file()
+
+    def dangling(self, rel: str) -> bool:
+        path = self.root / rel
+        return path.is_symlink() and not path.exists()
 
     def list_files(self, prefix: str) -> list[str]:
         base = self.root / prefix
         if not base.is_dir():
             return []
-        out = []
-        for dirpath, _dirnames, filenames in os.walk(base):
-            for fn in filenames:
-                out.append(Path(dirpath, fn).relative_to(self.root).as_posix())
+        # The folders above ``base``, up to the root: a link back to any of them is a loop.
+        parts = Path(prefix).parts
+        above = [self.root / Path(*parts[:k]) for k in range(len(parts))]
+        out: list[str] = []
+        self._walk(base, {_inode(d) for d in above}, out)
         return sorted(out)
+
+    def _walk(self, folder: Path, ancestors: set[tuple[int, int]], out: list[str]) -> None:
+        """Append every file below ``folder``, following links to folders unless they lead back up."""
+        key = _inode(folder)
+        if key in ancestors:
+            if str(folder) in self._loops_seen:
+                return
+            self._loops_seen.add(str(folder))
+            log.warning(
+                "skipping %s: a symbolic link to one of its own parent folders (%s), which would loop forever",
+                folder,
+                os.path.realpath(folder),
+            )
+            return
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            log.warning("cannot list %s (%s); its files are left out", folder, e)
+            return
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # follows links
+            except OSError:
+                is_dir = False
+            if is_dir:
+                self._walk(Path(entry.path), ancestors | {key}, out)
+            else:  # files, and links that lead nowhere (reported as unreadable when read)
+                out.append(Path(entry.path).relative_to(self.root).as_posix())
 
     def list_dirs(self, prefix: str) -> list[str]:
         base = self.root / prefix
@@ -98,11 +155,16 @@ class FolderStore(FileStore):
         return str(self.root / rel)
 
     def stamp(self, rel: str) -> str:
-        st = (self.root / rel).stat()
+        try:
+            st = (self.root / rel).stat()
+        except OSError:  # a broken link, or a file gone since it was listed: reading it will say which
+            return f"unreadable:{os.readlink(self.root / rel) if self.dangling(rel) else ''}"
         return f"{st.st_size}:{st.st_mtime_ns}"
 
     def sub(self, prefix: str) -> FolderStore:
-        return FolderStore(self.root / prefix)
+        child = FolderStore(self.root / prefix)
+        child._loops_seen = self._loops_seen
+        return child
 
 
 class ZipStore(FileStore):
@@ -202,6 +264,11 @@ class ZipStore(FileStore):
         child._fileset = frozenset(child._files)
         child._stamp = {f[len(pre) :]: v for f, v in self._stamp.items() if f.startswith(pre)}
         return child
+
+
+def _inode(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
 
 
 def open_store(path: str | os.PathLike[str]) -> FileStore:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 
 from transferlab.data.base import ClassInfo, DatasetSource, FileSplit
+from transferlab.data.imagefolder import is_hidden
 from transferlab.data.images import is_image_name
 from transferlab.data.store import FileStore
 from transferlab.errors import DataError
@@ -110,12 +111,18 @@ def load_tiny_imagenet(store: FileStore, name: str = "tiny-imagenet") -> Dataset
     val = _val_split(store, classes, index)
     if val is not None:
         source.splits["val"] = val
-    test_files = [f for f in store.list_files("test/images") if is_image_name(f)]
+    test_files = [f for f in store.list_files("test/images") if _is_sample(f)]
     if test_files:
         source.splits["test"] = FileSplit("test", store, test_files, [-1] * len(test_files), classes)
     if not source.splits:
         raise DataError(f"{store.location} has wnids.txt but no train/, val/ or test/ images")
     return source
+
+
+def _is_sample(rel: str) -> bool:
+    # ``._x.JPEG`` (AppleDouble, left by copies made on a Mac) and ``.ipynb_checkpoints/`` copies are not images
+    # of the dataset, whatever their suffix.
+    return is_image_name(rel) and not is_hidden(rel)
 
 
 def _train_split(store: FileStore, classes: ClassInfo, index: dict[str, int]) -> FileSplit | None:
@@ -131,7 +138,7 @@ def _train_split(store: FileStore, classes: ClassInfo, index: dict[str, int]) ->
     files: list[str] = []
     targets: list[int] = []
     for wnid in classes.ids:
-        imgs = [f for f in store.list_files(f"train/{wnid}/images") if is_image_name(f)]
+        imgs = [f for f in store.list_files(f"train/{wnid}/images") if _is_sample(f)]
         if not imgs:
             log.warning("%s has no images", store.origin(f"train/{wnid}/images"))
         files.extend(imgs)
