@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -91,26 +92,14 @@ def fast_train_argv(*args: str, precision: str | None = "fp32") -> list[str]:
     return ["train", "--progress", "off", "--workers", "0", *prec, *args]
 
 
+def _run_argv(model: tuple[str, ...], ds: Path, out: Path, extra: tuple[str, ...], precision: str | None) -> list[str]:
+    data = ("--data", str(ds), "--batch-size", "6", "--holdout", "0.2", "--cache-dir", str(out.parent / "cache"))
+    return fast_train_argv(*model, *data, "--out", str(out), *extra, precision=precision)
+
+
 def train_argv(ds: Path, weights: Path, out: Path, *extra: str, precision: str | None = "fp32") -> list[str]:
     """A fast, deterministic ``transferlab train`` run of test_resnet on CPU."""
-    return fast_train_argv(
-        "--model",
-        "test_resnet",
-        "--weights",
-        str(weights),
-        "--data",
-        str(ds),
-        "--batch-size",
-        "6",
-        "--holdout",
-        "0.2",
-        "--cache-dir",
-        str(out.parent / "cache"),
-        "--out",
-        str(out),
-        *extra,
-        precision=precision,
-    )
+    return _run_argv(("--model", "test_resnet", "--weights", str(weights)), ds, out, extra, precision)
 
 
 #: bf16 is the default only on CPUs that execute it natively; elsewhere ``auto`` is fp32 and the default path
@@ -124,32 +113,12 @@ def default_train_argv(ds: Path, out: Path, *extra: str) -> list[str]:
     """A short ``transferlab train`` run on the path users run: EfficientNet-Lite0 with its real ImageNet weights
     (the offline package) at 32px and the default precision, so on this CPU bf16 autocast, channels_last, the
     swapped training kernels (4 strided depthwise convolutions, 33 ReLU6) and heap reuse all take part."""
-    return fast_train_argv(
-        "--model",
-        "tf_efficientnet_lite0",
-        "--img-size",
-        "32",
-        "--data",
-        str(ds),
-        "--batch-size",
-        "6",
-        "--holdout",
-        "0.2",
-        "--cache-dir",
-        str(out.parent / "cache"),
-        "--out",
-        str(out),
-        *extra,
-        precision=None,
-    )
+    return _run_argv(("--model", "tf_efficientnet_lite0", "--img-size", "32"), ds, out, extra, None)
 
 
 def assert_default_path(log_text: str, run: Path | None = None) -> None:
     """The run logged in ``log_text`` took the default CPU path: the training kernels were swapped in, freed
-    memory stays in the heap, and (for a
-    finished ``run``) its metrics record bf16 autocast with channels_last."""
-    import json
-
+    memory stays in the heap, and (for a finished ``run``) its metrics record bf16 autocast with channels_last."""
     assert "CPU bf16 training kernels: 4 strided depthwise convolution(s)" in log_text, log_text[-3000:]
     assert "freed tensors stay in the heap for reuse" in log_text, log_text[-3000:]
     if run is not None:
