@@ -40,9 +40,11 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
+# ruff, then the import layers declared in pyproject.toml ([tool.importlinter]).
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff format src tests benchmarks

@@ -30,9 +30,9 @@ import torch
 from transferlab.data import open_dataset
 from transferlab.data.batched import ArrayBatches, eval_batch
 from transferlab.data.decoded import decode_split, pixel_array
-from transferlab.evaluate import make_eval_transform, predict_logits
+from transferlab.inference.engine import make_eval_transform, predict_logits
+from transferlab.labels import imagenet_indices
 from transferlab.models.backbones import create_backbone
-from transferlab.models.imagenet import imagenet_indices
 from transferlab.runtime import resolve_device, resolve_precision
 from transferlab.train.config import TrainConfig
 from transferlab.train.run import train

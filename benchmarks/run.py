@@ -93,8 +93,8 @@ def prepare(data: str, work: Path, model: str, quick: bool) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from transferlab.data import open_dataset
+    from transferlab.labels import imagenet_indices
     from transferlab.models.backbones import create_backbone
-    from transferlab.models.imagenet import imagenet_indices
 
     source = open_dataset(data)
     location = Path(source.location)

@@ -11,8 +11,8 @@ import timm
 from timm.data import ImageNetInfo
 
 from transferlab.errors import ConfigError, DataError
+from transferlab.labels import imagenet_indices, imagenet_synsets, is_imagenet_subset
 from transferlab.models.backbones import Backbone, check_model_name, create_backbone, list_backbones
-from transferlab.models.imagenet import imagenet_indices, imagenet_synsets, is_imagenet_subset
 from transferlab.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 # --------------------------------------------------------------------------------------------------

@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transferlab.artifacts.lock import RunLock, RunLockedError
 from transferlab.train.checkpoint import (
     CheckpointError,
-    RunLock,
-    RunLockedError,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,

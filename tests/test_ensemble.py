@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from builders import WNIDS, WORDS
+from transferlab.artifacts.predictions import read_predictions, write_predictions
 from transferlab.cli import main
-from transferlab.data.base import ClassInfo
 from transferlab.ensemble import (
     EnsembleConfig,
     apply_ensemble,
@@ -25,7 +25,6 @@ from transferlab.ensemble import (
     stratified_select_mask,
 )
 from transferlab.errors import ConfigError, DataError
-from transferlab.evaluate import load_predictions, write_predictions
 from transferlab.metrics import log_softmax, nll, topk_accuracy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,7 +49,7 @@ def _member(t: np.ndarray, acc: float, conf: float, seed: int, c: int = C) -> np
 
 def _write(path: Path, logits: np.ndarray, t: np.ndarray, ids: list[str] | None = None, classes=CLASS_IDS) -> Path:
     ids = ids if ids is not None else [f"val/images/val_{i}.JPEG" for i in range(len(t))]
-    write_predictions(path, logits, t, ids, ClassInfo(tuple(classes), tuple(classes)))
+    write_predictions(path, logits, t, ids, tuple(classes))
     return path
 
 
@@ -211,7 +210,7 @@ def test_mismatched_members_are_refused_naming_the_member(tmp_path: Path) -> Non
 def test_run_directory_members(tmp_path: Path, three_files) -> None:
     paths, t = three_files
     run = tmp_path / "run1"
-    _write(run / "predictions" / "val.npz", load_predictions(paths[0])["logits"], t)
+    _write(run / "predictions" / "val.npz", read_predictions(paths[0]).logits, t)
     members = load_members([run, paths[1]])
     assert members[0].name == "run1"
     with pytest.raises(DataError, match="pass --split val"):
@@ -246,7 +245,7 @@ def test_report_labels_and_logits_do_not_touch_anything_fitted(tmp_path: Path, t
     bad_t[~mask] = rng.integers(0, C, int((~mask).sum()))
     corrupted = []
     for p in paths:
-        z = load_predictions(p)["logits"].astype(np.float64)
+        z = read_predictions(p).logits.astype(np.float64)
         z[~mask] = rng.normal(0, 3, (int((~mask).sum()), C))
         corrupted.append(_write(tmp_path / "bad" / p.name, z, bad_t))
     cfg2 = EnsembleConfig(
@@ -269,7 +268,7 @@ def test_select_data_protocol_ignores_every_evaluated_label(tmp_path: Path, thre
     ]
     outs = []
     for k, t_eval in enumerate((t, (t + 2) % C)):
-        files = [_write(tmp_path / f"ev{k}" / p.name, load_predictions(p)["logits"], t_eval) for p in paths]
+        files = [_write(tmp_path / f"ev{k}" / p.name, read_predictions(p).logits, t_eval) for p in paths]
         cfg = EnsembleConfig(
             members=tuple(map(str, files)),
             out=tmp_path / f"out{k}",
@@ -312,10 +311,10 @@ def test_paired_result_and_apply_ensemble_round_trip(tmp_path: Path, three_files
         probs = apply_ensemble(out / "weights.json", paths)
         assert probs.shape == (N, C)
         np.testing.assert_allclose(probs.sum(axis=1), 1.0)
-        written = load_predictions(out / "predictions" / "val.npz")
+        written = read_predictions(out / "predictions" / "val.npz")
         report = ~stratified_select_mask(t, 0.5, 0)
-        np.testing.assert_allclose(np.exp(written["logits"]), probs[report], rtol=1e-4, atol=1e-6)
-        np.testing.assert_array_equal(written["targets"], t[report])
+        np.testing.assert_allclose(np.exp(written.logits), probs[report], rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(written.targets, t[report])
         vs = m["vs_best_member"]
         assert vs["split"] == "report" and 0.0 <= vs["p_gain_positive"] <= 1.0
         assert vs["gain_ci"][0] <= vs["gain"] <= vs["gain_ci"][1]
@@ -348,11 +347,11 @@ def test_cli_end_to_end(tmp_path: Path, three_files, capsys: pytest.CaptureFixtu
     assert m["protocol"]["n_select"] + m["protocol"]["n_report"] == N
     assert m["ensemble"]["top1"] >= max(r["top1"] for r in m["members"]) - 0.02
     # the ensemble's predictions have exactly the members' format
-    mine, theirs = load_predictions(out / "predictions" / "val.npz"), load_predictions(paths[0])
-    assert sorted(mine) == sorted(theirs)
-    for k in mine:
-        assert mine[k].dtype.kind == theirs[k].dtype.kind, k
-    assert mine["logits"].dtype == np.float32 and mine["targets"].dtype == np.int64
+    with np.load(out / "predictions" / "val.npz") as mine, np.load(paths[0]) as theirs:
+        assert sorted(mine.files) == sorted(theirs.files)
+        for k in mine.files:
+            assert mine[k].dtype.kind == theirs[k].dtype.kind, k
+        assert mine["logits"].dtype == np.float32 and mine["targets"].dtype == np.int64
     w = json.loads((out / "weights.json").read_text())
     assert w["method"] == "weighted" and len(w["weights"]) == 3 and len(w["temperatures"]) == 3
     assert w["protocol"]["seed"] == 0 and w["protocol"]["select_fraction"] == 0.5
@@ -363,7 +362,7 @@ def test_cli_refuses_mismatch_with_a_message(tmp_path: Path, three_files, capsys
     paths, t = three_files
     bad = _write(
         tmp_path / "shuffled.npz",
-        load_predictions(paths[1])["logits"][::-1],
+        read_predictions(paths[1]).logits[::-1],
         t[::-1],
         [f"val/images/val_{i}.JPEG" for i in range(N)][::-1],
     )

@@ -15,13 +15,15 @@ import torch
 
 from builders import WNIDS, eval_argv, jpeg_bytes, write_folder
 from builders import imagenet_test_resnet as make_imagenet_test_resnet
+from transferlab.artifacts.predictions import read_predictions
 from transferlab.cli import build_parser, main
 from transferlab.data.batched import eval_batch
 from transferlab.data.transforms import EvalTransform, normalize_batch
 from transferlab.errors import ConfigError
-from transferlab.evaluate import EvalConfig, evaluate, load_predictions, make_eval_transform
+from transferlab.evaluate import EvalConfig, evaluate
+from transferlab.inference.engine import make_eval_transform
+from transferlab.labels import imagenet_indices
 from transferlab.metrics import topk_accuracy
-from transferlab.models.imagenet import imagenet_indices
 from transferlab.models.preprocessing import Preprocessing
 from transferlab.models.weights import save_weights
 from transferlab.runtime import resolve_precision
@@ -49,11 +51,11 @@ def test_zero_shot_writes_consistent_outputs(tiny_zip: Path, tmp_path: Path, ima
         assert key in m, key
     assert m["n"] == 6 and m["mode"] == "zero-shot" and m["img_size"] == 64
     assert any("ImageNet" in w for w in m["warnings"])
-    pred = load_predictions(out / "predictions.npz")
-    assert pred["logits"].shape == (6, 3)
-    assert list(pred["class_ids"]) == list(WNIDS)
-    assert list(pred["sample_ids"]) == [f"val/images/val_{i}.JPEG" for i in range(6)]
-    assert list(pred["targets"]) == [0, 1, 2, 0, 1, 2]
+    pred = read_predictions(out / "predictions" / "val.npz")
+    assert pred.logits.shape == (6, 3)
+    assert list(pred.class_ids) == list(WNIDS)
+    assert list(pred.sample_ids) == [f"val/images/val_{i}.JPEG" for i in range(6)]
+    assert list(pred.targets) == [0, 1, 2, 0, 1, 2]
     # The saved logits are the ImageNet head's outputs for the dataset's classes, computed independently.
     from transferlab.data import open_dataset
 
@@ -67,8 +69,8 @@ def test_zero_shot_writes_consistent_outputs(tiny_zip: Path, tmp_path: Path, ima
     x = normalize_batch(x, (0.5,) * 3, (0.25,) * 3)
     with torch.no_grad():
         ref = model(x)[:, torch.from_numpy(imagenet_indices(WNIDS))].numpy()
-    np.testing.assert_allclose(pred["logits"], ref, rtol=1e-4, atol=1e-4)
-    assert m["top1"] == pytest.approx(topk_accuracy(pred["logits"], pred["targets"], 1))
+    np.testing.assert_allclose(pred.logits, ref, rtol=1e-4, atol=1e-4)
+    assert m["top1"] == pytest.approx(topk_accuracy(pred.logits, pred.targets, 1))
     rows = list(csv.DictReader((out / "per_class.csv").open()))
     assert [r["class_id"] for r in rows] == list(WNIDS) and rows[0]["class_name"] == "Egyptian cat"
     assert all(int(r["n"]) == 2 for r in rows)
@@ -95,11 +97,13 @@ def test_zero_shot_from_the_feature_cache_equals_a_forward_pass(
     cache = ["--cache-dir", str(tmp_path / "cache")]
     assert _run([*base, *cache, "--out", str(tmp_path / "c1")]) == 0
     assert _run([*base, *cache, "--out", str(tmp_path / "c2")]) == 0
-    plain = load_predictions(tmp_path / "plain" / "predictions.npz")["logits"]
+    plain = read_predictions(tmp_path / "plain" / "predictions" / "val.npz").logits
     for name, hit in (("c1", False), ("c2", True)):
         m = json.loads((tmp_path / name / "metrics.json").read_text())
         assert m["feature_cache"]["hit"] is hit
-        np.testing.assert_allclose(load_predictions(tmp_path / name / "predictions.npz")["logits"], plain, atol=1e-4)
+        np.testing.assert_allclose(
+            read_predictions(tmp_path / name / "predictions" / "val.npz").logits, plain, atol=1e-4
+        )
     assert len(list((tmp_path / "cache" / "features").glob("*.npz"))) == 1
 
 
@@ -284,8 +288,8 @@ def test_lite0_zero_shot_on_real_mini_val(mini_zip: Path, tmp_path: Path) -> Non
     assert fp["top1"] >= 0.45, fp
     # bf16 rounding flips a few borderline images either way: the predictions must nearly all agree and
     # the accuracies stay close (the full-val check, within 0.3 pt, is in the README with its command).
-    p_bf = load_predictions(tmp_path / "bf16" / "predictions.npz")["logits"].argmax(1)
-    p_fp = load_predictions(tmp_path / "fp32" / "predictions.npz")["logits"].argmax(1)
+    p_bf = read_predictions(tmp_path / "bf16" / "predictions" / "val.npz").logits.argmax(1)
+    p_fp = read_predictions(tmp_path / "fp32" / "predictions" / "val.npz").logits.argmax(1)
     assert (p_bf == p_fp).mean() >= 0.93
     assert abs(bf["top1"] - fp["top1"]) <= 0.025
     lo, hi = fp["top1_ci"]
@@ -301,5 +305,5 @@ def test_run_dir_is_evaluated_at_its_own_resolution(tiny_zip: Path, tmp_path: Pa
     assert _run([str(run), "--data", str(tiny_zip), "--out", str(tmp_path / "ev")]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["img_size"] == 48
-    trained = load_predictions(run / "predictions" / "val.npz")["logits"]
-    np.testing.assert_allclose(load_predictions(tmp_path / "ev" / "predictions.npz")["logits"], trained, atol=1e-4)
+    trained = read_predictions(run / "predictions" / "val.npz").logits
+    np.testing.assert_allclose(read_predictions(tmp_path / "ev" / "predictions" / "val.npz").logits, trained, atol=1e-4)

@@ -67,7 +67,7 @@ def test_predict_from_an_export_without_the_run_directory(
     want = predict(PredictConfig(source=copy, **cfg))
     shutil.rmtree(copy)
     # No dataset either: names come from the card, so hide every other source of names.
-    monkeypatch.setattr("transferlab.predict.imagenet_lemmas", lambda: {})
+    monkeypatch.setattr("transferlab.data.names.imagenet_lemmas", lambda: {})
     img = tmp_path / "x.jpg"
     img.write_bytes(jpeg_bytes((220, 30, 30)))
     alone = predict(PredictConfig(source=out, inputs=(str(img),), workers=0, precision="fp32"))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from transferlab.errors import ConfigError, DataError
+from transferlab.labels import imagenet_indices
 from transferlab.models.heads import (
     HeadSpec,
     LinearHead,
@@ -20,7 +21,6 @@ from transferlab.models.heads import (
     pre_logits_dim,
     warm_start_from_imagenet,
 )
-from transferlab.models.imagenet import imagenet_indices
 
 # Egyptian cat, tench, solar dish: real ImageNet-1k WordNet ids, deliberately out of index order.
 WNIDS = ["n02124075", "n01443537", "n04067472"]

@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 
+from transferlab.artifacts.summary import summarize
 from transferlab.metrics import (
     bootstrap_ci,
     log_softmax,
     nll,
     per_class_accuracy,
     softmax,
-    summarize,
     topk_accuracy,
     topk_correct,
 )
@@ -176,7 +176,7 @@ def test_bootstrap_ci_chunking_does_not_change_the_result_shape() -> None:
 
 def test_summarize() -> None:
     out = summarize(SCORES, TARGETS, n_boot=200, seed=1)
-    assert set(out) == {"n", "top1", "top1_ci", "top5", "nll"}
+    assert set(out) == {"n", "top1", "top1_ci", "top5", "top5_ci", "nll", "ece"}
     assert out["n"] == 3
     assert out["top1"] == pytest.approx(1 / 3)
     assert out["top5"] == 1.0  # only 4 classes

@@ -14,17 +14,15 @@ import torch
 from PIL import Image
 
 from builders import WNIDS, WORDS, eval_argv, jpeg_bytes, train_argv
+from transferlab.artifacts.predictions import read_predictions
 from transferlab.cli import main
-from transferlab.evaluate import load_predictions
+from transferlab.inference.tta import tta_forward, tta_log_probs, tta_views
 from transferlab.metrics import log_softmax
 from transferlab.predict import (
     PredictConfig,
     collect_inputs,
     load_predictor,
     predict,
-    tta_forward,
-    tta_log_probs,
-    tta_views,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -148,9 +146,9 @@ def test_predict_dataset_split_matches_evaluate(runs: tuple[Path, Path], train_d
     assert doc["top_k"] == 3  # capped at the number of classes
     ev = tmp_path / "ev"
     assert main(eval_argv(str(run), "--data", str(train_ds), "--split", "val", "--out", str(ev))) == 0
-    p = load_predictions(ev / "predictions.npz")
-    probs = np.exp(log_softmax(p["logits"].astype(np.float64)))
-    for row, pr, ids in zip(doc["predictions"], probs, p["sample_ids"], strict=True):
+    p = read_predictions(ev / "predictions" / "val.npz")
+    probs = np.exp(log_softmax(p.logits.astype(np.float64)))
+    for row, pr, ids in zip(doc["predictions"], probs, p.sample_ids, strict=True):
         assert row["path"].endswith(str(ids))  # same order, the split's origin names
         assert row["label"] in WNIDS
         top = row["top_k"][0]
@@ -190,8 +188,8 @@ def test_tta_flip_in_evaluate_and_predict(runs: tuple[Path, Path], train_ds: Pat
     m0 = json.loads((tmp_path / "none" / "metrics.json").read_text())
     m1 = json.loads((tmp_path / "flip" / "metrics.json").read_text())
     assert m0["tta"] == "none" and m1["tta"] == "flip" and m1["config"]["tta"] == "flip"
-    p0 = np.exp(log_softmax(load_predictions(tmp_path / "none" / "predictions.npz")["logits"].astype(np.float64)))
-    p1 = np.exp(log_softmax(load_predictions(tmp_path / "flip" / "predictions.npz")["logits"].astype(np.float64)))
+    p0 = np.exp(log_softmax(read_predictions(tmp_path / "none" / "predictions" / "val.npz").logits.astype(np.float64)))
+    p1 = np.exp(log_softmax(read_predictions(tmp_path / "flip" / "predictions" / "val.npz").logits.astype(np.float64)))
     assert np.abs(p0 - p1).max() > 1e-6  # fp32 and the same images: any difference comes from the mirror view
     np.testing.assert_allclose(p1.sum(1), 1.0, atol=1e-5)
 
@@ -237,10 +235,10 @@ def test_predict_with_an_ensemble_applies_its_fitted_combination(
     )
     # The ensemble's own predictions (log-probabilities of its report half) come from the members' saved
     # logits; predicting re-runs the members and must give the same distribution on those images.
-    saved = load_predictions(ensemble_dir / "predictions" / "val.npz")
+    saved = read_predictions(ensemble_dir / "predictions" / "val.npz")
     by_id = {row["path"].rsplit("/", 1)[-1]: row for row in r.predictions}
-    assert len(saved["sample_ids"]) > 0
-    for sid, lp in zip(saved["sample_ids"], saved["logits"], strict=True):
+    assert len(saved.sample_ids) > 0
+    for sid, lp in zip(saved.sample_ids, saved.logits, strict=True):
         row = by_id[str(sid).rsplit("/", 1)[-1]]
         got = np.zeros(3)
         for t in row["top_k"]:
@@ -273,8 +271,8 @@ def test_zero_shot_tta_and_predicting_from_an_evaluate_output(in1k32: Path, trai
     assert main(eval_argv(*base, "--out", str(tmp_path / "zs"))) == 0
     assert main(eval_argv(*base, "--tta", "flip+crops", "--out", str(tmp_path / "zs-tta"))) == 0
     assert json.loads((tmp_path / "zs-tta" / "metrics.json").read_text())["tta"] == "flip+crops"
-    z0 = load_predictions(tmp_path / "zs" / "predictions.npz")["logits"]
-    z1 = load_predictions(tmp_path / "zs-tta" / "predictions.npz")["logits"]
+    z0 = read_predictions(tmp_path / "zs" / "predictions" / "val.npz").logits
+    z1 = read_predictions(tmp_path / "zs-tta" / "predictions" / "val.npz").logits
     assert z0.shape == z1.shape == (12, 3)  # the dataset's 3 classes, not ImageNet's 1,000
     np.testing.assert_allclose(np.exp(z1).sum(1), 1.0, atol=1e-5)  # log mean probabilities over those 3
     assert np.abs(np.exp(log_softmax(z0.astype(np.float64))) - np.exp(z1)).max() > 1e-6

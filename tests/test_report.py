@@ -16,11 +16,12 @@ import pytest
 import yaml
 
 from builders import WNIDS, tiny_imagenet_files, write_folder
+from transferlab.artifacts.predictions import write_predictions
+from transferlab.artifacts.summary import summarize
 from transferlab.cli import build_parser, main
-from transferlab.data.base import ClassInfo
 from transferlab.ensemble import EnsembleConfig, run_ensemble
-from transferlab.evaluate import IMAGENET_OVERLAP_WARNING, write_predictions
-from transferlab.metrics import expected_calibration_error, softmax, summarize
+from transferlab.labels import IMAGENET_OVERLAP_WARNING
+from transferlab.metrics import expected_calibration_error, softmax
 from transferlab.report import figures as F
 from transferlab.report.render import ReportConfig, build_report
 
@@ -50,8 +51,7 @@ def make_run(root: Path, name: str, *, acc: float, seed: int, img_size: int = 64
     out = root / name
     ids, t = _val_split()
     z = _logits(t, acc, 2.5, seed)
-    classes = ClassInfo(WNIDS, tuple(NAMES[w] for w in WNIDS))
-    write_predictions(out / "predictions" / "val.npz", z, t, ids, classes)
+    write_predictions(out / "predictions" / "val.npz", z, t, ids, WNIDS)
     cfg = {"model": "test_resnet", "data": "tiny", "out": str(out), "strategy": "linear-probe", "seed": seed}
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     cols = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]

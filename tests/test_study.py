@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from builders import cifar_files, write_folder
+from transferlab.artifacts.predictions import read_predictions
 from transferlab.cli import main
-from transferlab.evaluate import load_predictions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -200,18 +200,16 @@ def test_evaluate_study_reapplies_fitted_ensembles(
     # Same data as the study: members' logits are reproduced, and the greedy ensemble applied to them gives,
     # on the study's report half, exactly the predictions the study wrote (nothing was refit).
     for name in ("probe", "zs"):
-        a = load_predictions(
-            study / "members" / name / ("predictions/val.npz" if name == "probe" else "predictions.npz")
-        )
-        b = load_predictions(out / "members" / name / "predictions.npz")
-        np.testing.assert_allclose(a["logits"], b["logits"], rtol=1e-4, atol=1e-4)
-    old = load_predictions(study / "ensembles" / "greedy" / "predictions" / "val.npz")
-    new = load_predictions(out / "ensembles" / "greedy" / "predictions" / "val.npz")
-    pos = {sid: i for i, sid in enumerate(new["sample_ids"].tolist())}
-    rows = [pos[sid] for sid in old["sample_ids"].tolist()]
-    np.testing.assert_allclose(np.exp(new["logits"][rows]), np.exp(old["logits"]), atol=1e-5)
+        a = read_predictions(study / "members" / name / "predictions" / "val.npz")
+        b = read_predictions(out / "members" / name / "predictions" / "val.npz")
+        np.testing.assert_allclose(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+    old = read_predictions(study / "ensembles" / "greedy" / "predictions" / "val.npz")
+    new = read_predictions(out / "ensembles" / "greedy" / "predictions" / "val.npz")
+    pos = {sid: i for i, sid in enumerate(new.sample_ids.tolist())}
+    rows = [pos[sid] for sid in old.sample_ids.tolist()]
+    np.testing.assert_allclose(np.exp(new.logits[rows]), np.exp(old.logits), atol=1e-5)
     # Half of these samples fitted the ensembles in the study: flagged, not passed off as held out.
-    assert s["ensembles"]["greedy"]["n_fitted_on"] == len(new["targets"]) - len(old["targets"])
+    assert s["ensembles"]["greedy"]["n_fitted_on"] == len(new.targets) - len(old.targets)
     assert s["ensembles"]["mean"]["n_fitted_on"] == 0  # mean fits nothing: its number here is not optimistic
     assert "were fitted on" in printed
     assert (out / "report" / "report.html").is_file()

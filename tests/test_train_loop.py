@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from builders import eval_argv, train_argv
+from transferlab.artifacts.predictions import read_predictions
 from transferlab.cli import main
-from transferlab.evaluate import load_predictions
 from transferlab.models.weights import read_weight_file
 from transferlab.runtime import cpu_has_bf16
 
@@ -113,8 +113,8 @@ def test_feature_cache_path_equals_the_image_loop(
     wf, _ = read_weight_file(fast / "model.safetensors")
     wsl, _ = read_weight_file(slow / "model.safetensors")
     torch.testing.assert_close(wf["head.fc.weight"], wsl["head.fc.weight"], **tol)
-    pf = load_predictions(fast / "predictions" / "val.npz")["logits"]
-    ps = load_predictions(slow / "predictions" / "val.npz")["logits"]
+    pf = read_predictions(fast / "predictions" / "val.npz").logits
+    ps = read_predictions(slow / "predictions" / "val.npz").logits
     np.testing.assert_allclose(pf, ps, rtol=1e-4 if prec else 0, atol=1e-4 if prec else 5e-3)
     assert (pf.argmax(1) == ps.argmax(1)).all()
     assert mf["top1"] == ms["top1"] and mf["best_epoch"] == ms["best_epoch"]
@@ -132,8 +132,8 @@ def test_evaluate_run_dir_on_another_split(train_ds: Path, in1k32: Path, tmp_pat
     ev = tmp_path / "ev"
     assert main(eval_argv(str(run), "--data", str(train_ds), "--split", "val", "--out", str(ev))) == 0
     np.testing.assert_allclose(
-        load_predictions(ev / "predictions.npz")["logits"],
-        load_predictions(run / "predictions" / "val.npz")["logits"],
+        read_predictions(ev / "predictions" / "val.npz").logits,
+        read_predictions(run / "predictions" / "val.npz").logits,
         rtol=1e-4,
         atol=1e-4,
     )
@@ -165,8 +165,8 @@ def test_ddp_two_processes_match_single_process_evaluation(train_ds: Path, in1k3
     single = json.loads((ev / "metrics.json").read_text())
     assert single["n"] == m["n"] and single["top1"] == m["top1"]
     np.testing.assert_allclose(
-        load_predictions(ev / "predictions.npz")["logits"],
-        load_predictions(run / "predictions" / "val.npz")["logits"],
+        read_predictions(ev / "predictions" / "val.npz").logits,
+        read_predictions(run / "predictions" / "val.npz").logits,
         rtol=1e-4,
         atol=1e-4,
     )

@@ -14,13 +14,14 @@ import torch
 import yaml
 
 from builders import WNIDS, eval_argv, fast_train_argv, imagenet_test_resnet, jpeg_bytes, write_folder
+from transferlab.artifacts.predictions import read_predictions
 from transferlab.cli import main
 from transferlab.data import open_dataset
 from transferlab.errors import ConfigError
-from transferlab.evaluate import load_predictions, make_eval_transform
+from transferlab.inference.engine import make_eval_transform
+from transferlab.inference.features import cached_features, pre_logits
 from transferlab.models.backbones import create_backbone
 from transferlab.runtime import resolve_precision
-from transferlab.train.features import cached_features, pre_logits
 from transferlab.train.probe import ProbeConfig, fit_linear_probe, stratified_holdout
 
 CPU = torch.device("cpu")
@@ -146,12 +147,14 @@ def test_train_run_directory_is_complete_and_consistent(tiny_zip: Path, tmp_path
     assert set(rows[0]) >= {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"}
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["epochs"] == 3 and cfg["model"] == "test_resnet"
-    pred = load_predictions(out / "predictions" / "val.npz")
-    assert list(pred["class_ids"]) == list(WNIDS) and pred["logits"].shape == (6, 3)
+    pred = read_predictions(out / "predictions" / "val.npz")
+    assert list(pred.class_ids) == list(WNIDS) and pred.logits.shape == (6, 3)
     # The saved model reproduces the run's predictions through the ordinary evaluate path.
     ev = tmp_path / "ev"
     assert main(eval_argv(str(out), "--data", str(tiny_zip), "--out", str(ev))) == 0
-    np.testing.assert_allclose(load_predictions(ev / "predictions.npz")["logits"], pred["logits"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        read_predictions(ev / "predictions" / "val.npz").logits, pred.logits, rtol=1e-4, atol=1e-4
+    )
     assert json.loads((ev / "metrics.json").read_text())["top1"] == pytest.approx(m["top1"])
 
 
@@ -194,8 +197,8 @@ def test_warm_start_reproduces_zero_shot(tiny_zip: Path, tmp_path: Path, in1k_we
         )
         == 0
     )
-    a = load_predictions(tmp_path / "run" / "predictions" / "val.npz")["logits"]
-    b = load_predictions(tmp_path / "zs" / "predictions.npz")["logits"]
+    a = read_predictions(tmp_path / "run" / "predictions" / "val.npz").logits
+    b = read_predictions(tmp_path / "zs" / "predictions" / "val.npz").logits
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -264,8 +267,8 @@ def test_seed_head_trains_on_cached_feature_maps(train_ds: Path, in1k32: Path, t
     ev = tmp_path / "ev"
     assert main(eval_argv(str(run), "--data", str(train_ds), "--out", str(ev))) == 0
     np.testing.assert_allclose(
-        load_predictions(ev / "predictions.npz")["logits"],
-        load_predictions(run / "predictions" / "val.npz")["logits"],
+        read_predictions(ev / "predictions" / "val.npz").logits,
+        read_predictions(run / "predictions" / "val.npz").logits,
         rtol=1e-4,
         atol=1e-4,
     )

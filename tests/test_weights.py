@@ -20,9 +20,9 @@ import timm
 import torch
 
 from transferlab.errors import WeightsError
+from transferlab.labels import imagenet_synsets
 from transferlab.models import weights as W
 from transferlab.models.backbones import create_backbone
-from transferlab.models.imagenet import imagenet_synsets
 from transferlab.models.preprocessing import Preprocessing
 from transferlab.models.weights import (
     LITE_PACKAGES,

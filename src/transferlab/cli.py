@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="evaluate a pretrained (or trained) model on a dataset split",
         description="Evaluate a timm model on a labeled split and write metrics.json (top1 with a bootstrap "
-        "95% interval, top5, nll, images/s), predictions.npz and per_class.csv to --out. "
+        "95% interval, top5, nll, ece, images/s), predictions/<split>.npz and per_class.csv to --out. "
         "--zero-shot uses the ImageNet-1k head restricted to the dataset's classes.",
     )
     ev.add_argument(
@@ -476,8 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
         "members",
         nargs="+",
         metavar="RUN_OR_NPZ",
-        help="members: run directories (their predictions/<split>.npz), evaluate output folders "
-        "(predictions.npz) or .npz files; all on the same samples in the same order, with one class list",
+        help="members: run directories or evaluate output folders (their predictions/<split>.npz) "
+        "or .npz files; all on the same samples in the same order, with one class list",
     )
     en.add_argument(
         "--method",
@@ -708,8 +708,8 @@ def _subhelp(p: argparse.ArgumentParser) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``transferlab evaluate``."""
+    from transferlab.artifacts.folders import is_study_dir
     from transferlab.evaluate import EvalConfig, evaluate
-    from transferlab.study import is_study_dir
 
     if args.run is not None and is_study_dir(args.run):
         return _evaluate_study(args)
@@ -749,7 +749,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"  {m['images_per_s']} images/s ({m['precision']}, {'channels_last' if m['channels_last'] else 'NCHW'}, "
         f"{m['device']}), {m['wall_s']} s"
     )
-    print(f"  wrote {args.out / 'metrics.json'}, predictions.npz, per_class.csv")
+    print(f"  wrote {args.out / 'metrics.json'}, predictions/{m['split']}.npz, per_class.csv")
     return 0
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +35,20 @@ from typing import Any
 
 import numpy as np
 
+from transferlab.artifacts.predictions import (
+    LEGACY_FILE,
+    PREDICTIONS_DIR,
+    Predictions,
+    find_predictions,
+    prediction_splits,
+    predictions_path,
+    read_predictions,
+    write_predictions,
+)
+from transferlab.artifacts.summary import ECE_BINS, summarize
 from transferlab.errors import ConfigError, DataError
 from transferlab.io import atomic_write_json, atomic_write_with
 from transferlab.metrics import (
-    bootstrap_ci,
     confusion_matrix,
     error_correlation,
     expected_calibration_error,
@@ -58,59 +67,47 @@ METHODS = ("mean", "vote", "weighted", "greedy", "stack")
 GREEDY_METRICS = ("nll", "accuracy")
 FORMAT = "transferlab-ensemble"
 FORMAT_VERSION = 1
-ECE_BINS = 15
 # Temperatures are searched in [T_MIN, T_MAX]; a member that is right on every select sample with a
 # margin would otherwise drive T to 0.
 T_MIN, T_MAX = 0.01, 100.0
-_REQUIRED_KEYS = ("logits", "targets", "sample_ids", "class_ids")
 
 
 # --------------------------------------------------------------------------------------------------
 # Members
 
 
-@dataclass(frozen=True)
-class Member:
-    """One member's predictions on one split, as read from its file."""
+@dataclass
+class Member(Predictions):
+    """One member's predictions on one split (a checked predictions file), with the argument that named it."""
 
-    spec: str
-    path: Path
-    logits: np.ndarray
-    targets: np.ndarray
-    sample_ids: np.ndarray
-    class_ids: np.ndarray
+    spec: str = ""
 
     @property
     def name(self) -> str:
         """A short label for tables: the run directory's name, or the file's stem."""
         p = self.path
-        if p.parent.name == "predictions":
+        if p.parent.name == PREDICTIONS_DIR:
             return p.parent.parent.name
-        if p.stem == "predictions":
+        if p.name == LEGACY_FILE:
             return p.parent.name
         return p.stem
 
 
 def resolve_member(spec: str | Path, split: str = "val") -> Path:
-    """The predictions file a member argument stands for.
-
-    A directory is a run (``predictions/<split>.npz``) or an ``evaluate`` output (``predictions.npz``);
-    anything else must be an ``.npz`` file.
-    """
+    """The predictions file a member argument stands for: a folder's predictions on ``split``
+    (artifacts.predictions.find_predictions), or an ``.npz`` file itself."""
     p = Path(spec)
     if p.is_dir():
-        run_file = p / "predictions" / f"{split}.npz"
-        if run_file.is_file():
-            return run_file
-        if (p / "predictions.npz").is_file():
-            return p / "predictions.npz"
-        have = sorted(f.stem for f in (p / "predictions").glob("*.npz")) if (p / "predictions").is_dir() else []
+        found = find_predictions(p, split)
+        if found is not None:
+            return found
+        have = prediction_splits(p)
         hint = (
             f"it has predictions for {', '.join(have)}: pass --split {have[0]}"
             if have
-            else "run `transferlab evaluate` on it and pass the predictions.npz it writes"
+            else "run `transferlab evaluate` on it and pass the folder it writes"
         )
-        raise DataError(f"member {spec}: no predictions/{split}.npz and no predictions.npz in this folder; {hint}")
+        raise DataError(f"member {spec}: no {PREDICTIONS_DIR}/{split}.npz in this folder; {hint}")
     if not p.is_file():
         raise DataError(f"member {spec}: no such file or folder; pass a run directory or a predictions .npz")
     return p
@@ -119,39 +116,8 @@ def resolve_member(spec: str | Path, split: str = "val") -> Path:
 def load_member(spec: str | Path, split: str = "val") -> Member:
     """Read and check one member's predictions file (no pickles)."""
     path = resolve_member(spec, split)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in _REQUIRED_KEYS if k not in z.files]
-            if missing:
-                raise DataError(
-                    f"member {spec} ({path}): missing {', '.join(missing)}; expected a predictions file written "
-                    "by `transferlab train` or `transferlab evaluate`"
-                )
-            data = {k: z[k] for k in _REQUIRED_KEYS}
-    except DataError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise DataError(f"member {spec} ({path}): cannot read it as a predictions .npz ({e})") from e
-    logits = np.asarray(data["logits"])
-    targets = np.asarray(data["targets"])
-    sample_ids = np.asarray(data["sample_ids"]).astype(str)
-    class_ids = np.asarray(data["class_ids"]).astype(str)
-    where = f"member {spec} ({path})"
-    if logits.ndim != 2 or logits.shape != (len(sample_ids), len(class_ids)):
-        raise DataError(
-            f"{where}: logits have shape {logits.shape} but there are {len(sample_ids)} sample ids and "
-            f"{len(class_ids)} class ids; the file is inconsistent, write it again"
-        )
-    if targets.shape != (len(sample_ids),) or not np.issubdtype(targets.dtype, np.integer):
-        raise DataError(f"{where}: targets must be {len(sample_ids)} integers, got {targets.dtype} {targets.shape}")
-    if len(targets) and (targets.min() < 0 or targets.max() >= len(class_ids)):
-        raise DataError(
-            f"{where}: targets outside 0..{len(class_ids) - 1} (unlabeled samples?); ensembles are measured on "
-            "labeled splits only"
-        )
-    if not np.isfinite(logits).all():
-        raise DataError(f"{where}: logits contain NaN or infinity; re-evaluate the model")
-    return Member(str(spec), path, logits, targets.astype(np.int64), sample_ids, class_ids)
+    preds = read_predictions(path, where=f"member {spec}", labeled=True)
+    return Member(preds.path, preds.logits, preds.targets, preds.sample_ids, preds.class_ids, spec=str(spec))
 
 
 def check_members(members: Sequence[Member], *, role: str = "member") -> None:
@@ -716,8 +682,8 @@ def _select_members(cfg: EnsembleConfig) -> list[Member]:
     for spec in cfg.select_data:
         split = cfg.select_split
         p = Path(spec)
-        if split is None and p.is_dir() and (p / "predictions").is_dir():
-            have = sorted(f.stem for f in (p / "predictions").glob("*.npz") if f.stem != cfg.split)
+        if split is None and p.is_dir() and prediction_splits(p):
+            have = [s for s in prediction_splits(p) if s != cfg.split]
             if len(have) != 1:
                 raise ConfigError(
                     f"--select-data {spec}: cannot tell which of its predictions to fit on "
@@ -727,23 +693,6 @@ def _select_members(cfg: EnsembleConfig) -> list[Member]:
         out.append(load_member(spec, split or cfg.split))
     check_members(out, role="--select-data file")
     return out
-
-
-def _headline(log_probs: np.ndarray, targets: np.ndarray, *, n_boot: int, seed: int) -> dict[str, Any]:
-    """n, top1 (+CI), top5 (+CI), nll, ece of one set of predictions."""
-    c1 = topk_correct(log_probs, targets, 1)
-    c5 = topk_correct(log_probs, targets, 5)
-    lo1, hi1 = bootstrap_ci(c1, n_boot=n_boot, seed=seed)
-    lo5, hi5 = bootstrap_ci(c5, n_boot=n_boot, seed=seed)
-    return {
-        "n": len(targets),
-        "top1": float(c1.mean()),
-        "top1_ci": [lo1, hi1],
-        "top5": float(c5.mean()),
-        "top5_ci": [lo5, hi5],
-        "nll": nll(log_probs, targets),
-        "ece": expected_calibration_error(np.exp(log_probs), targets, ECE_BINS),
-    }
 
 
 def _offdiag_mean(a: np.ndarray) -> float | None:
@@ -867,7 +816,7 @@ def run_ensemble(
     rep_member_lp = fitted.member_log_probs(logits[:, report])
     ens_lp = fitted.log_probs(logits[:, report])
     c = len(ref.class_ids)
-    ens = _headline(ens_lp, rep_t, n_boot=cfg.n_boot, seed=cfg.seed)
+    ens = summarize(ens_lp, rep_t, n_boot=cfg.n_boot, seed=cfg.seed)
     ens["split"] = "report"
     cm = confusion_matrix(ens_lp, rep_t, c)
     ens["most_confused"] = most_confused(cm, k=10, class_ids=ref.class_ids.tolist(), class_names=names_of)
@@ -886,7 +835,7 @@ def run_ensemble(
     member_rows = []
     for i, m in enumerate(members):
         row: dict[str, Any] = {"name": m.name, "path": str(m.path.resolve()), "split": "report"}
-        row.update(_headline(rep_member_lp[i], rep_t, n_boot=cfg.n_boot, seed=cfg.seed))
+        row.update(summarize(rep_member_lp[i], rep_t, n_boot=cfg.n_boot, seed=cfg.seed))
         if fitted.temperatures is not None:
             raw = log_softmax(logits[i, report])
             row["temperature"] = float(fitted.temperatures[i])
@@ -947,19 +896,12 @@ def run_ensemble(
         metrics["temperatures"] = fitted.temperatures.tolist()
 
     # --- write -----------------------------------------------------------------------------------
-    from transferlab.data.base import ClassInfo
-    from transferlab.evaluate import write_predictions
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ids = tuple(ref.class_ids.tolist())
     floor = math.log(np.finfo(np.float32).tiny)
     write_predictions(
-        out / "predictions" / f"{cfg.split}.npz",
-        np.maximum(ens_lp, floor),
-        rep_t,
-        ref.sample_ids[report].tolist(),
-        ClassInfo(ids, tuple(names_of) if names_of else ids),
+        predictions_path(out, cfg.split), np.maximum(ens_lp, floor), rep_t, ref.sample_ids[report].tolist(), ids
     )
     save_fitted(out, fitted, members, split=cfg.split, protocol=protocol)
     metrics = _nan_to_none(metrics)

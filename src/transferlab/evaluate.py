@@ -8,46 +8,34 @@ the dataset's classes. That number answers "how good is the pretrained model wit
 from __future__ import annotations
 
 import logging
-import platform
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from transferlab import __version__
-from transferlab.data import ImageSplit, open_dataset
-from transferlab.data.base import data_fingerprint
-from transferlab.data.batched import ArrayBatches, eval_batch
-from transferlab.data.decoded import DECODED_MODES, decode_split, pixel_array
-from transferlab.data.transforms import CROP_MODES, INTERPOLATIONS, EvalTransform, normalize_batch
+from transferlab.artifacts.predictions import predictions_path, write_predictions
+from transferlab.artifacts.summary import summarize
+from transferlab.data import open_dataset
+from transferlab.data.base import data_fingerprint, subset_indices
+from transferlab.data.decoded import DECODED_MODES, decode_split
+from transferlab.data.transforms import CROP_MODES, INTERPOLATIONS
 from transferlab.errors import ConfigError, DataError
-from transferlab.io import atomic_write_json, atomic_write_text, atomic_write_with
-from transferlab.metrics import per_class_accuracy, summarize
+from transferlab.inference.engine import default_workers, make_eval_transform, pipeline_name, predict_logits
+from transferlab.inference.tta import check_tta
+from transferlab.io import atomic_write_json, atomic_write_text
+from transferlab.labels import IMAGENET_OVERLAP_WARNING, imagenet_indices
+from transferlab.metrics import per_class_accuracy
 from transferlab.models.backbones import Backbone, create_backbone
-from transferlab.models.fold import inference_copy
-from transferlab.models.imagenet import imagenet_indices
-from transferlab.models.preprocessing import Preprocessing
 from transferlab.runtime import (
-    Precision,
-    eval_mode,
-    inference_streams,
     resolve_device,
     resolve_precision,
-    reuse_freed_memory,
+    versions,
 )
 
 log = logging.getLogger(__name__)
-
-IMAGENET_OVERLAP_WARNING = (
-    "the dataset's classes are ImageNet classes and its images likely come from ImageNet itself: "
-    "ImageNet-pretrained weights have probably seen them, so these numbers may be optimistic"
-)
 
 
 @dataclass(frozen=True)
@@ -78,7 +66,7 @@ class EvalConfig:
     #: a zero-shot evaluation after a linear probe on the same images then costs no forward pass.
     cache_dir: Path | None = None
     #: Test-time augmentation: none, flip or flip+crops (see transferlab.predict); probabilities are averaged
-    #: over the views and predictions.npz then holds log mean probabilities in its logits field.
+    #: over the views and predictions/<split>.npz then holds log mean probabilities in its logits field.
     tta: str = "none"
     #: ``auto``: read the split from the decoded cache (built on first use) and resize whole batches as
     #: tensors; ``off``: decode each image with PIL in DataLoader workers.
@@ -103,143 +91,16 @@ class EvalConfig:
             raise ConfigError(f"--n-boot must be >= 0, got {self.n_boot}")
         if self.decoded_cache not in DECODED_MODES:
             raise ConfigError(f"--decoded-cache must be one of {', '.join(DECODED_MODES)}, not {self.decoded_cache!r}")
-        from transferlab.predict import check_tta
 
         check_tta(self.tta)
         if self.tta != "none" and self.cache_dir is not None:
             raise ConfigError("--tta runs the model on several views of each image; leave out --cache-dir")
 
 
-class _SplitDataset(Dataset):
-    """Maps an ImageSplit through a transform; yields (uint8 image, index)."""
-
-    def __init__(self, split: ImageSplit, transform: EvalTransform, indices: np.ndarray) -> None:
-        self.split = split
-        self.transform = transform
-        self.indices = indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        j = int(self.indices[i])
-        return self.transform(self.split.load(j)), j
-
-
-def make_eval_transform(
-    pre: Preprocessing, size: int, crop: str = "auto", interpolation: str = "auto"
-) -> EvalTransform:
-    """The eval transform for a backbone's preprocessing. ``interpolation='auto'`` keeps the weights'
-    own method for down-scaling and uses bilinear for up-scaling; a named method is used for both."""
-    if interpolation == "auto":
-        return EvalTransform(size, pre.interpolation, pre.crop_pct, crop, upsample="auto")
-    return EvalTransform(size, interpolation, pre.crop_pct, crop, upsample=interpolation)
-
-
-def pipeline_name(split: ImageSplit) -> str:
-    """How a split's images reach the model, for metrics and logs."""
-    folder = getattr(split, "folder", None)
-    if folder is not None:
-        return f"decoded cache ({folder}), batched tensor resize"
-    if pixel_array(split) is not None:
-        return "in-memory array, batched tensor resize"
-    return "PIL per image in DataLoader workers"
-
-
-def default_workers() -> int:
-    """Decode in one or more worker processes, leaving at least one core to the model."""
-    import os
-
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, n - 1))
-
-
-def subset_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
-    """All indices, or a seeded random ``limit`` of them in ascending order (reproducible subsets)."""
-    if limit is None or limit >= n:
-        return np.arange(n)
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n, size=limit, replace=False))
-
-
-@torch.inference_mode()
-def predict_logits(
-    backbone: Backbone,
-    split: ImageSplit,
-    transform: EvalTransform,
-    *,
-    indices: np.ndarray,
-    precision: Precision,
-    device: torch.device,
-    batch_size: int = 64,
-    workers: int = 1,
-    progress: bool | None = None,
-    forward: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
-    desc: str | None = None,
-) -> np.ndarray:
-    """Run the model over ``split[indices]`` and return float32 outputs in that order.
-
-    ``forward(model, x)`` replaces ``model(x)``, e.g. to return pre-logits features for the feature
-    cache; the output width is taken from the first batch.
-    """
-    model = backbone.model.to(device)
-    if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    # A copy with BatchNorm folded into the convolutions: the same function, ~30% faster on a CPU.
-    model = inference_copy(model, transform.size, device, channels_last=precision.channels_last)
-    pre = backbone.preprocessing
-    pixels = pixel_array(split)
-    loader: Iterable[Any]
-    if pixels is not None:  # decoded cache: whole batches resized as tensors, no worker processes
-        loader = ArrayBatches(
-            pixels,
-            split.targets,
-            indices,
-            range(len(indices)),
-            batch_size,
-            lambda u8, _idx: u8,  # resized inside each inference stream (below), in parallel
-            device,
-        )
-    else:
-        loader = DataLoader(
-            _SplitDataset(split, transform, indices),
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
-        )
-    out: np.ndarray | None = None
-    pos = 0
-    disable = None if progress is None else not progress
-
-    def run_model(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            if pixels is not None:
-                # Standardised (and made channels_last) at the stored size, then resized: see batched.py.
-                x = eval_batch(x, transform, norm=(pre.mean, pre.std), channels_last=precision.channels_last)
-            with precision.autocast():
-                return (model(x) if forward is None else forward(model, x)).float()
-
-    with eval_mode(model), reuse_freed_memory(device), inference_streams(device) as run:
-        for batch in tqdm(loader, desc=desc or f"eval {split.name}", unit="batch", disable=disable, leave=False):
-            x = batch[0].to(device, non_blocking=True)
-            if pixels is None:
-                x = normalize_batch(x, pre.mean, pre.std, channels_last=precision.channels_last)
-            y = run(run_model, x).cpu().numpy()
-            if out is None:
-                out = np.empty((len(indices), *y.shape[1:]), dtype=np.float32)
-            out[pos : pos + len(y)] = y
-            pos += len(y)
-    if out is None:
-        return np.empty((0, backbone.num_classes), dtype=np.float32)
-    return out
-
-
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate ``cfg.model`` on ``cfg.data``/``cfg.split`` and write results under ``cfg.out``.
 
-    Writes ``metrics.json``, ``predictions.npz`` (logits, targets, sample_ids, class_ids) and
+    Writes ``metrics.json``, ``predictions/<split>.npz`` (logits, targets, sample_ids, class_ids) and
     ``per_class.csv``, each atomically. Returns the metrics dict.
     """
     from transferlab.data.screen import refuse_too_few_classes
@@ -322,7 +183,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     forward = None
     if cfg.tta != "none":
-        from transferlab.predict import tta_forward
+        from transferlab.inference.tta import tta_forward
 
         forward = tta_forward(cfg.tta, cols)  # keeps the dataset's columns itself, before averaging
         cols = None
@@ -338,7 +199,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         progress=cfg.progress,
     )
     if cfg.cache_dir is not None and cfg.run is None:
-        from transferlab.train.features import cached_features
+        from transferlab.inference.features import cached_features
 
         feats, path, hit = cached_features(
             backbone, split, transform, cache_dir=Path(cfg.cache_dir) / "features", **common
@@ -381,25 +242,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "config": _config_dict(cfg),
         "versions": versions(),
     }
-    write_outputs(cfg.out, metrics, logits, targets, [split.sample_ids[i] for i in indices], source.classes)
+    write_outputs(cfg.out, metrics, logits, targets, [split.sample_ids[i] for i in indices], source.classes, cfg.split)
     return metrics
 
 
 def _config_dict(cfg: EvalConfig) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-
-
-def versions() -> dict[str, str]:
-    """Versions that decide the numbers (for provenance in metrics and reports)."""
-    import timm
-
-    return {
-        "transferlab": __version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def write_outputs(
@@ -409,11 +257,12 @@ def write_outputs(
     targets: np.ndarray,
     sample_ids: list[str],
     classes: Any,
+    split: str,
 ) -> None:
-    """Write predictions.npz, per_class.csv and metrics.json (last, so its presence means complete)."""
+    """Write predictions/<split>.npz, per_class.csv and metrics.json (last, so its presence means complete)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_predictions(out / "predictions.npz", logits, targets, sample_ids, classes)
+    write_predictions(predictions_path(out, split), logits, targets, sample_ids, classes.ids)
     acc = per_class_accuracy(logits, targets, len(classes))
     counts = np.bincount(targets, minlength=len(classes))
     lines = ["class_index,class_id,class_name,n,top1"]
@@ -422,24 +271,3 @@ def write_outputs(
         lines.append(f'{i},{cid},"{safe}",{counts[i]},{"" if np.isnan(acc[i]) else f"{acc[i]:.4f}"}')
     atomic_write_text(out / "per_class.csv", "\n".join(lines) + "\n")
     atomic_write_json(out / "metrics.json", metrics)
-
-
-def write_predictions(path: Path, logits: np.ndarray, targets: np.ndarray, sample_ids: list[str], classes: Any) -> None:
-    """A predictions file: logits, targets, sample ids and class ids (no pickles; atomic)."""
-
-    def _npz(f: Any) -> None:
-        np.savez(
-            f,
-            logits=logits.astype(np.float32),
-            targets=targets.astype(np.int64),
-            sample_ids=np.asarray(sample_ids, dtype=str),
-            class_ids=np.asarray(classes.ids, dtype=str),
-        )
-
-    atomic_write_with(path, _npz)
-
-
-def load_predictions(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a predictions.npz written by :func:`write_outputs` (no pickles allowed)."""
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}

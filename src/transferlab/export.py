@@ -30,16 +30,18 @@ import torch
 from torch import nn
 
 from transferlab import __version__
+from transferlab.artifacts.folders import CARD_FILE, is_run_dir
+from transferlab.data.base import subset_indices
+from transferlab.data.names import class_names
 from transferlab.data.transforms import normalize_batch
 from transferlab.errors import ConfigError, TransferlabError, WeightsError
-from transferlab.evaluate import make_eval_transform, subset_indices
+from transferlab.inference.engine import make_eval_transform
+from transferlab.inference.entry import ModelEntry
 from transferlab.io import atomic_write_bytes, atomic_write_json
 from transferlab.models.preprocessing import Preprocessing
-from transferlab.predict import ModelEntry, class_names
 
 log = logging.getLogger(__name__)
 
-CARD_FILE = "model_card.json"
 CARD_FORMAT = "transferlab-model-card"
 CARD_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -135,7 +137,6 @@ def model_card(run_dir: Path, *, data: str | None = None) -> dict[str, Any]:
 
 def export_run(cfg: ExportConfig) -> dict[str, Any]:
     """Export ``cfg.run`` into ``cfg.out`` (created) and return the model card written there."""
-    from transferlab.train.runs import is_run_dir
 
     run_dir = Path(cfg.run)
     if not is_run_dir(run_dir):

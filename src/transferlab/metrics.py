@@ -82,19 +82,6 @@ def bootstrap_ci(correct: np.ndarray, *, n_boot: int = 1000, level: float = 0.95
     return (float(lo), float(hi))
 
 
-def summarize(logits: np.ndarray, targets: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> dict[str, object]:
-    """The headline metrics of one evaluation: n, top1 (+95% CI), top5, nll."""
-    c1 = topk_correct(logits, targets, 1)
-    lo, hi = bootstrap_ci(c1, n_boot=n_boot, seed=seed)
-    return {
-        "n": len(targets),
-        "top1": float(c1.mean()) if len(targets) else float("nan"),
-        "top1_ci": [round(lo, 6), round(hi, 6)],
-        "top5": topk_accuracy(logits, targets, 5),
-        "nll": nll(logits, targets),
-    }
-
-
 def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, n_bins: int = 15) -> float:
     """Expected calibration error with ``n_bins`` equal-width confidence bins (Guo et al. 2017).
 

@@ -1,4 +1,4 @@
-"""``transferlab predict``: run what was trained on new images, and test-time augmentation.
+"""``transferlab predict``: run what was trained on new images.
 
 A *predictor* is rebuilt from any folder transferlab writes that holds (or points to) a model:
 
@@ -18,29 +18,18 @@ members of different resolutions can be combined; images of any size and mode ar
 :func:`~transferlab.data.images.decode_image`. A file that cannot be read is recorded with the reason
 and the others go on: a folder with one broken JPEG must not cost the predictions for the rest.
 
-Test-time augmentation (TTA) runs the model on several views of each (already resized) input and
-averages the softmax probabilities; the result is returned as log mean probabilities, so every
-consumer that applies a softmax (metrics, ensembles) sees the averaged distribution:
-
-* ``none``: the input as it is (1 view);
-* ``flip``: the input and its horizontal mirror (2 views);
-* ``flip+crops``: those two plus the four corner crops and the center crop at 0.875 of the side, each
-  resized back to the input size with bilinear interpolation (7 views).
-
-Views are cut from the model-sized tensor rather than from the original image, so TTA costs no extra
-decoding and behaves the same for a 64px and a 4000px source.
+Test-time augmentation is :mod:`transferlab.inference.tta`.
 """
 
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,124 +37,32 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from transferlab.artifacts.folders import CARD_FILE, folder_kind, has_model, is_ensemble_dir, is_run_dir, is_study_dir
+from transferlab.artifacts.predictions import LEGACY_FILE, find_predictions, read_predictions
+from transferlab.data.base import subset_indices
 from transferlab.data.batched import eval_batch
 from transferlab.data.decoded import decode_split, pixel_array
 from transferlab.data.images import decode_image, is_image_name
+from transferlab.data.names import class_names
 from transferlab.data.transforms import EvalTransform, normalize_batch
-from transferlab.errors import BadImageError, ConfigError, DataError, TransferlabError
-from transferlab.evaluate import default_workers, make_eval_transform, subset_indices
+from transferlab.errors import BadImageError, ConfigError, DataError
+from transferlab.inference.engine import default_workers, make_eval_transform
+from transferlab.inference.entry import ModelEntry
+from transferlab.inference.tta import check_tta, tta_log_probs, tta_view_count
 from transferlab.io import atomic_write_json, atomic_write_text
 from transferlab.models.fold import inference_copy
-from transferlab.models.preprocessing import Preprocessing
 from transferlab.runtime import Precision, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
-TTA_MODES = ("none", "flip", "flip+crops")
-#: Side of the ``flip+crops`` crops relative to the input (timm's usual eval crop_pct).
-TTA_CROP_SCALE = 0.875
 OUTPUT_SUFFIXES = (".csv", ".json")
 
 
 # --------------------------------------------------------------------------------------------------
-# Test-time augmentation
-
-
-def tta_view_count(mode: str) -> int:
-    """How many forward passes ``mode`` costs per image."""
-    check_tta(mode)
-    return {"none": 1, "flip": 2, "flip+crops": 7}[mode]
-
-
-def check_tta(mode: str) -> None:
-    """Raise a ConfigError naming the option for an unknown TTA mode."""
-    if mode not in TTA_MODES:
-        raise ConfigError(f"--tta must be one of {', '.join(TTA_MODES)}, not {mode!r}")
-
-
-def tta_views(x: torch.Tensor, mode: str) -> Iterator[torch.Tensor]:
-    """The views of a normalised (B, 3, H, W) batch that ``mode`` averages over (see the module docstring).
-
-    Yielded one at a time so that memory stays that of one batch whatever the number of views.
-    """
-    check_tta(mode)
-    yield x
-    if mode == "none":
-        return
-    yield torch.flip(x, dims=[3])
-    if mode == "flip":
-        return
-    h, w = x.shape[-2:]
-    ch, cw = max(1, round(h * TTA_CROP_SCALE)), max(1, round(w * TTA_CROP_SCALE))
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    for top, left in ((0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw), ((h - ch) // 2, (w - cw) // 2)):
-        crop = x[..., top : top + ch, left : left + cw].float()
-        v = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
-        yield v.contiguous(memory_format=torch.channels_last) if channels_last else v.contiguous()
-
-
-def tta_log_probs(
-    model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str, cols: torch.Tensor | None = None
-) -> torch.Tensor:
-    """log of the mean over ``mode``'s views of softmax(model(view)), over the output columns ``cols``.
-
-    ``cols`` restricts the outputs *before* the softmax (zero-shot: the dataset's classes among
-    ImageNet's 1,000), so each view's distribution is over the classes that are scored, as without TTA.
-    """
-    total: torch.Tensor | None = None
-    n = 0
-    for v in tta_views(x, mode):
-        z = model(v).float()
-        if cols is not None:
-            z = z.index_select(1, cols)
-        p = torch.softmax(z, dim=1)
-        total = p if total is None else total + p
-        n += 1
-    assert total is not None
-    return torch.log((total / n).clamp_min(torch.finfo(torch.float32).tiny))
-
-
-def tta_forward(mode: str, cols: np.ndarray | None = None) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
-    """A ``forward(model, x)`` for :func:`transferlab.evaluate.predict_logits` that applies TTA.
-
-    Its rows are log mean probabilities over ``cols`` (all outputs when None); a softmax of them gives
-    back the averaged probabilities, so top-1, NLL and ensembles work on them unchanged.
-    """
-    check_tta(mode)
-
-    def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        c = None if cols is None else torch.as_tensor(np.asarray(cols), dtype=torch.long, device=x.device)
-        return tta_log_probs(model, x, mode, c)
-
-    return forward
-
-
-# --------------------------------------------------------------------------------------------------
 # Predictors
-
-
-@dataclass
-class ModelEntry:
-    """One network, how to feed it, and what its outputs mean."""
-
-    label: str
-    model: nn.Module
-    preprocessing: Preprocessing
-    transform: EvalTransform
-    #: Class ids of the outputs after ``cols`` is applied.
-    class_ids: tuple[str, ...]
-    #: Output columns kept (zero-shot: the dataset's classes among ImageNet-1k's), or None for all.
-    cols: np.ndarray | None = None
-    #: False for an ONNX Runtime model: no autocast, no channels_last, always CPU fp32.
-    torch_native: bool = True
-    #: Where the class names could be looked up (dataset specs), best first.
-    name_sources: tuple[str, ...] = ()
-    class_names: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -189,11 +86,6 @@ class Predictor:
         return f"{self.kind} {self.source} ({what})"
 
 
-def is_ensemble_dir(path: str | Path) -> bool:
-    """True if ``path`` holds a weights.json written by `transferlab ensemble`."""
-    return (Path(path) / "weights.json").is_file()
-
-
 def load_predictor(source: str | Path, *, member: str | None = None, data: str | None = None) -> Predictor:
     """Rebuild the model(s) a folder holds or points to (see the module docstring for the kinds).
 
@@ -202,8 +94,6 @@ def load_predictor(source: str | Path, *, member: str | None = None, data: str |
     data the model was trained on when that is available locally, else from ImageNet's WordNet lemmas
     for WordNet ids, else the ids are shown.
     """
-    from transferlab.study import is_study_dir
-
     p = Path(source)
     if not p.exists():
         raise ConfigError(f"{p}: no such folder; pass a run, export, ensemble or study directory")
@@ -222,19 +112,18 @@ def load_predictor(source: str | Path, *, member: str | None = None, data: str |
 
 def load_entry(path: str | Path) -> tuple[ModelEntry, str]:
     """One network from a run directory, an exported model folder or an evaluate output; returns (entry, kind)."""
-    from transferlab.export import CARD_FILE, load_exported
-    from transferlab.train.runs import is_run_dir
+    from transferlab.export import load_exported
 
     d = Path(path)
     if is_run_dir(d):
         return entry_from_run(d), "run"
     if (d / CARD_FILE).is_file():
         return load_exported(d), "export"
-    if (d / "metrics.json").is_file() and (d / "predictions.npz").is_file():
+    if folder_kind(d) == "evaluation":
         return _entry_from_evaluation(d), "evaluation"
     raise ConfigError(
         f"{d} holds no model transferlab can rebuild: expected a run directory (config.yaml + model.safetensors), "
-        "an exported model (model_card.json), an evaluate output (metrics.json + predictions.npz), an ensemble "
+        "an exported model (model_card.json), an evaluate output (metrics.json + predictions/), an ensemble "
         "(weights.json) or a study folder (study.yaml + members/)"
     )
 
@@ -258,8 +147,6 @@ def entry_from_run(run_dir: str | Path) -> ModelEntry:
 
 def _entry_from_evaluation(d: Path) -> ModelEntry:
     """The model an ``evaluate`` output was computed with, rebuilt from its metrics.json."""
-    from transferlab.evaluate import load_predictions
-
     try:
         m = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -274,10 +161,13 @@ def _entry_from_evaluation(d: Path) -> ModelEntry:
         return entry_from_run(run)
     if mode not in ("zero-shot", "head") or not m.get("model"):
         raise ConfigError(f"{d}/metrics.json is not an evaluate output transferlab can rebuild a model from")
+    from transferlab.labels import imagenet_indices
     from transferlab.models.backbones import create_backbone
-    from transferlab.models.imagenet import imagenet_indices
 
-    class_ids = tuple(str(c) for c in load_predictions(d / "predictions.npz")["class_ids"].tolist())
+    found = find_predictions(d, str(m.get("split", "val")))
+    if found is None:
+        raise ConfigError(f"{d} holds no predictions/<split>.npz to read its class ids from; evaluate again")
+    class_ids = tuple(str(c) for c in read_predictions(found).class_ids.tolist())
     bb = create_backbone(str(m["model"]), cfg.get("weights", "auto"))
     cols = imagenet_indices(class_ids) if mode == "zero-shot" else None
     if cols is None and bb.num_classes != len(class_ids):
@@ -301,30 +191,18 @@ def _member_dir(member: dict[str, Any], edir: Path) -> Path:
     path = Path(str(member.get("path", "")))
     if path.parent.name == "predictions":
         tried.append(path.parent.parent)
-    elif path.name == "predictions.npz":
+    elif path.name == LEGACY_FILE:
         tried.append(path.parent)
     spec = Path(str(member.get("spec", "")))
     tried.append(spec)
     # A study's ensemble sits in STUDY/ensembles/<name>; its members in STUDY/members/<name> (also after a move).
     tried.append(edir.resolve().parent.parent / "members" / str(member.get("name", "")))
     for d in tried:
-        if d.is_dir() and (is_run_or_model_dir(d)):
+        if has_model(d):
             return d
     raise ConfigError(
         f"ensemble {edir}: member {member.get('name')} cannot be rebuilt: none of "
         f"{', '.join(str(t) for t in tried)} holds its model (a run directory or evaluate output)"
-    )
-
-
-def is_run_or_model_dir(d: Path) -> bool:
-    """True if :func:`load_entry` can rebuild a model from ``d``."""
-    from transferlab.export import CARD_FILE
-    from transferlab.train.runs import is_run_dir
-
-    return (
-        is_run_dir(d)
-        or (d / CARD_FILE).is_file()
-        or ((d / "metrics.json").is_file() and (d / "predictions.npz").is_file())
     )
 
 
@@ -389,7 +267,7 @@ def _from_study(sdir: Path, member: str | None, data: str | None) -> Predictor:
         roles = {n: (m or {}).get("role", "member") for n, m in (doc.get("members") or {}).items()}
         for d in sorted((sdir / "members").iterdir()):
             top1 = _read_top1(d)
-            if roles.get(d.name, "member") == "member" and top1 is not None and is_run_or_model_dir(d):
+            if roles.get(d.name, "member") == "member" and top1 is not None and has_model(d):
                 scored.append((top1, d.name, d))
         what = "member"
     if not scored:
@@ -403,44 +281,6 @@ def _from_study(sdir: Path, member: str | None, data: str | None) -> Predictor:
 
 # --------------------------------------------------------------------------------------------------
 # Class names
-
-
-@functools.cache
-def imagenet_lemmas() -> dict[str, str]:
-    """WordNet id -> lemma for the ImageNet synsets, from timm's package data (no download, no timm import)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("timm")
-    for loc in (spec.submodule_search_locations or []) if spec else []:
-        f = Path(loc) / "data" / "_info" / "imagenet_synset_to_lemma.txt"
-        if f.is_file():
-            out = {}
-            for line in f.read_text(encoding="utf-8").splitlines():
-                wnid, _, lemma = line.partition("\t")
-                if wnid and lemma:
-                    out[wnid.strip()] = lemma.strip()
-            return out
-    return {}
-
-
-def class_names(class_ids: Sequence[str], sources: Sequence[str | None] = ()) -> tuple[str, ...]:
-    """Names for ``class_ids``: from the first dataset in ``sources`` found locally that names them (never
-    downloaded), else ImageNet's WordNet lemmas for WordNet ids, else the id itself."""
-    from transferlab.data import open_dataset
-
-    lemmas = imagenet_lemmas()
-    for s in sources:
-        if not s:
-            continue
-        try:
-            classes = open_dataset(s, download=False).classes
-        except (TransferlabError, OSError, ValueError) as e:
-            log.debug("class names: %s not usable (%s)", s, e)
-            continue
-        lookup = dict(zip(classes.ids, classes.names, strict=True))
-        if any(c in lookup for c in class_ids):
-            return tuple(str(lookup.get(c) or lemmas.get(c) or c) for c in class_ids)
-    return tuple(lemmas.get(c, c) for c in class_ids)
 
 
 def _predictor_names(pred: Predictor, data: str | None) -> tuple[str, ...]:

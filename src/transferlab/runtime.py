@@ -13,12 +13,15 @@ import ctypes.util
 import functools
 import logging
 import os
+import platform
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from transferlab import __version__
 from transferlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -211,3 +214,16 @@ def reuse_freed_memory(device: torch.device) -> Iterator[bool]:
                 libc.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX_DEFAULT)
                 libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_DEFAULT)
                 libc.malloc_trim(0)
+
+
+def versions() -> dict[str, str]:
+    """Versions that decide the numbers (for provenance in metrics and reports)."""
+    import timm  # deliberately lazy: timm takes a second to import, and runtime is imported by every command
+
+    return {
+        "transferlab": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }

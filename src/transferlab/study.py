@@ -33,6 +33,9 @@ from typing import Any
 
 import yaml
 
+from transferlab.artifacts.folders import is_study_dir
+from transferlab.artifacts.predictions import predictions_path, write_predictions
+from transferlab.artifacts.summary import summarize
 from transferlab.errors import ConfigError, DataError, TransferlabError, WeightsError
 from transferlab.io import atomic_write_json, atomic_write_text
 
@@ -44,7 +47,6 @@ __all__ = [
     "StudyResult",
     "StudySpec",
     "evaluate_study",
-    "is_study_dir",
     "load_spec",
     "run_study",
 ]
@@ -571,12 +573,6 @@ class StudyResult:
     wall_s: float = 0.0
 
 
-def is_study_dir(path: str | os.PathLike[str]) -> bool:
-    """True for a folder written by ``transferlab study``."""
-    p = Path(path)
-    return (p / "study.yaml").is_file() and (p / "members").is_dir()
-
-
 def _read_marker(d: Path) -> dict[str, Any] | None:
     f = d / STUDY_FILE
     if not f.is_file():
@@ -678,7 +674,7 @@ def run_study(
     report: bool = True,
 ) -> StudyResult:
     """Run (or resume) ``spec`` into ``out``; see the module docstring for the layout and reuse rules."""
-    from transferlab.train.checkpoint import RunLock
+    from transferlab.artifacts.lock import RunLock
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -876,9 +872,7 @@ def _apply_saved_ensemble(edir: Path, out: Path, split: str, *, n_boot: int, dat
 
     import numpy as np
 
-    from transferlab.data.base import ClassInfo
-    from transferlab.ensemble import _headline, apply_ensemble, load_members
-    from transferlab.evaluate import write_predictions
+    from transferlab.ensemble import apply_ensemble, load_members
     from transferlab.metrics import log_softmax, paired_bootstrap, topk_correct
 
     wdoc = json.loads((edir / "weights.json").read_text(encoding="utf-8"))
@@ -888,7 +882,7 @@ def _apply_saved_ensemble(edir: Path, out: Path, split: str, *, n_boot: int, dat
     mem = load_members(files, split)
     targets, ids = mem[0].targets, mem[0].sample_ids
     lp = np.log(np.maximum(probs, np.finfo(np.float64).tiny))
-    head = _headline(lp, targets, n_boot=n_boot, seed=0)
+    head = summarize(lp, targets, n_boot=n_boot, seed=0)
     old = json.loads((edir / "metrics.json").read_text(encoding="utf-8")) if (edir / "metrics.json").is_file() else {}
     best_name = (old.get("best_member") or {}).get("name", names[0])
     bi = names.index(best_name) if best_name in names else 0
@@ -900,7 +894,7 @@ def _apply_saved_ensemble(edir: Path, out: Path, split: str, *, n_boot: int, dat
                 "name": n,
                 "path": str(m.path.resolve()),
                 "split": "report",
-                **_headline(mlp, targets, n_boot=n_boot, seed=0),
+                **summarize(mlp, targets, n_boot=n_boot, seed=0),
             }
         )
     pb = paired_bootstrap(
@@ -958,9 +952,7 @@ def _apply_saved_ensemble(edir: Path, out: Path, split: str, *, n_boot: int, dat
     dest = out / "ensembles" / edir.name
     ids_cls = tuple(mem[0].class_ids.tolist())
     floor = math.log(np.finfo(np.float32).tiny)
-    write_predictions(
-        dest / "predictions" / f"{split}.npz", np.maximum(lp, floor), targets, ids.tolist(), ClassInfo(ids_cls, ids_cls)
-    )
+    write_predictions(predictions_path(dest, split), np.maximum(lp, floor), targets, ids.tolist(), ids_cls)
     # The fitted combination travels along, so the report shows what was applied.
     atomic_write_text(dest / "weights.json", (edir / "weights.json").read_text(encoding="utf-8"))
     atomic_write_json(dest / "metrics.json", json.loads(json.dumps(metrics, default=float)))

@@ -34,14 +34,13 @@ from builders import (
 )
 from test_checkpoint import LOGGER, quick_save
 from test_study import _spec, _study, _summary, _write
+from transferlab.artifacts.lock import RunLock, RunLockedError
 from transferlab.cli import main
 from transferlab.errors import TrainingInterrupted, TransferlabError
 from transferlab.models.weights import read_weight_file
 from transferlab.train import checkpoint as ckpt
 from transferlab.train.checkpoint import (
     CheckpointError,
-    RunLock,
-    RunLockedError,
     latest_checkpoint,
     load_checkpoint,
     verify_checkpoint,

@@ -183,3 +183,11 @@ def data_fingerprint(source: DatasetSource, splits: Sequence[str]) -> str:
     for name in splits:
         h.update(b"\0" + split_fingerprint(source.split(name)).encode())
     return "sha256:" + h.hexdigest()
+
+
+def subset_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """All indices, or a seeded random ``limit`` of them in ascending order (reproducible subsets)."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=limit, replace=False))

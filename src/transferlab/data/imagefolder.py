@@ -132,7 +132,7 @@ def load_image_folder(store: FileStore, name: str = "imagefolder") -> DatasetSou
     if not per_split:
         raise DataError(f"{store.location} holds no <class>/<image> folders with image files")
     ids = tuple(sorted({c for split in per_split.values() for c in split}))
-    from transferlab.models.imagenet import is_imagenet_subset
+    from transferlab.labels import is_imagenet_subset
 
     classes = ClassInfo(ids, ids)
     index = classes.index

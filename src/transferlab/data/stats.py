@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferlab.data.base import ImageSplit
+from transferlab.data.base import ImageSplit, split_fingerprint
 from transferlab.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -24,9 +24,7 @@ def channel_stats(
     """Mean and std of each RGB channel over ``split[indices]``, in [0, 1] units."""
     path = None
     if cache_dir is not None:
-        from transferlab.train.features import samples_fingerprint
-
-        path = Path(cache_dir) / f"stats-{samples_fingerprint(split, indices)[:24]}.json"
+        path = Path(cache_dir) / f"stats-{split_fingerprint(split, indices)[:24]}.json"
         if path.exists():
             try:
                 d = json.loads(path.read_text())

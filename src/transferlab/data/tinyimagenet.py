@@ -101,7 +101,7 @@ def load_tiny_imagenet(store: FileStore, name: str = "tiny-imagenet") -> Dataset
     index = classes.index
 
     source = DatasetSource(name=name, location=store.location, classes=classes)
-    from transferlab.models.imagenet import is_imagenet_subset
+    from transferlab.labels import is_imagenet_subset
 
     source.imagenet_classes = is_imagenet_subset(classes.ids)
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from transferlab.errors import ConfigError, WeightsError
+from transferlab.labels import imagenet_synsets
 from transferlab.models import smallcnn  # noqa: F401 - registers small_cnn with timm
-from transferlab.models.imagenet import imagenet_synsets
 from transferlab.models.preprocessing import Preprocessing
 from transferlab.models.weights import (
     LITE_PACKAGES,

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from transferlab.errors import ConfigError
-from transferlab.models.imagenet import imagenet_indices
+from transferlab.labels import imagenet_indices
 
 log = logging.getLogger(__name__)
 

@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import base64
 import csv
-import hashlib
 import html
 import json
 import logging
 import math
 import re
-import zipfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,15 @@ from typing import Any
 import numpy as np
 
 from transferlab import __version__
+from transferlab.artifacts.folders import METRICS_FILE, folder_kind
+from transferlab.artifacts.predictions import (
+    PREDICTIONS_DIR,
+    Predictions,
+    find_predictions,
+    prediction_splits,
+    read_predictions,
+)
+from transferlab.artifacts.summary import ECE_BINS
 from transferlab.errors import ConfigError, DataError
 from transferlab.io import atomic_write_bytes, atomic_write_text
 from transferlab.metrics import (
@@ -45,7 +52,6 @@ from transferlab.metrics import (
     expected_calibration_error,
     most_confused,
     per_class_accuracy,
-    softmax,
 )
 from transferlab.report import figures as F
 
@@ -63,11 +69,9 @@ __all__ = [
     "load_inputs",
 ]
 
-ECE_BINS = 15
 N_CONFUSED = 10
 N_EXTREMES = 5
 N_GRID = 24
-_PRED_KEYS = ("logits", "targets", "sample_ids", "class_ids")
 _WHAT = (
     "pass run directories from `transferlab train`, ensemble folders from `transferlab ensemble`, or a folder "
     "holding them"
@@ -97,34 +101,6 @@ class ReportConfig:
             raise ConfigError(f"--out {out} is a file; give a folder for report.html, report.md and figures/")
         if self.title is not None and not self.title.strip():
             raise ConfigError("--title is empty; leave it out for the default title")
-
-
-@dataclass
-class Predictions:
-    """One predictions file: logits (or log-probabilities) with targets, sample ids and class ids."""
-
-    path: Path
-    logits: np.ndarray
-    targets: np.ndarray
-    sample_ids: np.ndarray
-    class_ids: np.ndarray
-    _probs: np.ndarray | None = field(default=None, repr=False)
-
-    @property
-    def probs(self) -> np.ndarray:
-        """Softmax of the logits (also right for log-probabilities), computed once."""
-        if self._probs is None:
-            self._probs = softmax(self.logits)
-        return self._probs
-
-    @property
-    def ids_sha256(self) -> str:
-        """sha256 over the sample ids in order: two files with the same value cover the same samples."""
-        h = hashlib.sha256()
-        for s in self.sample_ids.tolist():
-            h.update(str(s).encode("utf-8"))
-            h.update(b"\n")
-        return h.hexdigest()
 
 
 @dataclass
@@ -232,15 +208,14 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _kind(path: Path) -> str | None:
-    """``run``, ``ensemble`` or None for a folder that is neither (metrics.json decides)."""
-    metrics = path / "metrics.json"
-    if not metrics.is_file():
+    """``run`` (a training run or an evaluate output), ``ensemble``, or None for a folder that is neither or
+    has no metrics.json yet (a run still in progress)."""
+    if not (path / METRICS_FILE).is_file():
         return None
-    if isinstance(_read_json(metrics).get("ensemble"), dict):
+    kind = folder_kind(path)
+    if kind == "ensemble":
         return "ensemble"
-    if any((path / f).exists() for f in ("config.yaml", "history.csv", "predictions", "predictions.npz")):
-        return "run"
-    return None
+    return "run" if kind in ("run", "evaluation") else None
 
 
 def find_report_dirs(specs: Sequence[str | Path]) -> list[tuple[str, Path]]:
@@ -271,7 +246,7 @@ def find_report_dirs(specs: Sequence[str | Path]) -> list[tuple[str, Path]]:
         inside = [(k, q) for q in sorted(p.iterdir()) if q.is_dir() and (k := _kind(q)) is not None]
         if not inside:
             if (p / "metrics.json").is_file():
-                why = "it has a metrics.json but no config.yaml, history.csv, predictions/ or predictions.npz"
+                why = "it has a metrics.json but no config.yaml and no predictions"
             else:
                 why = "it has no metrics.json and no subfolder with one (a run still in progress has none)"
             raise DataError(
@@ -282,41 +257,20 @@ def find_report_dirs(specs: Sequence[str | Path]) -> list[tuple[str, Path]]:
     return found
 
 
-def _read_predictions(path: Path, owner: Path) -> Predictions:
-    """A predictions .npz (no pickles), checked so that a broken file fails here, naming it."""
-    if not path.is_file():
-        have = sorted(f.name for f in path.parent.glob("*.npz")) if path.parent.is_dir() else []
-        hint = f" (it has {', '.join(have)})" if have else ""
+def _read_predictions(path: Path | None, owner: Path, split: str) -> Predictions:
+    """``owner``'s predictions on ``split``, checked (artifacts.predictions), so a broken file fails here, naming it."""
+    if path is None:
+        have = prediction_splits(owner)
+        hint = f" (it has predictions for {', '.join(have)})" if have else ""
         raise DataError(
-            f"{owner}: no {path.relative_to(owner)}{hint}; the report needs the predictions on the split in "
+            f"{owner}: no {PREDICTIONS_DIR}/{split}.npz{hint}; the report needs the predictions on the split in "
             "metrics.json - re-run `transferlab train` / `transferlab ensemble` for this folder"
         )
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in _PRED_KEYS if k not in z.files]
-            if missing:
-                raise DataError(f"{path}: missing {', '.join(missing)}; not a transferlab predictions file")
-            d = {k: z[k] for k in _PRED_KEYS}
-    except DataError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: cannot read it as a predictions .npz ({e}); re-run the command that wrote it") from e
-    logits = np.asarray(d["logits"], dtype=np.float64)
-    targets = np.asarray(d["targets"])
-    sample_ids = np.asarray(d["sample_ids"]).astype(str)
-    class_ids = np.asarray(d["class_ids"]).astype(str)
-    if logits.ndim != 2 or logits.shape != (len(sample_ids), len(class_ids)) or targets.shape != sample_ids.shape:
-        raise DataError(
-            f"{path}: logits {logits.shape}, targets {targets.shape}, {len(sample_ids)} sample ids and "
-            f"{len(class_ids)} class ids do not fit together; the file is inconsistent, write it again"
-        )
-    if len(targets) == 0 or not np.issubdtype(targets.dtype, np.integer):
-        raise DataError(f"{path}: no samples or non-integer targets; a report needs labeled predictions")
-    if targets.min() < 0 or targets.max() >= len(class_ids):
-        raise DataError(f"{path}: targets outside 0..{len(class_ids) - 1} (unlabeled samples?); report labeled splits")
-    if not np.isfinite(logits).all():
-        raise DataError(f"{path}: logits contain NaN or infinity; re-evaluate the run")
-    return Predictions(path, logits, targets.astype(np.int64), sample_ids, class_ids)
+    preds = read_predictions(path, labeled=True)
+    if len(preds.targets) == 0:
+        raise DataError(f"{path}: no samples; a report needs labeled predictions")
+    preds.logits = preds.logits.astype(np.float64)
+    return preds
 
 
 def _read_history(path: Path) -> list[dict[str, float]]:
@@ -349,10 +303,7 @@ def _load_run(path: Path, name: str) -> RunDir:
     if not isinstance(metrics.get("top1"), int | float):
         raise DataError(f"{path / 'metrics.json'}: has no top1; it is not a finished run's metrics - re-run it")
     split = str(metrics.get("split", "val"))
-    pred_file = path / "predictions" / f"{split}.npz"
-    if not pred_file.is_file() and (path / "predictions.npz").is_file():
-        pred_file = path / "predictions.npz"  # a `transferlab evaluate` output (zero-shot, for one)
-    preds = _read_predictions(pred_file, path)
+    preds = _read_predictions(find_predictions(path, split), path, split)
     config_text = None
     config: dict[str, Any] = {}
     cfg_path = path / "config.yaml"
@@ -371,7 +322,7 @@ def _load_ensemble(path: Path, name: str) -> EnsembleDir:
     if not isinstance(metrics.get("ensemble"), dict) or not isinstance(metrics["ensemble"].get("top1"), int | float):
         raise DataError(f"{path / 'metrics.json'}: no ensemble results in it; re-run `transferlab ensemble`")
     split = str(metrics.get("split", "val"))
-    preds = _read_predictions(path / "predictions" / f"{split}.npz", path)
+    preds = _read_predictions(find_predictions(path, split), path, split)
     weights = _read_json(path / "weights.json") if (path / "weights.json").is_file() else None
     return EnsembleDir(path, name, metrics, preds, weights)
 

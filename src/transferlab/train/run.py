@@ -31,24 +31,19 @@ import numpy as np
 import torch
 import yaml
 
+from transferlab.artifacts.predictions import predictions_path, write_predictions
+from transferlab.artifacts.summary import summarize
 from transferlab.data import DatasetSource, open_dataset
-from transferlab.data.base import data_fingerprint
+from transferlab.data.base import data_fingerprint, subset_indices
 from transferlab.errors import ConfigError, DataError
-from transferlab.evaluate import (
-    IMAGENET_OVERLAP_WARNING,
-    default_workers,
-    make_eval_transform,
-    subset_indices,
-    versions,
-    write_predictions,
-)
+from transferlab.inference.engine import default_workers, make_eval_transform
+from transferlab.inference.features import cached_features
 from transferlab.io import atomic_write_json, atomic_write_text
-from transferlab.metrics import summarize
+from transferlab.labels import IMAGENET_OVERLAP_WARNING
 from transferlab.models.backbones import Backbone, create_backbone
 from transferlab.models.weights import save_weights
-from transferlab.runtime import resolve_device, resolve_precision
+from transferlab.runtime import resolve_device, resolve_precision, versions
 from transferlab.train.config import TrainConfig
-from transferlab.train.features import cached_features
 from transferlab.train.probe import ProbeConfig, fit_head, head_logits, stratified_holdout
 
 log = logging.getLogger(__name__)
@@ -105,8 +100,8 @@ def train(
     :class:`~transferlab.errors.TrainingInterrupted`. A process that ``torchrun --max-restarts`` started
     again after a failure (``TORCHELASTIC_RESTART_COUNT`` > 0) resumes from the newest checkpoint by itself.
     """
+    from transferlab.artifacts.lock import RunLock
     from transferlab.data.screen import POLICIES
-    from transferlab.train.checkpoint import RunLock
     from transferlab.train.loop import Dist
 
     if bad_images not in POLICIES:
@@ -387,8 +382,8 @@ def _train(
     if res.steps:
         write_steps(out / "steps.csv", res.steps)
     sample_ids = [report.sample_ids[i] for i in s.report_idx]
-    write_predictions(out / "predictions" / f"{cfg.report_split}.npz", res.logits, y_report, sample_ids, source.classes)
-    from transferlab.report.plots import plot_curves
+    write_predictions(predictions_path(out, cfg.report_split), res.logits, y_report, sample_ids, source.classes.ids)
+    from transferlab.artifacts.curves import plot_curves
 
     title = f"{cfg.model} {res.strategy['strategy']} ({res.strategy['head']} head)"
     epochs = [r for r in res.history if r["epoch"] >= 1]

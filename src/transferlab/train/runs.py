@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from transferlab.artifacts.folders import is_run_dir
 from transferlab.errors import ConfigError, WeightsError
 from transferlab.models.backbones import Backbone
 from transferlab.models.heads import TransferModel
@@ -22,12 +23,6 @@ from transferlab.models.weights import META_CLASS_IDS, META_PREPROCESSING, check
 from transferlab.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
-
-
-def is_run_dir(path: str | Path) -> bool:
-    """True if ``path`` is a folder holding a run's config.yaml and model.safetensors."""
-    p = Path(path)
-    return p.is_dir() and (p / "config.yaml").is_file() and (p / "model.safetensors").is_file()
 
 
 @dataclass

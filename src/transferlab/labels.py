@@ -1,17 +1,25 @@
-"""The ImageNet-1k label map: which WordNet id each of the 1,000 classifier outputs means.
+"""The ImageNet-1k label map: which WordNet id each of the 1,000 classifier outputs means, and their names.
 
-We take the synset order timm ships (``timm.data.ImageNetInfo``), which is the order every
+The synset order is the one timm ships (``timm.data.ImageNetInfo``), which is the order every
 ImageNet-1k checkpoint in timm and torchvision uses, so no list is re-typed here.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from transferlab.errors import DataError
+
+#: Said (and stored in metrics.json) whenever a dataset's classes are ImageNet classes.
+IMAGENET_OVERLAP_WARNING = (
+    "the dataset's classes are ImageNet classes and its images likely come from ImageNet itself: "
+    "ImageNet-pretrained weights have probably seen them, so these numbers may be optimistic"
+)
 
 
 @functools.cache
@@ -68,3 +76,19 @@ def imagenet_indices(class_ids: Sequence[str]) -> np.ndarray:
             "possible; train a head instead (linear probe)."
         )
     return np.asarray([idx[c] for c in class_ids], dtype=np.int64)
+
+
+@functools.cache
+def imagenet_lemmas() -> dict[str, str]:
+    """WordNet id -> lemma for the ImageNet synsets, from timm's package data (no download, no timm import)."""
+    spec = importlib.util.find_spec("timm")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        f = Path(loc) / "data" / "_info" / "imagenet_synset_to_lemma.txt"
+        if f.is_file():
+            out = {}
+            for line in f.read_text(encoding="utf-8").splitlines():
+                wnid, _, lemma = line.partition("\t")
+                if wnid and lemma:
+                    out[wnid.strip()] = lemma.strip()
+            return out
+    return {}

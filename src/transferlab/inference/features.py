@@ -22,7 +22,7 @@ import torch
 from transferlab.data.base import ImageSplit, split_fingerprint
 from transferlab.data.decoded import pixel_array
 from transferlab.data.transforms import EvalTransform
-from transferlab.evaluate import predict_logits
+from transferlab.inference.engine import predict_logits
 from transferlab.io import atomic_write_with
 from transferlab.models.backbones import Backbone
 from transferlab.runtime import Precision
@@ -52,11 +52,6 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def samples_fingerprint(split: ImageSplit, indices: np.ndarray) -> str:
-    """sha256 over the chosen samples' ids, targets and content stamps (see :func:`split_fingerprint`)."""
-    return split_fingerprint(split, indices)
 
 
 @dataclass(frozen=True)
@@ -117,7 +112,7 @@ def cached_features(
     key = FeatureKey(
         model=backbone.name,
         weights=weights_fingerprint(backbone.model),
-        samples=samples_fingerprint(split, indices),
+        samples=split_fingerprint(split, indices),
         transform=repr(transform),
         preprocessing=json.dumps(backbone.preprocessing.to_dict(), sort_keys=True),
         precision=precision.name,
