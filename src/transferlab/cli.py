@@ -708,6 +708,7 @@ def _subhelp(p: argparse.ArgumentParser) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``transferlab evaluate``."""
+    # lazy: a command loads only its own modules (torch alone takes seconds to import)
     from transferlab.artifacts.folders import is_study_dir
     from transferlab.evaluate import EvalConfig, evaluate
 
@@ -757,6 +758,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """``transferlab train``."""
     from dataclasses import fields
 
+    # lazy: a command loads only its own modules (torch alone takes seconds to import)
     from transferlab.train.run import TrainConfig, train
 
     names = {f.name for f in fields(TrainConfig)}
@@ -793,6 +795,7 @@ def _reparse_with_config(args: argparse.Namespace, names: set[str]) -> argparse.
     """Parse the train flags again with a config.yaml's values as defaults, so explicit flags win."""
     import yaml
 
+    # lazy: a command loads only its own modules (torch alone takes seconds to import)
     from transferlab.train.config import TrainConfig
 
     try:
@@ -814,6 +817,7 @@ def _reparse_with_config(args: argparse.Namespace, names: set[str]) -> argparse.
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     """``transferlab data check``."""
+    # lazy: a command loads only its own modules (torch alone takes seconds to import)
     from transferlab.data import open_dataset
     from transferlab.data.checks import check_dataset
     from transferlab.data.imagefolder import describe_ignored
@@ -874,6 +878,7 @@ def _print_duplicates(dup: Any, shown: int = 5) -> None:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """``transferlab models``."""
+    # lazy: a command loads only its own modules (torch alone takes seconds to import)
     from transferlab.models.backbones import list_backbones
 
     rows = list_backbones(args.pattern)
@@ -887,6 +892,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
     """``transferlab ensemble``."""
+    # lazy: a command loads only its own modules (torch alone takes seconds to import)
     from transferlab.ensemble import EnsembleConfig, run_ensemble
 
     cfg = EnsembleConfig(
@@ -947,6 +953,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def _evaluate_study(args: argparse.Namespace) -> int:
+    # lazy: a command loads only its own modules (torch alone takes seconds to import)
     from transferlab.study import evaluate_study
 
     if args.zero_shot or args.model is not None:
@@ -975,6 +982,7 @@ def _evaluate_study(args: argparse.Namespace) -> int:
 
 def cmd_study(args: argparse.Namespace) -> int:
     """``transferlab study``."""
+    # lazy: a command loads only its own modules (torch alone takes seconds to import)
     from transferlab.study import load_spec, resolve, run_study
 
     spec = load_spec(args.spec)
@@ -998,6 +1006,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``transferlab report``."""
+    # lazy: a command loads only its own modules (torch alone takes seconds to import)
     from transferlab.report.render import ReportConfig, build_report
 
     cfg = ReportConfig(dirs=tuple(args.dirs), out=args.out, data=args.data, title=args.title)
@@ -1010,6 +1019,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``transferlab predict``."""
+    # lazy: a command loads only its own modules (torch alone takes seconds to import)
     from transferlab.predict import PredictConfig, predict
 
     cfg = PredictConfig(
@@ -1054,6 +1064,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``transferlab export``."""
+    # lazy: a command loads only its own modules (torch alone takes seconds to import)
     from transferlab.export import ExportConfig, export_run
 
     cfg = ExportConfig(

@@ -46,6 +46,7 @@ from transferlab.artifacts.predictions import (
     write_predictions,
 )
 from transferlab.artifacts.summary import ECE_BINS, summarize
+from transferlab.data import open_dataset
 from transferlab.errors import ConfigError, DataError
 from transferlab.io import atomic_write_json, atomic_write_with
 from transferlab.metrics import (
@@ -654,7 +655,6 @@ def class_name_map(data: str | None) -> dict[str, str] | None:
     """id -> name from a dataset spec (e.g. Tiny ImageNet's words.txt), or None without ``--data``."""
     if data is None:
         return None
-    from transferlab.data import open_dataset
 
     classes = open_dataset(data).classes
     return dict(zip(classes.ids, classes.names, strict=True))

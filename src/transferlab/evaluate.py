@@ -21,10 +21,13 @@ from transferlab.artifacts.summary import summarize
 from transferlab.data import open_dataset
 from transferlab.data.base import data_fingerprint, subset_indices
 from transferlab.data.decoded import DECODED_MODES, decode_split
+from transferlab.data.resolve import cache_dir as user_cache_dir
+from transferlab.data.screen import refuse_too_few_classes
 from transferlab.data.transforms import CROP_MODES, INTERPOLATIONS
 from transferlab.errors import ConfigError, DataError
 from transferlab.inference.engine import default_workers, make_eval_transform, pipeline_name, predict_logits
-from transferlab.inference.tta import check_tta
+from transferlab.inference.features import cached_features
+from transferlab.inference.tta import check_tta, tta_forward
 from transferlab.io import atomic_write_json, atomic_write_text
 from transferlab.labels import IMAGENET_OVERLAP_WARNING, imagenet_indices
 from transferlab.metrics import per_class_accuracy
@@ -34,6 +37,7 @@ from transferlab.runtime import (
     resolve_precision,
     versions,
 )
+from transferlab.train.runs import load_run
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +107,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     Writes ``metrics.json``, ``predictions/<split>.npz`` (logits, targets, sample_ids, class_ids) and
     ``per_class.csv``, each atomically. Returns the metrics dict.
     """
-    from transferlab.data.screen import refuse_too_few_classes
 
     torch.manual_seed(cfg.seed)
     source = open_dataset(cfg.data)
@@ -117,8 +120,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             "use `transferlab predict` for unlabeled images"
         )
     if cfg.run is not None:
-        from transferlab.train.runs import load_run
-
         run = load_run(cfg.run)
         if run.class_ids != source.classes.ids:
             raise ConfigError(
@@ -167,8 +168,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     workers = default_workers() if cfg.workers < 0 else cfg.workers
     indices = subset_indices(len(split), cfg.limit, cfg.seed)
     if cfg.decoded_cache == "auto":
-        from transferlab.data.resolve import cache_dir as user_cache_dir
-
         split = decode_split(split, Path(cfg.cache_dir) if cfg.cache_dir else user_cache_dir(), progress=cfg.progress)
     log.info(
         "evaluating %s (%s) on %s/%s: %d images, %s, %s",
@@ -183,8 +182,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     forward = None
     if cfg.tta != "none":
-        from transferlab.inference.tta import tta_forward
-
         forward = tta_forward(cfg.tta, cols)  # keeps the dataset's columns itself, before averaging
         cols = None
     t0 = time.perf_counter()
@@ -199,8 +196,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         progress=cfg.progress,
     )
     if cfg.cache_dir is not None and cfg.run is None:
-        from transferlab.inference.features import cached_features
-
         feats, path, hit = cached_features(
             backbone, split, transform, cache_dir=Path(cfg.cache_dir) / "features", **common
         )

@@ -31,6 +31,7 @@ from torch import nn
 
 from transferlab import __version__
 from transferlab.artifacts.folders import CARD_FILE, is_run_dir
+from transferlab.data import open_dataset
 from transferlab.data.base import subset_indices
 from transferlab.data.names import class_names
 from transferlab.data.transforms import normalize_batch
@@ -38,7 +39,10 @@ from transferlab.errors import ConfigError, TransferlabError, WeightsError
 from transferlab.inference.engine import make_eval_transform
 from transferlab.inference.entry import ModelEntry
 from transferlab.io import atomic_write_bytes, atomic_write_json
+from transferlab.models.heads import HeadSpec, TransferModel
 from transferlab.models.preprocessing import Preprocessing
+from transferlab.models.weights import META_CLASS_IDS, META_PREPROCESSING, check_compatible, read_weight_file
+from transferlab.train.runs import load_run, load_run_config
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +88,8 @@ def _sha256(data: bytes) -> str:
 
 def model_card(run_dir: Path, *, data: str | None = None) -> dict[str, Any]:
     """The card of a run: what the model is, how to feed it, what its outputs mean, where it came from."""
-    from transferlab.train.runs import load_run_config
 
     cfg = load_run_config(run_dir)
-    from transferlab.models.weights import META_CLASS_IDS, META_PREPROCESSING, read_weight_file
 
     _, meta = read_weight_file(run_dir / WEIGHTS_FILE)
     if META_CLASS_IDS not in meta or META_PREPROCESSING not in meta:
@@ -185,7 +187,6 @@ def ort_session(onnx_bytes: bytes) -> Any:
 def _check_batch(run_dir: Path, card: dict[str, Any], cfg: ExportConfig) -> tuple[torch.Tensor, str]:
     """A few real images of the run's data, preprocessed as the card says; random inputs only when the
     data cannot be found locally (said in the card)."""
-    from transferlab.data import open_dataset
 
     pre = Preprocessing.from_dict(card["preprocessing"])
     ev = card["eval"]
@@ -209,7 +210,6 @@ def _check_batch(run_dir: Path, card: dict[str, Any], cfg: ExportConfig) -> tupl
 def _export_onnx(run_dir: Path, card: dict[str, Any], cfg: ExportConfig) -> tuple[bytes, dict[str, Any]]:
     """The ONNX graph of the run's model and the record of its check against PyTorch (raises on a mismatch)."""
     onnx, _ = _need_onnx()
-    from transferlab.train.runs import load_run
 
     model = load_run(run_dir).model.float().eval()
     size = int(card["eval"]["img_size"])
@@ -305,9 +305,6 @@ def load_exported(d: str | Path) -> ModelEntry:
     """The model of an exported folder (safetensors via timm, or ONNX via ONNX Runtime), ready for predict."""
     import timm
     from safetensors.torch import load as load_safetensors
-
-    from transferlab.models.heads import HeadSpec, TransferModel
-    from transferlab.models.weights import check_compatible
 
     d = Path(d)
     card = read_card(d)

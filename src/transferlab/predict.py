@@ -42,19 +42,27 @@ from tqdm.auto import tqdm
 
 from transferlab.artifacts.folders import CARD_FILE, folder_kind, has_model, is_ensemble_dir, is_run_dir, is_study_dir
 from transferlab.artifacts.predictions import LEGACY_FILE, find_predictions, read_predictions
+from transferlab.data import open_dataset
 from transferlab.data.base import subset_indices
 from transferlab.data.batched import eval_batch
 from transferlab.data.decoded import decode_split, pixel_array
-from transferlab.data.images import decode_image, is_image_name
+from transferlab.data.images import IMAGE_SUFFIXES, decode_image, is_image_name
 from transferlab.data.names import class_names
+from transferlab.data.resolve import cache_dir
 from transferlab.data.transforms import EvalTransform, normalize_batch
+from transferlab.ensemble import load_fitted
 from transferlab.errors import BadImageError, ConfigError, DataError
+from transferlab.export import load_exported
 from transferlab.inference.engine import default_workers, make_eval_transform
 from transferlab.inference.entry import ModelEntry
 from transferlab.inference.tta import check_tta, tta_log_probs, tta_view_count
 from transferlab.io import atomic_write_json, atomic_write_text
+from transferlab.labels import imagenet_indices
+from transferlab.metrics import log_softmax
+from transferlab.models.backbones import create_backbone
 from transferlab.models.fold import inference_copy
 from transferlab.runtime import Precision, resolve_device, resolve_precision
+from transferlab.train.runs import load_run
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +120,6 @@ def load_predictor(source: str | Path, *, member: str | None = None, data: str |
 
 def load_entry(path: str | Path) -> tuple[ModelEntry, str]:
     """One network from a run directory, an exported model folder or an evaluate output; returns (entry, kind)."""
-    from transferlab.export import load_exported
 
     d = Path(path)
     if is_run_dir(d):
@@ -130,7 +137,6 @@ def load_entry(path: str | Path) -> tuple[ModelEntry, str]:
 
 def entry_from_run(run_dir: str | Path) -> ModelEntry:
     """A run's model with the resize options it was trained and reported with (config.yaml)."""
-    from transferlab.train.runs import load_run
 
     run = load_run(run_dir)
     cfg = run.config
@@ -161,8 +167,6 @@ def _entry_from_evaluation(d: Path) -> ModelEntry:
         return entry_from_run(run)
     if mode not in ("zero-shot", "head") or not m.get("model"):
         raise ConfigError(f"{d}/metrics.json is not an evaluate output transferlab can rebuild a model from")
-    from transferlab.labels import imagenet_indices
-    from transferlab.models.backbones import create_backbone
 
     found = find_predictions(d, str(m.get("split", "val")))
     if found is None:
@@ -207,7 +211,6 @@ def _member_dir(member: dict[str, Any], edir: Path) -> Path:
 
 
 def _from_ensemble(edir: Path) -> Predictor:
-    from transferlab.ensemble import load_fitted
 
     fitted, doc = load_fitted(edir / "weights.json")
     class_ids = tuple(str(c) for c in doc["class_ids"])
@@ -337,7 +340,6 @@ def collect_inputs(paths: Sequence[str | Path]) -> list[InputItem]:
 
 
 def _suffix_list() -> list[str]:
-    from transferlab.data.images import IMAGE_SUFFIXES
 
     return list(IMAGE_SUFFIXES)
 
@@ -470,7 +472,6 @@ def entry_outputs(
 
 def combine(pred: Predictor, outputs: Sequence[np.ndarray]) -> np.ndarray:
     """(N, C) log-probabilities from each network's outputs: a log-softmax, or the fitted ensemble."""
-    from transferlab.metrics import log_softmax
 
     if pred.ensemble is not None:
         return pred.ensemble.log_probs(np.stack(outputs))
@@ -481,8 +482,6 @@ def dataset_items(
     data: str, split_name: str, *, limit: int | None = None, seed: int = 0
 ) -> tuple[list[InputItem], Any]:
     """The samples of a dataset split as inputs (a seeded subset with ``limit``), and the split itself."""
-    from transferlab.data import open_dataset
-    from transferlab.data.resolve import cache_dir
 
     source = open_dataset(data)
     split = decode_split(source.split(split_name), cache_dir())  # the pixels `evaluate` and `train` read

@@ -34,10 +34,24 @@ from typing import Any
 import yaml
 
 from transferlab.artifacts.folders import is_study_dir
+from transferlab.artifacts.lock import RunLock
 from transferlab.artifacts.predictions import predictions_path, write_predictions
 from transferlab.artifacts.summary import summarize
+from transferlab.data import open_dataset
+from transferlab.data.base import data_fingerprint
+from transferlab.data.resolve import cache_dir as user_cache_dir
+from transferlab.data.resolve import resolve_data
+from transferlab.data.screen import refuse_too_few_classes
+from transferlab.ensemble import EnsembleConfig, apply_ensemble, load_members, run_ensemble
 from transferlab.errors import ConfigError, DataError, TransferlabError, WeightsError
+from transferlab.evaluate import EvalConfig, evaluate
 from transferlab.io import atomic_write_json, atomic_write_text
+from transferlab.metrics import log_softmax, paired_bootstrap, topk_correct
+from transferlab.models.backbones import check_model_name, resolve_weight_source
+from transferlab.models.weights import hub_cached_file, hub_offline, package_weight_file
+from transferlab.report.render import ReportConfig, build_report
+from transferlab.train.config import TrainConfig
+from transferlab.train.run import train
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +163,6 @@ def _unknown(where: str, key: str, allowed: Sequence[str]) -> ConfigError:
 
 
 def _train_keys() -> tuple[str, ...]:
-    from transferlab.train.config import TrainConfig
 
     return tuple(f.name for f in fields(TrainConfig))
 
@@ -313,8 +326,6 @@ def weights_identity(model: str, weights: str | None) -> str:
     Checked before any work: a package that is not installed, a file that does not exist, or hub weights
     that are neither cached nor reachable stop the study at once instead of after an hour of training.
     """
-    from transferlab.models.backbones import check_model_name, resolve_weight_source
-    from transferlab.models.weights import hub_cached_file, hub_offline, package_weight_file
 
     check_model_name(model)
     spec, kind = resolve_weight_source(model, weights)
@@ -395,8 +406,6 @@ class _DataInfo:
         self.progress = progress
 
     def source(self, spec: str) -> Any:
-        from transferlab.data import open_dataset
-        from transferlab.data.resolve import resolve_data
 
         if spec not in self._sources:
             # Downloads (when the dataset has an official source and the network is allowed) happen here,
@@ -406,7 +415,6 @@ class _DataInfo:
         return self._sources[spec]
 
     def fingerprint(self, spec: str, splits: Sequence[str]) -> str:
-        from transferlab.data.base import data_fingerprint
 
         key = (spec, tuple(splits))
         if key not in self._fp:
@@ -418,7 +426,6 @@ class _DataInfo:
 
     def require_classes(self, spec: str, fit_split: str | None, action: str) -> None:
         """A one-class dataset fails the pre-flight, as it would fail the member later (after others ran)."""
-        from transferlab.data.screen import refuse_too_few_classes
 
         refuse_too_few_classes(self.source(spec), fit_split, action)
 
@@ -428,8 +435,6 @@ def resolve(spec: StudySpec, out: Path, *, progress: bool | None = None) -> list
 
     All problems are collected and raised together, so one attempt shows everything that is missing.
     """
-    from transferlab.evaluate import EvalConfig
-    from transferlab.train.config import TrainConfig
 
     data = _DataInfo(progress)
     problems: list[str] = []
@@ -486,8 +491,6 @@ def resolve(spec: StudySpec, out: Path, *, progress: bool | None = None) -> list
                     "init_from": parent_hash,
                 }
             else:
-                from transferlab.data.resolve import cache_dir as user_cache_dir
-
                 # Zero-shot reads pooled features from the cache the linear probes fill (same backbone, same
                 # images, same transform): listed after such a probe it costs no forward pass.
                 opts["cache_dir"] = Path(str(opts.get("cache_dir") or user_cache_dir()))
@@ -521,7 +524,6 @@ def resolve(spec: StudySpec, out: Path, *, progress: bool | None = None) -> list
         resolved.append(r)
     if problems:
         raise ConfigError("the study cannot start; nothing was run:\n  - " + "\n  - ".join(problems))
-    from transferlab.ensemble import EnsembleConfig
 
     for e in spec.ensembles:
         d = out / "ensembles" / e.name
@@ -674,7 +676,6 @@ def run_study(
     report: bool = True,
 ) -> StudyResult:
     """Run (or resume) ``spec`` into ``out``; see the module docstring for the layout and reuse rules."""
-    from transferlab.artifacts.lock import RunLock
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -727,16 +728,10 @@ def _run_one(r: Resolved, i: int, n: int, out: Path, progress: bool | None) -> S
     _mark(r, "running")
     t0 = time.perf_counter()
     if r.kind == "train":
-        from transferlab.train.run import train
-
         train(r.config)
     elif r.kind == "zero-shot":
-        from transferlab.evaluate import evaluate
-
         evaluate(r.config)
     else:
-        from transferlab.ensemble import run_ensemble
-
         if st == "partial":  # ensembles take seconds: redo from scratch rather than trust a half-written folder
             for f in ("metrics.json", "weights.json"):
                 (r.dir / f).unlink(missing_ok=True)
@@ -749,7 +744,6 @@ def _run_one(r: Resolved, i: int, n: int, out: Path, progress: bool | None) -> S
 
 
 def _report(spec: StudySpec, items: Sequence[Resolved], out: Path) -> Path:
-    from transferlab.report.render import ReportConfig, build_report
 
     dirs = [str(r.dir) for r in items if r.role == "member"] + [str(r.dir) for r in items if r.kind == "ensemble"]
     res = build_report(
@@ -809,7 +803,6 @@ def evaluate_study(
     fitted on are counted and flagged, so a re-evaluation on the study's own data is not mistaken for a
     held-out one. Returns the summary also written to ``out/summary.json``.
     """
-    from transferlab.evaluate import EvalConfig, evaluate
 
     sdir = Path(study_dir)
     if not is_study_dir(sdir):
@@ -854,8 +847,6 @@ def evaluate_study(
         summary["best_ensemble"] = {"name": best, "top1": ens_rows[best]["top1"]}
     atomic_write_json(out / "summary.json", summary)
     if report:
-        from transferlab.report.render import ReportConfig, build_report
-
         dirs = [str(out / "members" / n) for n, _ in members] + [str(out / "ensembles" / k) for k in ens_rows]
         res = build_report(
             ReportConfig(
@@ -871,9 +862,6 @@ def _apply_saved_ensemble(edir: Path, out: Path, split: str, *, n_boot: int, dat
     import math
 
     import numpy as np
-
-    from transferlab.ensemble import apply_ensemble, load_members
-    from transferlab.metrics import log_softmax, paired_bootstrap, topk_correct
 
     wdoc = json.loads((edir / "weights.json").read_text(encoding="utf-8"))
     names = [m["name"] for m in wdoc["members"]]

@@ -7,6 +7,11 @@ import tarfile
 from pathlib import Path
 
 from transferlab.data.base import ArraySplit, ClassInfo, DatasetSource, FileSplit, ImageSplit
+from transferlab.data.cifar10 import load_cifar10
+from transferlab.data.imagefolder import load_image_folder, looks_like_image_folder
+from transferlab.data.resolve import resolve_data
+from transferlab.data.store import open_store
+from transferlab.data.tinyimagenet import load_tiny_imagenet, looks_like_tiny_imagenet
 from transferlab.errors import DataError
 
 __all__ = ["ArraySplit", "ClassInfo", "DatasetSource", "FileSplit", "ImageSplit", "open_dataset"]
@@ -24,17 +29,11 @@ def open_dataset(spec: str | os.PathLike[str], *, download: bool = True) -> Data
     The format is detected from the contents: CIFAR-10 python batches, Tiny ImageNet's official layout
     (``wnids.txt``), or a generic ``<class>/<image>`` ImageFolder. Nothing is extracted or moved.
     """
-    from transferlab.data.resolve import resolve_data
 
     path = resolve_data(str(spec), download=download)
     name = Path(str(spec)).name if Path(str(spec)).exists() else str(spec)
     if _is_cifar(path):
-        from transferlab.data.cifar10 import load_cifar10
-
         return load_cifar10(path)
-    from transferlab.data.imagefolder import load_image_folder, looks_like_image_folder
-    from transferlab.data.store import open_store
-    from transferlab.data.tinyimagenet import load_tiny_imagenet, looks_like_tiny_imagenet
 
     store = open_store(path)
     if looks_like_tiny_imagenet(store):

@@ -18,6 +18,7 @@ from PIL import Image
 
 from transferlab.data.images import decode_image
 from transferlab.data.store import FileStore
+from transferlab.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,6 @@ class DatasetSource:
 
     def split(self, name: str) -> ImageSplit:
         """The split ``name``, or a DataError listing the available ones."""
-        from transferlab.errors import DataError
 
         if name not in self.splits:
             raise DataError(

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transferlab.data.base import ArraySplit, DatasetSource, FileSplit, ImageSplit
 from transferlab.data.digests import DIGEST_BYTES, Duplicates, content_digest, find_duplicates, sample_bytes
 from transferlab.data.images import GRAYSCALE_MODES, open_image, to_rgb
+from transferlab.data.screen import empty_classes
 from transferlab.errors import BadImageError
 
 log = logging.getLogger(__name__)
@@ -185,8 +186,6 @@ def check_dataset(source: DatasetSource, *, workers: int | None = None, progress
         bar.close()
         digests[name] = np.concatenate(rows) if rows else np.zeros((0, DIGEST_BYTES), dtype=np.uint8)
         if name == "train" and split.labeled:
-            from transferlab.data.screen import empty_classes
-
             # A class whose every training image is broken, or whose folder is empty, cannot be learned.
             failed = {origin for origin, _ in rep.failures}
             bad = [(i, "", "") for i in range(len(split)) if failed and split.origin(i) in failed]

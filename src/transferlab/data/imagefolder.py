@@ -31,6 +31,7 @@ from transferlab.data.base import ClassInfo, DatasetSource, FileSplit
 from transferlab.data.images import is_image_name
 from transferlab.data.store import FileStore
 from transferlab.errors import DataError
+from transferlab.labels import is_imagenet_subset
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,6 @@ def load_image_folder(store: FileStore, name: str = "imagefolder") -> DatasetSou
     if not per_split:
         raise DataError(f"{store.location} holds no <class>/<image> folders with image files")
     ids = tuple(sorted({c for split in per_split.values() for c in split}))
-    from transferlab.labels import is_imagenet_subset
 
     classes = ClassInfo(ids, ids)
     index = classes.index

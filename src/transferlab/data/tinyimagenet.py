@@ -23,6 +23,7 @@ from transferlab.data.imagefolder import is_hidden
 from transferlab.data.images import is_image_name
 from transferlab.data.store import FileStore
 from transferlab.errors import DataError
+from transferlab.labels import is_imagenet_subset
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,6 @@ def load_tiny_imagenet(store: FileStore, name: str = "tiny-imagenet") -> Dataset
     index = classes.index
 
     source = DatasetSource(name=name, location=store.location, classes=classes)
-    from transferlab.labels import is_imagenet_subset
 
     source.imagenet_classes = is_imagenet_subset(classes.ids)
 

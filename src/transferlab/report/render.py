@@ -1208,7 +1208,7 @@ def build_report(cfg: ReportConfig) -> ReportResult:
     inputs = load_inputs(cfg.dirs)
     source = None
     if cfg.data is not None:
-        from transferlab.data import open_dataset
+        from transferlab.data import open_dataset  # lazy: only with --data; report itself never loads torch
 
         # A report never downloads: --data names the copy the runs were evaluated on.
         source = open_dataset(cfg.data, download=False)

@@ -14,6 +14,8 @@ from typing import Any
 from transferlab.data.decoded import DECODED_MODES
 from transferlab.data.transforms import CROP_MODES, INTERPOLATIONS
 from transferlab.errors import ConfigError
+from transferlab.models.heads import HeadSpec
+from transferlab.models.strategies import StrategySpec
 
 STRATEGIES = ("linear-probe", "bn-only", "full", "freeze-unfreeze", "scratch")
 HEAD_INITS = ("auto", "imagenet", "random")
@@ -164,7 +166,6 @@ class TrainConfig:
 
     def strategy_spec(self):  # type: ignore[no-untyped-def]
         """The :class:`~transferlab.models.strategies.StrategySpec` of this run."""
-        from transferlab.models.strategies import StrategySpec
 
         return StrategySpec(
             self.strategy,
@@ -177,7 +178,6 @@ class TrainConfig:
 
     def head_spec(self):  # type: ignore[no-untyped-def]
         """The :class:`~transferlab.models.heads.HeadSpec` of this run."""
-        from transferlab.models.heads import HeadSpec
 
         return HeadSpec.parse(self.head)
 

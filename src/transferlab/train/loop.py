@@ -46,6 +46,7 @@ from transferlab.models.fold import inference_copy
 from transferlab.models.heads import TransferModel
 from transferlab.models.strategies import apply_strategy, param_groups, set_train_mode, unfreeze
 from transferlab.runtime import Precision, reuse_freed_memory
+from transferlab.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from transferlab.train.config import TrainConfig
 from transferlab.train.interrupt import GracefulStop, ignore_stop_signals_in_worker, interrupted
 from transferlab.train.optim import EarlyStopping, ScheduleSpec, build_optimizer, clip_gradients, lr_factor, set_lr
@@ -373,7 +374,6 @@ def fit(
                 swapped.get("FastStridedDepthwise", 0),
                 swapped.get("FastReLU6", 0),
             )
-        from transferlab.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 
         d = d or Dist()
         spec = cfg.strategy_spec()

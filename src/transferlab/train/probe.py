@@ -18,6 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferlab.errors import ConfigError
+from transferlab.train.optim import (
+    EarlyStopping,
+    ScheduleSpec,
+    build_optimizer,
+    clip_gradients,
+    lr_factor,
+    set_lr,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +135,6 @@ def fit_head(
     is :func:`epoch_order` and the learning rate follows the same schedule, clipping and early stopping as
     the image loop, so a config means the same thing on both paths.
     """
-    from transferlab.train.optim import (
-        EarlyStopping,
-        ScheduleSpec,
-        build_optimizer,
-        clip_gradients,
-        lr_factor,
-        set_lr,
-    )
 
     xf = torch.from_numpy(np.ascontiguousarray(x_fit, dtype=np.float32))
     yf = torch.from_numpy(np.asarray(y_fit, dtype=np.int64))

@@ -31,20 +31,34 @@ import numpy as np
 import torch
 import yaml
 
+from transferlab.artifacts.curves import plot_curves
+from transferlab.artifacts.lock import RunLock
 from transferlab.artifacts.predictions import predictions_path, write_predictions
 from transferlab.artifacts.summary import summarize
 from transferlab.data import DatasetSource, open_dataset
+from transferlab.data.augment import EvalAsTrain, TrainTransform
 from transferlab.data.base import data_fingerprint, subset_indices
+from transferlab.data.decoded import decode_split
+from transferlab.data.digests import cached_digests, find_duplicates, overlap
+from transferlab.data.resolve import cache_dir as user_cache_dir
+from transferlab.data.screen import POLICIES, refuse_too_few_classes, screen_images
+from transferlab.data.stats import channel_stats
 from transferlab.errors import ConfigError, DataError
 from transferlab.inference.engine import default_workers, make_eval_transform
 from transferlab.inference.features import cached_features
 from transferlab.io import atomic_write_json, atomic_write_text
 from transferlab.labels import IMAGENET_OVERLAP_WARNING
 from transferlab.models.backbones import Backbone, create_backbone
+from transferlab.models.heads import TransferModel
+from transferlab.models.strategies import trainable_counts
 from transferlab.models.weights import save_weights
 from transferlab.runtime import resolve_device, resolve_precision, versions
 from transferlab.train.config import TrainConfig
+from transferlab.train.interrupt import GracefulStop
+from transferlab.train.loop import Dist, EvalImages, FitData, TrainImages, fit, predict
 from transferlab.train.probe import ProbeConfig, fit_head, head_logits, stratified_holdout
+from transferlab.train.runs import backbone_from_run
+from transferlab.train.tensorboard import TensorBoardLog
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +82,6 @@ def _head_init(cfg: TrainConfig, backbone: Backbone, source: DatasetSource) -> s
 
 def _load_backbone(cfg: TrainConfig) -> Backbone:
     if cfg.init_from is not None:
-        from transferlab.train.runs import backbone_from_run
-
         return backbone_from_run(Path(cfg.init_from), cfg.model)
     weights = "none" if cfg.strategy == "scratch" else cfg.weights
     return create_backbone(cfg.model, weights)
@@ -100,9 +112,6 @@ def train(
     :class:`~transferlab.errors.TrainingInterrupted`. A process that ``torchrun --max-restarts`` started
     again after a failure (``TORCHELASTIC_RESTART_COUNT`` > 0) resumes from the newest checkpoint by itself.
     """
-    from transferlab.artifacts.lock import RunLock
-    from transferlab.data.screen import POLICIES
-    from transferlab.train.loop import Dist
 
     if bad_images not in POLICIES:
         raise ConfigError(f"--bad-images must be one of {', '.join(POLICIES)}, not {bad_images!r}")
@@ -200,7 +209,6 @@ class _Setup:
         return make_eval_transform(pre, self.size, self.cfg.crop, self.cfg.interpolation)
 
     def cache_root(self) -> Path:
-        from transferlab.data.resolve import cache_dir as user_cache_dir
 
         return Path(self.cfg.cache_dir) if self.cfg.cache_dir else user_cache_dir()
 
@@ -221,8 +229,6 @@ class _Outcome:
 
 
 def _setup(cfg: TrainConfig, d: Any, bad_images: str = "error") -> _Setup:
-    from transferlab.data.resolve import cache_dir as user_cache_dir
-    from transferlab.data.screen import refuse_too_few_classes, screen_images
 
     source = open_dataset(cfg.data)
     train_split = source.split("train")
@@ -240,7 +246,6 @@ def _setup(cfg: TrainConfig, d: Any, bad_images: str = "error") -> _Setup:
         # memory-mapped array and resizes whole batches; split fingerprints stay those of the source files.
         # The decode pass records the unreadable images, so the screening below reads that list instead
         # of decoding every image a second time.
-        from transferlab.data.decoded import decode_split
 
         for name in dict.fromkeys(("train", cfg.report_split)):
             source.splits[name] = decode_split(source.split(name), root, progress=cfg.progress)
@@ -299,7 +304,6 @@ def _duplicates(
     hashing the bytes costs ~0.4 s for the mini Tiny ImageNet's 25,000 images and is cached by the samples'
     fingerprint, so later runs on the same data pay nothing.
     """
-    from transferlab.data.digests import cached_digests, find_duplicates, overlap
 
     if cfg.report_split == "train":  # reporting on the training images themselves: overlap is the point
         return {}, []
@@ -349,8 +353,6 @@ def _train(
     t_start = time.perf_counter()
     tb = None
     if tensorboard and d.main:
-        from transferlab.train.tensorboard import TensorBoardLog
-
         tb = TensorBoardLog(Path(cfg.out) / "tensorboard")  # a missing package fails here, before any work
     # Every global RNG a step may draw from, Python's too: checkpoints restore all three, so an uninterrupted
     # run must start them from the seed for a resumed one to match it.
@@ -383,7 +385,6 @@ def _train(
         write_steps(out / "steps.csv", res.steps)
     sample_ids = [report.sample_ids[i] for i in s.report_idx]
     write_predictions(predictions_path(out, cfg.report_split), res.logits, y_report, sample_ids, source.classes.ids)
-    from transferlab.artifacts.curves import plot_curves
 
     title = f"{cfg.model} {res.strategy['strategy']} ({res.strategy['head']} head)"
     epochs = [r for r in res.history if r["epoch"] >= 1]
@@ -436,7 +437,6 @@ def _train(
 
 def _probe_on_features(s: _Setup) -> _Outcome:
     """The frozen-backbone fast path: cached backbone outputs, then seconds of head training."""
-    from transferlab.models.heads import TransferModel
 
     cfg, backbone, n_cls = s.cfg, s.backbone, s.num_classes
     cache = s.cache_root() / "features"
@@ -506,11 +506,6 @@ def _probe_on_features(s: _Setup) -> _Outcome:
 
 def _fit_loop(s: _Setup) -> _Outcome:
     """Every strategy through the training loop."""
-    from transferlab.data.augment import EvalAsTrain, TrainTransform
-    from transferlab.models.heads import TransferModel
-    from transferlab.models.strategies import trainable_counts
-    from transferlab.train.interrupt import GracefulStop
-    from transferlab.train.loop import EvalImages, FitData, TrainImages, fit, predict
 
     cfg, n_cls, train_split = s.cfg, s.num_classes, s.train_split
     pre = s.backbone.preprocessing
@@ -519,8 +514,6 @@ def _fit_loop(s: _Setup) -> _Outcome:
     fit_idx = s.train_idx[s.fit_pos]
     mean, std = pre.mean, pre.std
     if cfg.standardize == "dataset":
-        from transferlab.data.stats import channel_stats
-
         mean, std = channel_stats(train_split, fit_idx, cache_dir=s.cache_root() / "stats")
         log.info("standardizing with the training set's channel mean %s and std %s", mean, std)
     eval_tf = s.eval_transform()
