@@ -34,8 +34,8 @@ from transferlab.inference.engine import make_eval_transform, predict_logits
 from transferlab.labels import imagenet_indices
 from transferlab.models.backbones import create_backbone
 from transferlab.runtime import resolve_device, resolve_precision
-from transferlab.train.config import TrainConfig
-from transferlab.train.run import train
+from transferlab.training.config import TrainConfig
+from transferlab.training.run import train
 
 
 def _rss() -> dict[str, float]:

@@ -28,7 +28,7 @@ from transferlab.models.fold import inference_copy
 from transferlab.models.heads import TransferModel
 from transferlab.models.strategies import apply_strategy, set_train_mode
 from transferlab.runtime import inference_streams, resolve_precision
-from transferlab.train.config import TrainConfig
+from transferlab.training.config import TrainConfig
 
 CPU = torch.device("cpu")
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferlab.artifacts.lock import RunLock, RunLockedError
-from transferlab.train.checkpoint import (
+from transferlab.training.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
@@ -35,7 +35,7 @@ from transferlab.train.checkpoint import (
     verify_checkpoint,
 )
 
-LOGGER = "transferlab.train.checkpoint"
+LOGGER = "transferlab.training.checkpoint"
 
 _gen = torch.Generator().manual_seed(1234)
 X_VEC = torch.randn(64, 8, generator=_gen)

@@ -118,7 +118,7 @@ def test_train_warns_when_val_holds_copies_of_training_images(
     err = capsys.readouterr().err
     m = json.loads((run / "metrics.json").read_text())
     # Only the dog images in the fitted part count: the holdout is not trained on.
-    from transferlab.train.probe import stratified_holdout
+    from transferlab.training.probe import stratified_holdout
 
     targets = open_dataset(ds).split("train").targets
     fit_pos, _ = stratified_holdout(targets, 0.2, 0)

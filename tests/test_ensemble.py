@@ -12,7 +12,7 @@ import pytest
 from builders import WNIDS, WORDS
 from transferlab.artifacts.predictions import read_predictions, write_predictions
 from transferlab.cli import main
-from transferlab.ensemble import (
+from transferlab.ensembles import (
     EnsembleConfig,
     apply_ensemble,
     fit_ensemble,

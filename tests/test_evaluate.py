@@ -20,7 +20,7 @@ from transferlab.cli import build_parser, main
 from transferlab.data.batched import eval_batch
 from transferlab.data.transforms import EvalTransform, normalize_batch
 from transferlab.errors import ConfigError
-from transferlab.evaluate import EvalConfig, evaluate
+from transferlab.evaluation import EvalConfig, evaluate
 from transferlab.inference.engine import make_eval_transform
 from transferlab.labels import imagenet_indices
 from transferlab.metrics import topk_accuracy

@@ -16,8 +16,8 @@ import torch
 from builders import WNIDS, WORDS, jpeg_bytes, train_argv
 from transferlab.cli import main
 from transferlab.export import CARD_FILE, ExportConfig, ExportError, export_run, load_exported
-from transferlab.predict import PredictConfig, predict
-from transferlab.train.runs import load_run
+from transferlab.prediction import PredictConfig, predict
+from transferlab.training.runs import load_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

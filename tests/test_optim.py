@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from transferlab.errors import ConfigError
-from transferlab.train.optim import (
+from transferlab.training.optim import (
     EarlyStopping,
     ScheduleSpec,
     build_optimizer,

@@ -18,7 +18,7 @@ from transferlab.artifacts.predictions import read_predictions
 from transferlab.cli import main
 from transferlab.inference.tta import tta_forward, tta_log_probs, tta_views
 from transferlab.metrics import log_softmax
-from transferlab.predict import (
+from transferlab.prediction import (
     PredictConfig,
     collect_inputs,
     load_predictor,
@@ -207,7 +207,7 @@ def test_tta_flip_in_evaluate_and_predict(runs: tuple[Path, Path], train_ds: Pat
 
 def test_tta_is_refused_with_the_feature_cache(tmp_path: Path) -> None:
     from transferlab.errors import ConfigError
-    from transferlab.evaluate import EvalConfig
+    from transferlab.evaluation import EvalConfig
 
     with pytest.raises(ConfigError, match="--tta"):
         EvalConfig(model="m", data="d", out=tmp_path, tta="mirror")

@@ -19,7 +19,7 @@ from builders import WNIDS, tiny_imagenet_files, write_folder
 from transferlab.artifacts.predictions import write_predictions
 from transferlab.artifacts.summary import summarize
 from transferlab.cli import build_parser, main
-from transferlab.ensemble import EnsembleConfig, run_ensemble
+from transferlab.ensembles import EnsembleConfig, run_ensemble
 from transferlab.labels import IMAGENET_OVERLAP_WARNING
 from transferlab.metrics import expected_calibration_error, softmax
 from transferlab.report import figures as F
@@ -121,7 +121,7 @@ def _refuse(*_a: object, **_k: object) -> None:
 def report(runs: Path, dataset: Path, tmp_path_factory: pytest.TempPathFactory):
     """The report on the three folders given one by one, with --data, while loading a model would fail."""
     import transferlab.models.backbones as backbones
-    import transferlab.train.runs as train_runs
+    import transferlab.training.runs as train_runs
 
     out = tmp_path_factory.mktemp("report")
     with pytest.MonkeyPatch.context() as mp:
@@ -257,7 +257,7 @@ def test_report_does_not_import_torch(runs: Path, tmp_path: Path) -> None:
         "import sys\n"
         "from transferlab.report.render import ReportConfig, build_report\n"
         f"build_report(ReportConfig(({str(runs)!r},), {str(tmp_path / 'r')!r}))\n"
-        "bad = [m for m in ('torch', 'timm', 'transferlab.models', 'transferlab.train') if m in sys.modules]\n"
+        "bad = [m for m in ('torch', 'timm', 'transferlab.models', 'transferlab.training') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -22,7 +22,7 @@ from transferlab.inference.engine import make_eval_transform
 from transferlab.inference.features import cached_features, pre_logits
 from transferlab.models.backbones import create_backbone
 from transferlab.runtime import resolve_precision
-from transferlab.train.probe import ProbeConfig, fit_linear_probe, stratified_holdout
+from transferlab.training.probe import ProbeConfig, fit_linear_probe, stratified_holdout
 
 CPU = torch.device("cpu")
 FP32 = resolve_precision("fp32", "off", CPU)
@@ -96,7 +96,7 @@ def test_probe_loss_falls_and_beats_chance() -> None:
     best = min(res.history, key=lambda r: r["val_loss"])
     assert res.best_epoch == best["epoch"]
     # The head handed back is the best epoch's, not the last one's.
-    from transferlab.train.probe import head_logits
+    from transferlab.training.probe import head_logits
 
     logits = torch.from_numpy(head_logits(head, xh))
     loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(yh))

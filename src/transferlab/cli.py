@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from transferlab import __version__
+from transferlab._version import __version__
 from transferlab.errors import ConfigError, TrainingInterrupted, TransferlabError
 
 log = logging.getLogger("transferlab")
@@ -710,7 +710,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """``transferlab evaluate``."""
     # lazy: a command loads only its own modules (torch alone takes seconds to import)
     from transferlab.artifacts.folders import is_study_dir
-    from transferlab.evaluate import EvalConfig, evaluate
+    from transferlab.evaluation import EvalConfig, evaluate
 
     if args.run is not None and is_study_dir(args.run):
         return _evaluate_study(args)
@@ -759,7 +759,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     # lazy: a command loads only its own modules (torch alone takes seconds to import)
-    from transferlab.train.run import TrainConfig, train
+    from transferlab.training.run import TrainConfig, train
 
     names = {f.name for f in fields(TrainConfig)}
     if args.config is not None:
@@ -796,7 +796,7 @@ def _reparse_with_config(args: argparse.Namespace, names: set[str]) -> argparse.
     import yaml
 
     # lazy: a command loads only its own modules (torch alone takes seconds to import)
-    from transferlab.train.config import TrainConfig
+    from transferlab.training.config import TrainConfig
 
     try:
         d = yaml.safe_load(Path(args.config).read_text())
@@ -893,7 +893,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_ensemble(args: argparse.Namespace) -> int:
     """``transferlab ensemble``."""
     # lazy: a command loads only its own modules (torch alone takes seconds to import)
-    from transferlab.ensemble import EnsembleConfig, run_ensemble
+    from transferlab.ensembles import EnsembleConfig, run_ensemble
 
     cfg = EnsembleConfig(
         members=tuple(args.members),
@@ -954,7 +954,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 def _evaluate_study(args: argparse.Namespace) -> int:
     # lazy: a command loads only its own modules (torch alone takes seconds to import)
-    from transferlab.study import evaluate_study
+    from transferlab.studies import evaluate_study
 
     if args.zero_shot or args.model is not None:
         raise ConfigError("a study folder evaluates its own members; leave out --model and --zero-shot")
@@ -983,7 +983,7 @@ def _evaluate_study(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     """``transferlab study``."""
     # lazy: a command loads only its own modules (torch alone takes seconds to import)
-    from transferlab.study import load_spec, resolve, run_study
+    from transferlab.studies import load_spec, resolve, run_study
 
     spec = load_spec(args.spec)
     if args.check:
@@ -1020,7 +1020,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     """``transferlab predict``."""
     # lazy: a command loads only its own modules (torch alone takes seconds to import)
-    from transferlab.predict import PredictConfig, predict
+    from transferlab.prediction import PredictConfig, predict
 
     cfg = PredictConfig(
         source=args.source,

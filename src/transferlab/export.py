@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferlab import __version__
+from transferlab._version import __version__
 from transferlab.artifacts.folders import CARD_FILE, is_run_dir
 from transferlab.data import open_dataset
 from transferlab.data.base import subset_indices
@@ -42,7 +42,7 @@ from transferlab.io import atomic_write_bytes, atomic_write_json
 from transferlab.models.heads import HeadSpec, TransferModel
 from transferlab.models.preprocessing import Preprocessing
 from transferlab.models.weights import META_CLASS_IDS, META_PREPROCESSING, check_compatible, read_weight_file
-from transferlab.train.runs import load_run, load_run_config
+from transferlab.training.runs import load_run, load_run_config
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def read_card(d: str | Path) -> dict[str, Any]:
 
 
 class OnnxModule(nn.Module):
-    """An ONNX Runtime session behind the ``model(x)`` call :mod:`transferlab.predict` makes (CPU, fp32)."""
+    """An ONNX Runtime session behind the ``model(x)`` call :mod:`transferlab.prediction` makes (CPU, fp32)."""
 
     def __init__(self, onnx_bytes: bytes) -> None:
         super().__init__()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from transferlab import __version__
+from transferlab._version import __version__
 from transferlab.errors import ConfigError
 
 log = logging.getLogger(__name__)

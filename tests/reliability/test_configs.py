@@ -12,7 +12,7 @@ import yaml
 from builders import train_argv
 from transferlab.cli import main
 from transferlab.errors import ConfigError
-from transferlab.train.config import TrainConfig
+from transferlab.training.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BASE = {"model": "test_resnet", "data": "tiny-imagenet-mini", "out": "runs/x"}

@@ -18,7 +18,7 @@ import pytest
 from test_interruptions import assert_same_run
 
 from builders import assert_default_path, default_train_argv, requires_native_bf16, train_argv
-from transferlab.train.checkpoint import verify_checkpoint
+from transferlab.training.checkpoint import verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 #: 24 fit images, 2 ranks x batch 2: 6 steps per epoch; step 9 is inside epoch 2, after step-8's checkpoint.

@@ -28,8 +28,8 @@ from transferlab.models.backbones import create_backbone
 from transferlab.models.heads import HeadSpec, TransferModel
 from transferlab.models.preprocessing import Preprocessing
 from transferlab.models.weights import read_weight_file, save_weights
-from transferlab.train.config import TrainConfig
-from transferlab.train.runs import load_run
+from transferlab.training.config import TrainConfig
+from transferlab.training.runs import load_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -38,14 +38,14 @@ from transferlab.artifacts.lock import RunLock, RunLockedError
 from transferlab.cli import main
 from transferlab.errors import TrainingInterrupted, TransferlabError
 from transferlab.models.weights import read_weight_file
-from transferlab.train import checkpoint as ckpt
-from transferlab.train.checkpoint import (
+from transferlab.training import checkpoint as ckpt
+from transferlab.training.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
     verify_checkpoint,
 )
-from transferlab.train.interrupt import GracefulStop
+from transferlab.training.interrupt import GracefulStop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[2]
@@ -469,7 +469,7 @@ def cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_interrupted_study_resumes_without_retraining(
     train_ds: Path, in1k32: Path, cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import transferlab.train.run as run_mod
+    import transferlab.training.run as run_mod
 
     spec = _write(tmp_path / "s.yaml", _spec(train_ds, in1k32, cifar, tmp_path / "cache"))
     real = run_mod.train

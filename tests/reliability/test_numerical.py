@@ -4,7 +4,7 @@ both ranks at the same step, and nothing hangs.
 
 A NaN at a chosen step cannot be produced reliably from the outside (a huge learning rate diverges at some
 step or never), so the loop's test hooks inject one (``TRANSFERLAB_TEST_NAN_AT_STEP``, see
-``transferlab.train.loop._test_faults``)."""
+``transferlab.training.loop._test_faults``)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 from builders import assert_default_path, default_train_argv, train_argv
 from transferlab.cli import main
 from transferlab.runtime import cpu_has_bf16
-from transferlab.train.checkpoint import latest_checkpoint, load_checkpoint
+from transferlab.training.checkpoint import latest_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[2]

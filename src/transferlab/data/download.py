@@ -24,7 +24,7 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-from transferlab import __version__
+from transferlab._version import __version__
 from transferlab.errors import DataError
 from transferlab.io import atomic_open
 

@@ -84,7 +84,7 @@ def tta_log_probs(
 
 
 def tta_forward(mode: str, cols: np.ndarray | None = None) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
-    """A ``forward(model, x)`` for :func:`transferlab.evaluate.predict_logits` that applies TTA.
+    """A ``forward(model, x)`` for :func:`transferlab.evaluation.predict_logits` that applies TTA.
 
     Its rows are log mean probabilities over ``cols`` (all outputs when None); a softmax of them gives
     back the averaged probabilities, so top-1, NLL and ensembles work on them unchanged.

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from transferlab import __version__
+from transferlab._version import __version__
 from transferlab.artifacts.folders import METRICS_FILE, folder_kind
 from transferlab.artifacts.predictions import (
     PREDICTIONS_DIR,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferlab.errors import ConfigError
-from transferlab.train.optim import (
+from transferlab.training.optim import (
     EarlyStopping,
     ScheduleSpec,
     build_optimizer,

@@ -37,7 +37,7 @@ from transferlab.runtime import (
     resolve_precision,
     versions,
 )
-from transferlab.train.runs import load_run
+from transferlab.training.runs import load_run
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class EvalConfig:
     #: (``<cache_dir>/features``, shared with `transferlab train`) and apply the model's own classifier:
     #: a zero-shot evaluation after a linear probe on the same images then costs no forward pass.
     cache_dir: Path | None = None
-    #: Test-time augmentation: none, flip or flip+crops (see transferlab.predict); probabilities are averaged
+    #: Test-time augmentation: none, flip or flip+crops (see transferlab.prediction); probabilities are averaged
     #: over the views and predictions/<split>.npz then holds log mean probabilities in its logits field.
     tta: str = "none"
     #: ``auto``: read the split from the decoded cache (built on first use) and resize whole batches as

@@ -20,7 +20,7 @@ from transferlab.models.backbones import Backbone
 from transferlab.models.heads import TransferModel
 from transferlab.models.preprocessing import Preprocessing
 from transferlab.models.weights import META_CLASS_IDS, META_PREPROCESSING, check_compatible, read_weight_file
-from transferlab.train.config import TrainConfig
+from transferlab.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

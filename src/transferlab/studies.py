@@ -42,16 +42,16 @@ from transferlab.data.base import data_fingerprint
 from transferlab.data.resolve import cache_dir as user_cache_dir
 from transferlab.data.resolve import resolve_data
 from transferlab.data.screen import refuse_too_few_classes
-from transferlab.ensemble import EnsembleConfig, apply_ensemble, load_members, run_ensemble
+from transferlab.ensembles import EnsembleConfig, apply_ensemble, load_members, run_ensemble
 from transferlab.errors import ConfigError, DataError, TransferlabError, WeightsError
-from transferlab.evaluate import EvalConfig, evaluate
+from transferlab.evaluation import EvalConfig, evaluate
 from transferlab.io import atomic_write_json, atomic_write_text
 from transferlab.metrics import log_softmax, paired_bootstrap, topk_correct
 from transferlab.models.backbones import check_model_name, resolve_weight_source
 from transferlab.models.weights import hub_cached_file, hub_offline, package_weight_file
 from transferlab.report.render import ReportConfig, build_report
-from transferlab.train.config import TrainConfig
-from transferlab.train.run import train
+from transferlab.training.config import TrainConfig
+from transferlab.training.run import train
 
 log = logging.getLogger(__name__)
 

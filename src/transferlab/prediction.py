@@ -9,7 +9,7 @@ A *predictor* is rebuilt from any folder transferlab writes that holds (or point
   metrics.json, with the same weights and resize options);
 * an ensemble folder of ``transferlab ensemble`` (weights.json): each member is rebuilt from the folder its
   predictions came from, and the fitted combination (weights, temperatures, stacking) is applied to their
-  outputs exactly as :meth:`~transferlab.ensemble.FittedEnsemble.log_probs` does on saved predictions;
+  outputs exactly as :meth:`~transferlab.ensembles.FittedEnsemble.log_probs` does on saved predictions;
 * a study folder of ``transferlab study``: its best ensemble by the top-1 in its metrics.json (or
   ``--member NAME``).
 
@@ -50,7 +50,7 @@ from transferlab.data.images import IMAGE_SUFFIXES, decode_image, is_image_name
 from transferlab.data.names import class_names
 from transferlab.data.resolve import cache_dir
 from transferlab.data.transforms import EvalTransform, normalize_batch
-from transferlab.ensemble import load_fitted
+from transferlab.ensembles import load_fitted
 from transferlab.errors import BadImageError, ConfigError, DataError
 from transferlab.export import load_exported
 from transferlab.inference.engine import default_workers, make_eval_transform
@@ -62,7 +62,7 @@ from transferlab.metrics import log_softmax
 from transferlab.models.backbones import create_backbone
 from transferlab.models.fold import inference_copy
 from transferlab.runtime import Precision, resolve_device, resolve_precision
-from transferlab.train.runs import load_run
+from transferlab.training.runs import load_run
 
 log = logging.getLogger(__name__)
 

@@ -46,11 +46,11 @@ from transferlab.models.fold import inference_copy
 from transferlab.models.heads import TransferModel
 from transferlab.models.strategies import apply_strategy, param_groups, set_train_mode, unfreeze
 from transferlab.runtime import Precision, reuse_freed_memory
-from transferlab.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from transferlab.train.config import TrainConfig
-from transferlab.train.interrupt import GracefulStop, ignore_stop_signals_in_worker, interrupted
-from transferlab.train.optim import EarlyStopping, ScheduleSpec, build_optimizer, clip_gradients, lr_factor, set_lr
-from transferlab.train.probe import epoch_order
+from transferlab.training.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from transferlab.training.config import TrainConfig
+from transferlab.training.interrupt import GracefulStop, ignore_stop_signals_in_worker, interrupted
+from transferlab.training.optim import EarlyStopping, ScheduleSpec, build_optimizer, clip_gradients, lr_factor, set_lr
+from transferlab.training.probe import epoch_order
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +354,7 @@ def fit(
     newest complete one is continued exactly. ``callback(kind, row)`` sees every ``"step"`` row (as in
     steps.csv) and ``"epoch"`` row (as in history.csv) on rank 0 as it is recorded, e.g. for TensorBoard.
 
-    ``stop`` (a :class:`~transferlab.train.interrupt.GracefulStop` the caller has entered) is read after every
+    ``stop`` (a :class:`~transferlab.training.interrupt.GracefulStop` the caller has entered) is read after every
     optimizer step and at each epoch end: once SIGTERM/SIGINT has arrived, a checkpoint is written and
     :class:`~transferlab.errors.TrainingInterrupted` raised. A NaN/inf loss or gradient raises
     :class:`NonFiniteLossError` before the optimizer step, so no checkpoint ever holds non-finite weights.

@@ -42,7 +42,7 @@ def _summary_writer_class() -> Any:
 class TensorBoardLog:
     """Writes a run's steps, epochs, curves and hyper-parameters as TensorBoard events.
 
-    Its :meth:`record` is the callback :func:`transferlab.train.loop.fit` calls; the writer is opened
+    Its :meth:`record` is the callback :func:`transferlab.training.loop.fit` calls; the writer is opened
     on the first event, so that after a resume the first step is known and later stale events purged.
     """
 

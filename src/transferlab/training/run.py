@@ -53,12 +53,12 @@ from transferlab.models.heads import TransferModel
 from transferlab.models.strategies import trainable_counts
 from transferlab.models.weights import save_weights
 from transferlab.runtime import resolve_device, resolve_precision, versions
-from transferlab.train.config import TrainConfig
-from transferlab.train.interrupt import GracefulStop
-from transferlab.train.loop import Dist, EvalImages, FitData, TrainImages, fit, predict
-from transferlab.train.probe import ProbeConfig, fit_head, head_logits, stratified_holdout
-from transferlab.train.runs import backbone_from_run
-from transferlab.train.tensorboard import TensorBoardLog
+from transferlab.training.config import TrainConfig
+from transferlab.training.interrupt import GracefulStop
+from transferlab.training.loop import Dist, EvalImages, FitData, TrainImages, fit, predict
+from transferlab.training.probe import ProbeConfig, fit_head, head_logits, stratified_holdout
+from transferlab.training.runs import backbone_from_run
+from transferlab.training.tensorboard import TensorBoardLog
 
 log = logging.getLogger(__name__)
 
