@@ -67,3 +67,12 @@ def test_import_stays_light() -> None:
     code = "import sys, transferlab; print('torch' in sys.modules, 'transferlab.api' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_every_public_name_resolves() -> None:
+    from transferlab import api
+
+    assert {n for n in tl.__all__ if n != "__version__"} == set(api.__all__)
+    for name in tl.__all__:
+        assert getattr(tl, name) is not None, name
+    assert callable(tl.train) and callable(tl.evaluate) and callable(tl.ensemble) and callable(tl.study)

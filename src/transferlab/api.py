@@ -28,9 +28,10 @@ from typing import Any
 
 from torch import nn
 
+from transferlab import _API
 from transferlab.artifacts.folders import CARD_FILE, folder_kind
 from transferlab.artifacts.predictions import Predictions, find_predictions, prediction_splits, read_predictions
-from transferlab.data import open_dataset
+from transferlab.data import open_dataset as open_dataset  # re-exported: tl.open_dataset
 from transferlab.ensembles import EnsembleConfig, run_ensemble
 from transferlab.errors import ConfigError
 from transferlab.evaluation import EvalConfig
@@ -42,21 +43,7 @@ from transferlab.training.config import TrainConfig
 from transferlab.training.run import train as _train
 from transferlab.training.runs import load_run, load_run_config
 
-__all__ = [
-    "Ensemble",
-    "Evaluation",
-    "Export",
-    "Folder",
-    "Run",
-    "Study",
-    "ensemble",
-    "evaluate",
-    "load",
-    "open_dataset",
-    "predict",
-    "study",
-    "train",
-]
+__all__ = list(_API)  # the names ``transferlab`` hands out on first use (transferlab/__init__.py)
 
 PathLike = str | os.PathLike[str]
 
