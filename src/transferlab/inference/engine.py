@@ -69,12 +69,21 @@ def default_workers() -> int:
     return max(1, min(4, n - 1))
 
 
+def predict_logits(backbone: Backbone, split: ImageSplit, transform: EvalTransform, **options: Any) -> np.ndarray:
+    """:func:`model_outputs` of a pretrained backbone, standardised with its own preprocessing."""
+    pre = backbone.preprocessing
+    out = model_outputs(backbone.model, split, transform, mean=pre.mean, std=pre.std, **options)
+    return out if len(out) else np.empty((0, backbone.num_classes), dtype=np.float32)
+
+
 @torch.inference_mode()
-def predict_logits(
-    backbone: Backbone,
+def model_outputs(
+    model: torch.nn.Module,
     split: ImageSplit,
     transform: EvalTransform,
     *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
     indices: np.ndarray,
     precision: Precision,
     device: torch.device,
@@ -83,18 +92,20 @@ def predict_logits(
     progress: bool | None = None,
     forward: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
     desc: str | None = None,
+    worker_init_fn: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Run the model over ``split[indices]`` and return float32 outputs in that order.
+    """Run ``model`` over ``split[indices]`` and return float32 outputs in that order.
 
-    ``forward(model, x)`` replaces ``model(x)``, e.g. to return pre-logits features for the feature
-    cache; the output width is taken from the first batch.
+    The one inference loop: evaluation, zero-shot, feature extraction and the training loop's holdout pass
+    all come here. ``forward(model, x)`` replaces ``model(x)``, e.g. to return pre-logits features for the
+    feature cache; the output width is taken from the first batch. ``worker_init_fn`` runs in each DataLoader
+    worker of the per-image path (training passes one that leaves SIGTERM/SIGINT to the main process).
     """
-    model = backbone.model.to(device)
+    model = model.to(device)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # A copy with BatchNorm folded into the convolutions: the same function, ~30% faster on a CPU.
     model = inference_copy(model, transform.size, device, channels_last=precision.channels_last)
-    pre = backbone.preprocessing
     pixels = pixel_array(split)
     loader: Iterable[Any]
     if pixels is not None:  # decoded cache: whole batches resized as tensors, no worker processes
@@ -115,6 +126,7 @@ def predict_logits(
             num_workers=workers,
             pin_memory=device.type == "cuda",
             persistent_workers=False,
+            worker_init_fn=worker_init_fn if workers else None,
         )
     out: np.ndarray | None = None
     pos = 0
@@ -124,7 +136,7 @@ def predict_logits(
         with torch.inference_mode():
             if pixels is not None:
                 # Standardised (and made channels_last) at the stored size, then resized: see batched.py.
-                x = eval_batch(x, transform, norm=(pre.mean, pre.std), channels_last=precision.channels_last)
+                x = eval_batch(x, transform, norm=(mean, std), channels_last=precision.channels_last)
             with precision.autocast():
                 return (model(x) if forward is None else forward(model, x)).float()
 
@@ -132,12 +144,12 @@ def predict_logits(
         for batch in tqdm(loader, desc=desc or f"eval {split.name}", unit="batch", disable=disable, leave=False):
             x = batch[0].to(device, non_blocking=True)
             if pixels is None:
-                x = normalize_batch(x, pre.mean, pre.std, channels_last=precision.channels_last)
+                x = normalize_batch(x, mean, std, channels_last=precision.channels_last)
             y = run(run_model, x).cpu().numpy()
             if out is None:
                 out = np.empty((len(indices), *y.shape[1:]), dtype=np.float32)
             out[pos : pos + len(y)] = y
             pos += len(y)
     if out is None:
-        return np.empty((0, backbone.num_classes), dtype=np.float32)
+        return np.empty((0, 0), dtype=np.float32)  # no samples: the width is unknown
     return out

@@ -37,12 +37,12 @@ from tqdm.auto import tqdm
 
 from transferlab.data.augment import TrainTransform, mix_batch, sample_rng, soft_cross_entropy
 from transferlab.data.base import ImageSplit
-from transferlab.data.batched import ArrayBatches, eval_batch, needs_serial, train_batch
+from transferlab.data.batched import ArrayBatches, needs_serial, train_batch
 from transferlab.data.decoded import pixel_array
 from transferlab.data.transforms import EvalTransform, normalize_batch
 from transferlab.errors import ConfigError, TransferlabError
+from transferlab.inference.engine import model_outputs
 from transferlab.models.cpu_kernels import cpu_training_kernels
-from transferlab.models.fold import inference_copy
 from transferlab.models.heads import TransferModel
 from transferlab.models.strategies import apply_strategy, param_groups, set_train_mode, unfreeze
 from transferlab.runtime import Precision, reuse_freed_memory
@@ -227,7 +227,6 @@ class EvalImages(Dataset):
 # evaluation (exact under DDP: every sample once, gathered in order)
 
 
-@torch.inference_mode()
 def predict(
     model: nn.Module,
     data: EvalImages,
@@ -241,57 +240,34 @@ def predict(
     d: Dist,
     progress: bool | None = None,
 ) -> np.ndarray:
-    """Logits for every sample of ``data`` in order; each rank computes ``rank::world`` and rank 0 gathers."""
-    mine = list(range(d.rank, len(data), d.world))
-    pixels = pixel_array(data.split)
-    loader: Iterable[Any]
-    if pixels is not None:  # decoded cache: batches resized as tensors in this process
-        tf, cl = data.transform, precision.channels_last
-        loader = ArrayBatches(
-            pixels,
-            data.split.targets,
-            data.indices,
-            mine,
-            batch_size,
-            lambda u8, _i: eval_batch(u8, tf, norm=(mean, std), channels_last=cl),  # standardised, see batched.py
-            device,
-        )
-    else:
-        loader = DataLoader(
-            torch.utils.data.Subset(data, mine),
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=workers,
-            worker_init_fn=ignore_stop_signals_in_worker if workers else None,
-        )
-    was = model.training
-    model.eval()
-    # BatchNorm folded into the convolutions of an eval copy (the training model keeps its layers).
-    size = data.transform.size
-    fast = inference_copy(model, size, device, channels_last=precision.channels_last)
-    outs, poss = [], []
-    disable = (None if progress is None else not progress) if d.main else True
-    for x, _, pos in tqdm(loader, desc="eval", unit="batch", leave=False, disable=disable):
-        x = x.to(device)
-        if pixels is None:
-            x = normalize_batch(x, mean, std, channels_last=precision.channels_last)
-        with precision.autocast():
-            outs.append(fast(x).float().cpu())
-        poss.append(pos)
-    model.train(was)
-    logits = torch.cat(outs) if outs else torch.empty(0)
-    pos_t = torch.cat(poss) if poss else torch.empty(0, dtype=torch.long)
+    """Logits for every sample of ``data`` in order, through the inference engine (folded BatchNorm, two
+    streams, heap reuse); each rank computes ``rank::world`` and every rank gets them all, gathered."""
+    mine = np.arange(d.rank, len(data), d.world)
+    logits = model_outputs(
+        model,
+        data.split,
+        data.transform,
+        mean=mean,
+        std=std,
+        indices=np.asarray(data.indices)[mine],
+        precision=precision,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress if d.main else False,
+        desc="eval",
+        worker_init_fn=ignore_stop_signals_in_worker,
+    )
     if d.world > 1:
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: torch.distributed only under torchrun
 
         gathered: list[Any] = [None] * d.world
-        dist.all_gather_object(gathered, (pos_t.numpy(), logits.numpy()))
-        pos_all = np.concatenate([g[0] for g in gathered])
+        dist.all_gather_object(gathered, (mine, logits))
         log_all = np.concatenate([g[1] for g in gathered if len(g[1])])
         out = np.empty((len(data), log_all.shape[1]), dtype=np.float32)
-        out[pos_all] = log_all
+        out[np.concatenate([g[0] for g in gathered])] = log_all
         return out
-    return logits.numpy()
+    return logits
 
 
 def _maybe_compile(model: nn.Module, enabled: bool) -> Callable[[torch.Tensor], torch.Tensor]:
