@@ -150,7 +150,7 @@ class _Parser(argparse.ArgumentParser):
         return ns
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915
     """The full argument parser (also used to check that every --help is complete)."""
     parser = _Parser(
         prog="transferlab",

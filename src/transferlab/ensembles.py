@@ -713,7 +713,7 @@ def _nan_to_none(x: Any) -> Any:
     return x
 
 
-def run_ensemble(
+def run_ensemble(  # noqa: C901, PLR0915
     cfg: EnsembleConfig,
     *,
     select_mask: np.ndarray | None = None,

@@ -76,7 +76,7 @@ class EvalConfig:
     #: tensors; ``off``: decode each image with PIL in DataLoader workers.
     decoded_cache: str = "auto"
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: C901
         if (self.model is None) == (self.run is None):
             raise ConfigError("give either a run directory (transferlab evaluate RUN_DIR) or --model, not both")
         if self.run is not None and self.zero_shot:
@@ -101,7 +101,7 @@ class EvalConfig:
             raise ConfigError("--tta runs the model on several views of each image; leave out --cache-dir")
 
 
-def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:  # noqa: C901, PLR0915
     """Evaluate ``cfg.model`` on ``cfg.data``/``cfg.split`` and write results under ``cfg.out``.
 
     Writes ``metrics.json``, ``predictions/<split>.npz`` (logits, targets, sample_ids, class_ids) and

@@ -181,7 +181,7 @@ def load_spec(path: str | os.PathLike[str]) -> StudySpec:
     return parse_spec(doc, where=str(p), text=text, path=p)
 
 
-def parse_spec(doc: Any, *, where: str = "study spec", text: str = "", path: Path | None = None) -> StudySpec:
+def parse_spec(doc: Any, *, where: str = "study spec", text: str = "", path: Path | None = None) -> StudySpec:  # noqa: C901, PLR0915
     """Validate a spec already read from YAML (see :func:`load_spec`)."""
     if not isinstance(doc, dict):
         raise ConfigError(f"{where}: expected a mapping with name, data, members (and optionally ensembles)")
@@ -430,7 +430,7 @@ class _DataInfo:
         refuse_too_few_classes(self.source(spec), fit_split, action)
 
 
-def resolve(spec: StudySpec, out: Path, *, progress: bool | None = None) -> list[Resolved]:
+def resolve(spec: StudySpec, out: Path, *, progress: bool | None = None) -> list[Resolved]:  # noqa: C901, PLR0915
     """Turn the spec into runnable configs and reuse hashes, checking every input first.
 
     All problems are collected and raised together, so one attempt shows everything that is missing.

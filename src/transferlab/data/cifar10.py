@@ -168,7 +168,7 @@ def _check_md5(name: str, origin: str, raw: bytes) -> None:
         )
 
 
-def _parse_batch(name: str, origin: str, raw: bytes, verify: str) -> _Batch:
+def _parse_batch(name: str, origin: str, raw: bytes, verify: str) -> _Batch:  # noqa: C901
     """Unpickle and validate one data/test batch; md5-check it as ``verify`` demands."""
     if verify == "strict":
         _check_md5(name, origin, raw)  # before unpickling: nothing unverified is parsed

@@ -174,7 +174,7 @@ def decode_split(split: ImageSplit, cache_root: Path, *, progress: bool | None =
     return _build(split, folder, fingerprint, progress=progress)
 
 
-def _build(split: ImageSplit, folder: Path, fingerprint: str, *, progress: bool | None) -> ImageSplit:
+def _build(split: ImageSplit, folder: Path, fingerprint: str, *, progress: bool | None) -> ImageSplit:  # noqa: C901, PLR0915
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     t0 = time.perf_counter()

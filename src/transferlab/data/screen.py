@@ -209,7 +209,7 @@ def screen_images(
     return _screen(source, selected, policy, cache_dir, workers, progress)
 
 
-def _screen(
+def _screen(  # noqa: C901
     source: DatasetSource,
     selected: dict[str, np.ndarray],
     policy: str,

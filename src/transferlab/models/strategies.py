@@ -84,7 +84,7 @@ class StrategySpec:
     #: may want larger ones). None means 1.
     backbone_lr_scale: float | None = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: C901
         if self.name not in STRATEGIES:
             raise ConfigError(
                 f"--strategy {self.name!r} is not a strategy; choose one of {', '.join(STRATEGIES)}"

@@ -193,7 +193,7 @@ def _encode_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
     return {"class": type(optimizer).__name__, "param_groups": groups, "state": param_state}
 
 
-def _encode_value(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+def _encode_value(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:  # noqa: C901
     """JSON for ``value``; tensors become ``{"__tensor__": key}`` references and tuples stay tuples."""
     if isinstance(value, torch.Tensor):
         if key in tensors:

@@ -311,7 +311,7 @@ class FitResult:
     stopped_early: bool
 
 
-def fit(
+def fit(  # noqa: C901, PLR0915
     model: TransferModel,
     data: FitData,
     cfg: TrainConfig,

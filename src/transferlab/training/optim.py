@@ -25,7 +25,7 @@ KERAS_RMSPROP_RHO = 0.9
 KERAS_RMSPROP_EPS = 1e-7
 
 
-def build_optimizer(
+def build_optimizer(  # noqa: C901
     groups: list[dict[str, Any]],
     name: str,
     lr: float,
