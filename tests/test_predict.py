@@ -137,7 +137,12 @@ def test_collect_inputs_recurses_sorts_and_dedupes(tmp_path: Path) -> None:
     assert paths == sorted(paths) and len(paths) == 6  # 4 good, 2 broken; the text file is skipped
 
 
-def test_predict_dataset_split_matches_evaluate(runs: tuple[Path, Path], train_ds: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("threads", [1, 2], ids=["one-thread", "two-streams"])
+def test_predict_dataset_split_matches_evaluate(
+    threads: int, runs: tuple[Path, Path], train_ds: Path, tmp_path: Path
+) -> None:
+    """With two threads both commands split each batch into two inference streams."""
+    torch.set_num_threads(threads)  # the one_thread fixture restores the count afterwards
     run = runs[0]
     out = tmp_path / "val.json"
     assert main(["predict", str(run), "--data", str(train_ds), "--split", "val", "--out", str(out), *FAST]) == 0

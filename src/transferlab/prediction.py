@@ -29,7 +29,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +61,7 @@ from transferlab.labels import imagenet_indices
 from transferlab.metrics import log_softmax
 from transferlab.models.backbones import create_backbone
 from transferlab.models.fold import inference_copy
-from transferlab.runtime import Precision, resolve_device, resolve_precision
+from transferlab.runtime import Precision, inference_streams, resolve_device, resolve_precision, reuse_freed_memory
 from transferlab.training.runs import load_run
 
 log = logging.getLogger(__name__)
@@ -495,6 +495,22 @@ def dataset_items(
     return items, split
 
 
+def _outputs(run: Callable[..., torch.Tensor], e: ModelEntry, x: torch.Tensor, **opts: Any) -> np.ndarray:
+    """:func:`entry_outputs` of a batch, as two inference streams on a CPU like ``evaluate`` (an ONNX Runtime
+    session brings its own threads)."""
+
+    def one(part: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(entry_outputs(e, part, **opts))
+
+    return (run(one, x) if e.torch_native else one(x)).numpy()
+
+
+def _top_k(p: np.ndarray, k: int, class_ids: Sequence[str], names: Sequence[str]) -> list[dict[str, Any]]:
+    """The ``k`` most probable classes of one row of probabilities (ties to the lower index)."""
+    top = np.argsort(-p, kind="stable")[:k]
+    return [{"class_index": int(c), "class_id": class_ids[c], "class_name": names[c], "prob": float(p[c])} for c in top]
+
+
 def predict(cfg: PredictConfig, predictor: Predictor | None = None) -> PredictResult:
     """Predict every input of ``cfg`` and, with ``cfg.out``, write the rows (CSV or JSON) atomically.
 
@@ -528,30 +544,22 @@ def predict(cfg: PredictConfig, predictor: Predictor | None = None) -> PredictRe
     t0 = time.perf_counter()
     n_ok = 0
     disable = None if cfg.progress is None else not cfg.progress
-    for batch in tqdm(loader, desc="predict", unit="batch", disable=disable, leave=False):
-        ok = [(i, views) for i, views, err in batch if err is None]
-        for i, _, err in batch:
-            if err is not None:
-                log.warning("%s: %s", items[i].path, err)
-                rows[i] = {"path": items[i].path, **_label(items[i]), "error": err}
-        if not ok:
-            continue
-        outs = [
-            entry_outputs(e, torch.stack([v[j] for _, v in ok]), tta=cfg.tta, precision=precision, device=device)
-            for j, e in enumerate(pred.entries)
-        ]
-        probs = np.exp(combine(pred, outs))
-        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        for (i, _), p, t in zip(ok, probs, top, strict=True):
-            rows[i] = {
-                "path": items[i].path,
-                **_label(items[i]),
-                "top_k": [
-                    {"class_index": int(c), "class_id": pred.class_ids[c], "class_name": names[c], "prob": float(p[c])}
-                    for c in t
-                ],
-            }
-        n_ok += len(ok)
+    with reuse_freed_memory(device), inference_streams(device) as run:
+        for batch in tqdm(loader, desc="predict", unit="batch", disable=disable, leave=False):
+            ok = [(i, views) for i, views, err in batch if err is None]
+            for i, _, err in batch:
+                if err is not None:
+                    log.warning("%s: %s", items[i].path, err)
+                    rows[i] = {"path": items[i].path, **_label(items[i]), "error": err}
+            if ok:
+                opts = {"tta": cfg.tta, "precision": precision, "device": device}
+                outs = [
+                    _outputs(run, e, torch.stack([v[j] for _, v in ok]), **opts) for j, e in enumerate(pred.entries)
+                ]
+                probs = np.exp(combine(pred, outs))
+                for (i, _), p in zip(ok, probs, strict=True):
+                    rows[i] = {"path": items[i].path, **_label(items[i]), "top_k": _top_k(p, k, pred.class_ids, names)}
+                n_ok += len(ok)
     wall = time.perf_counter() - t0
     done = [r for r in rows if r is not None]
     labeled = [r for r in done if "label" in r and "top_k" in r]
