@@ -107,7 +107,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:  # noqa: C901, PLR0915
     Writes ``metrics.json``, ``predictions/<split>.npz`` (logits, targets, sample_ids, class_ids) and
     ``per_class.csv``, each atomically. Returns the metrics dict.
     """
-
     torch.manual_seed(cfg.seed)
     source = open_dataset(cfg.data)
     # Every mode scores an argmax over the dataset's classes (zero-shot keeps only their ImageNet columns, a

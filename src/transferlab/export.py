@@ -88,7 +88,6 @@ def _sha256(data: bytes) -> str:
 
 def model_card(run_dir: Path, *, data: str | None = None) -> dict[str, Any]:
     """The card of a run: what the model is, how to feed it, what its outputs mean, where it came from."""
-
     cfg = load_run_config(run_dir)
 
     _, meta = read_weight_file(run_dir / WEIGHTS_FILE)
@@ -139,7 +138,6 @@ def model_card(run_dir: Path, *, data: str | None = None) -> dict[str, Any]:
 
 def export_run(cfg: ExportConfig) -> dict[str, Any]:
     """Export ``cfg.run`` into ``cfg.out`` (created) and return the model card written there."""
-
     run_dir = Path(cfg.run)
     if not is_run_dir(run_dir):
         raise ConfigError(f"{run_dir} is not a finished run directory (needs config.yaml and model.safetensors)")
@@ -187,7 +185,6 @@ def ort_session(onnx_bytes: bytes) -> Any:
 def _check_batch(run_dir: Path, card: dict[str, Any], cfg: ExportConfig) -> tuple[torch.Tensor, str]:
     """A few real images of the run's data, preprocessed as the card says; random inputs only when the
     data cannot be found locally (said in the card)."""
-
     pre = Preprocessing.from_dict(card["preprocessing"])
     ev = card["eval"]
     tf = make_eval_transform(pre, ev["img_size"], ev["crop"], ev["interpolation"])

@@ -120,7 +120,6 @@ def load_predictor(source: str | Path, *, member: str | None = None, data: str |
 
 def load_entry(path: str | Path) -> tuple[ModelEntry, str]:
     """One network from a run directory, an exported model folder or an evaluate output; returns (entry, kind)."""
-
     d = Path(path)
     if is_run_dir(d):
         return entry_from_run(d), "run"
@@ -137,7 +136,6 @@ def load_entry(path: str | Path) -> tuple[ModelEntry, str]:
 
 def entry_from_run(run_dir: str | Path) -> ModelEntry:
     """A run's model with the resize options it was trained and reported with (config.yaml)."""
-
     run = load_run(run_dir)
     cfg = run.config
     size = cfg.img_size or run.preprocessing.input_size
@@ -472,7 +470,6 @@ def entry_outputs(
 
 def combine(pred: Predictor, outputs: Sequence[np.ndarray]) -> np.ndarray:
     """(N, C) log-probabilities from each network's outputs: a log-softmax, or the fitted ensemble."""
-
     if pred.ensemble is not None:
         return pred.ensemble.log_probs(np.stack(outputs))
     return log_softmax(np.asarray(outputs[0], dtype=np.float64))
@@ -482,7 +479,6 @@ def dataset_items(
     data: str, split_name: str, *, limit: int | None = None, seed: int = 0
 ) -> tuple[list[InputItem], Any]:
     """The samples of a dataset split as inputs (a seeded subset with ``limit``), and the split itself."""
-
     source = open_dataset(data)
     split = decode_split(source.split(split_name), cache_dir())  # the pixels `evaluate` and `train` read
     idx = subset_indices(len(split), limit, seed)

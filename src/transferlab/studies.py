@@ -326,7 +326,6 @@ def weights_identity(model: str, weights: str | None) -> str:
     Checked before any work: a package that is not installed, a file that does not exist, or hub weights
     that are neither cached nor reachable stop the study at once instead of after an hour of training.
     """
-
     check_model_name(model)
     spec, kind = resolve_weight_source(model, weights)
     arch = model.split(".", 1)[0]
@@ -426,7 +425,6 @@ class _DataInfo:
 
     def require_classes(self, spec: str, fit_split: str | None, action: str) -> None:
         """A one-class dataset fails the pre-flight, as it would fail the member later (after others ran)."""
-
         refuse_too_few_classes(self.source(spec), fit_split, action)
 
 
@@ -435,7 +433,6 @@ def resolve(spec: StudySpec, out: Path, *, progress: bool | None = None) -> list
 
     All problems are collected and raised together, so one attempt shows everything that is missing.
     """
-
     data = _DataInfo(progress)
     problems: list[str] = []
     out_m = out / "members"
@@ -676,7 +673,6 @@ def run_study(
     report: bool = True,
 ) -> StudyResult:
     """Run (or resume) ``spec`` into ``out``; see the module docstring for the layout and reuse rules."""
-
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -803,7 +799,6 @@ def evaluate_study(
     fitted on are counted and flagged, so a re-evaluation on the study's own data is not mistaken for a
     held-out one. Returns the summary also written to ``out/summary.json``.
     """
-
     sdir = Path(study_dir)
     if not is_study_dir(sdir):
         raise DataError(f"{sdir}: not a study folder (no study.yaml and members/); run `transferlab study` first")

@@ -29,7 +29,6 @@ def open_dataset(spec: str | os.PathLike[str], *, download: bool = True) -> Data
     The format is detected from the contents: CIFAR-10 python batches, Tiny ImageNet's official layout
     (``wnids.txt``), or a generic ``<class>/<image>`` ImageFolder. Nothing is extracted or moved.
     """
-
     path = resolve_data(str(spec), download=download)
     name = Path(str(spec)).name if Path(str(spec)).exists() else str(spec)
     if _is_cifar(path):

@@ -142,7 +142,6 @@ class DatasetSource:
 
     def split(self, name: str) -> ImageSplit:
         """The split ``name``, or a DataError listing the available ones."""
-
         if name not in self.splits:
             raise DataError(
                 f"{self.location} has no split {name!r}; available: {', '.join(sorted(self.splits)) or 'none'}"

@@ -166,7 +166,6 @@ class TrainConfig:
 
     def strategy_spec(self):  # type: ignore[no-untyped-def]
         """The :class:`~transferlab.models.strategies.StrategySpec` of this run."""
-
         return StrategySpec(
             self.strategy,
             bn=self.bn,
@@ -178,7 +177,6 @@ class TrainConfig:
 
     def head_spec(self):  # type: ignore[no-untyped-def]
         """The :class:`~transferlab.models.heads.HeadSpec` of this run."""
-
         return HeadSpec.parse(self.head)
 
     def to_dict(self) -> dict[str, Any]:

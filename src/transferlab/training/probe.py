@@ -135,7 +135,6 @@ def fit_head(
     is :func:`epoch_order` and the learning rate follows the same schedule, clipping and early stopping as
     the image loop, so a config means the same thing on both paths.
     """
-
     xf = torch.from_numpy(np.ascontiguousarray(x_fit, dtype=np.float32))
     yf = torch.from_numpy(np.asarray(y_fit, dtype=np.int64))
     xh = torch.from_numpy(np.ascontiguousarray(x_hold, dtype=np.float32))

@@ -112,7 +112,6 @@ def train(
     :class:`~transferlab.errors.TrainingInterrupted`. A process that ``torchrun --max-restarts`` started
     again after a failure (``TORCHELASTIC_RESTART_COUNT`` > 0) resumes from the newest checkpoint by itself.
     """
-
     if bad_images not in POLICIES:
         raise ConfigError(f"--bad-images must be one of {', '.join(POLICIES)}, not {bad_images!r}")
     d = Dist.from_env()
@@ -304,7 +303,6 @@ def _duplicates(
     hashing the bytes costs ~0.4 s for the mini Tiny ImageNet's 25,000 images and is cached by the samples'
     fingerprint, so later runs on the same data pay nothing.
     """
-
     if cfg.report_split == "train":  # reporting on the training images themselves: overlap is the point
         return {}, []
     t0 = time.perf_counter()
@@ -437,7 +435,6 @@ def _train(
 
 def _probe_on_features(s: _Setup) -> _Outcome:
     """The frozen-backbone fast path: cached backbone outputs, then seconds of head training."""
-
     cfg, backbone, n_cls = s.cfg, s.backbone, s.num_classes
     cache = s.cache_root() / "features"
     warm = list(s.source.classes.ids) if s.head_init == "imagenet" else None
@@ -491,7 +488,6 @@ def _probe_on_features(s: _Setup) -> _Outcome:
 
 def _fit_loop(s: _Setup) -> _Outcome:
     """Every strategy through the training loop."""
-
     cfg, n_cls, train_split = s.cfg, s.num_classes, s.train_split
     pre = s.backbone.preprocessing
     warm = list(s.source.classes.ids) if s.head_init == "imagenet" else None
