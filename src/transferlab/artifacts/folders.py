@@ -68,4 +68,5 @@ def is_run_dir(path: str | os.PathLike[str]) -> bool:
 
 def has_model(path: str | os.PathLike[str]) -> bool:
     """True if a model can be rebuilt from ``path``: a loadable run, an export, or an evaluate output."""
-    return is_run_dir(path) or folder_kind(path) in ("export", "evaluation")
+    kind = folder_kind(path)
+    return kind in ("export", "evaluation") or (kind == "run" and (Path(path) / MODEL_FILE).is_file())

@@ -209,18 +209,16 @@ class TrainImages(Dataset):
         return img, int(self.split.targets[i]), pos
 
 
-class EvalImages(Dataset):
-    """Evaluation samples through the deterministic eval transform."""
+@dataclass(frozen=True)
+class EvalImages:
+    """Samples evaluated with the deterministic eval transform (the engine loads and batches them)."""
 
-    def __init__(self, split: ImageSplit, indices: np.ndarray, transform: EvalTransform) -> None:
-        self.split, self.indices, self.transform = split, indices, transform
+    split: ImageSplit
+    indices: np.ndarray
+    transform: EvalTransform
 
     def __len__(self) -> int:
         return len(self.indices)
-
-    def __getitem__(self, pos: int) -> tuple[torch.Tensor, int, int]:
-        i = int(self.indices[pos])
-        return self.transform(self.split.load(i)), int(self.split.targets[i]), pos
 
 
 # ------------------------------------------------------------------------------------------------
