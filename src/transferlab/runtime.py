@@ -23,11 +23,22 @@ import torch
 
 from transferlab._version import __version__
 from transferlab.errors import ConfigError
+from transferlab.options import Option
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SWITCHES = ("auto", "on", "off")
+
+# Where and how fast a model runs: the same four options for train, evaluate and predict.
+WORKERS = Option("decoding processes; -1 = cores-1, at most 4", lo=-1, hi=256, group="runtime")
+PRECISION = Option(
+    "auto: bf16 autocast on GPUs and on CPUs with native bf16, else fp32", choices=PRECISIONS, group="runtime"
+)
+CHANNELS_LAST = Option(
+    "channels_last memory format; auto = on with bf16/fp16 or a GPU", choices=SWITCHES, group="runtime"
+)
+DEVICE = Option("auto, cpu, cuda, cuda:1, ...", group="runtime")
 
 
 @functools.cache

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from transferlab.data.base import ArraySplit, ImageSplit, split_fingerprint
 from transferlab.errors import BadImageError
 from transferlab.io import atomic_write_json
+from transferlab.options import Option
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,12 @@ FORMAT = 1
 #: Rows per CRC block: small enough to name the damaged region, large enough that CRCs are cheap to store.
 BLOCK = 1024
 DECODED_MODES = ("auto", "off")
+DECODED_CACHE = Option(
+    "decode each split once into a memory-mapped uint8 array in the cache folder and resize/augment whole batches "
+    "as tensors (auto: when a split's images share one size; off: decode per image with PIL in --workers processes)",
+    choices=DECODED_MODES,
+    group="runtime",
+)
 
 
 class DecodedSplit(ImageSplit):

@@ -22,8 +22,24 @@ import numpy as np
 import torch
 from PIL import Image
 
+from transferlab.options import Option
+
 CROP_MODES = ("auto", "center", "none")
 INTERPOLATIONS = ("auto", "bilinear", "bicubic", "nearest")
+
+# How images become model inputs: the same three options for train and evaluate.
+IMG_SIZE = Option("input resolution", lo=16, hi=1024, default_text="the one the weights were trained at", group="data")
+CROP = Option(
+    "auto: center-crop only images larger than the input; small images (64px Tiny ImageNet) are resized whole",
+    choices=CROP_MODES,
+    group="data",
+)
+INTERPOLATION = Option(
+    "resize method; auto: the weights' own when down-scaling, bilinear when up-scaling small images (bicubic "
+    "up-scaling rings and costs ~3 points on Tiny ImageNet)",
+    choices=INTERPOLATIONS,
+    group="data",
+)
 
 _PIL_INTERP = {
     "bicubic": Image.Resampling.BICUBIC,
