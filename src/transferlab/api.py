@@ -17,8 +17,6 @@ an unknown or out-of-range one is a :class:`~transferlab.errors.ConfigError` nam
 from __future__ import annotations
 
 import csv
-import dataclasses
-import difflib
 import json
 import os
 from collections.abc import Sequence
@@ -36,6 +34,7 @@ from transferlab.ensembles import EnsembleConfig, run_ensemble
 from transferlab.errors import ConfigError
 from transferlab.evaluation import EvalConfig
 from transferlab.evaluation import evaluate as _evaluate
+from transferlab.options import check_keys
 from transferlab.prediction import PredictConfig, PredictResult
 from transferlab.prediction import predict as _predict
 from transferlab.studies import StudySpec, load_spec, run_study
@@ -175,12 +174,7 @@ def load(path: PathLike) -> Run | Evaluation | Ensemble | Study | Export:
 
 def _config(cls: type, what: str, options: dict[str, Any]) -> Any:
     """``cls(**options)``, with an unknown option named (and the closest one suggested) instead of a TypeError."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in options:
-        if key not in names:
-            close = difflib.get_close_matches(key, sorted(names), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; the options are {', '.join(sorted(names))}"
-            raise ConfigError(f"{what}: unknown option {key!r}{hint}")
+    check_keys(cls, options, where=what, noun="option", listing="the options are")
     return cls(**options)
 
 

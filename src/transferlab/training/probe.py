@@ -10,7 +10,8 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferlab.errors import ConfigError
+from transferlab.options import check, inherit
+from transferlab.training.config import TrainConfig
 from transferlab.training.optim import (
     EarlyStopping,
     ScheduleSpec,
@@ -29,43 +32,41 @@ from transferlab.training.optim import (
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adamw", "rmsprop", "sgd")
+
+def _train_option(name: str) -> Any:
+    """The field of TrainConfig called ``name``: same default, help and range (declared once)."""
+    return inherit(TrainConfig, name)
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """Optimisation settings of a linear probe."""
+    """Optimisation settings of a linear probe: the subset of :class:`TrainConfig` that fitting a head on
+    cached features reads, with the same defaults and ranges (:func:`probe_config` makes one from a run's)."""
 
-    epochs: int = 10
-    lr: float = 1e-3
-    batch_size: int = 256
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.0
-    seed: int = 0
+    epochs: int = _train_option("epochs")
+    lr: float = _train_option("lr")
+    batch_size: int = _train_option("batch_size")
+    optimizer: str = _train_option("optimizer")
+    weight_decay: float = _train_option("weight_decay")
+    label_smoothing: float = _train_option("label_smoothing")
+    seed: int = _train_option("seed")
     #: Learning-rate schedule, in optimiser steps, exactly as the image loop applies it.
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    step_size: int | None = None
-    gamma: float = 0.1
-    clip_grad: float | None = None
+    schedule: str = _train_option("schedule")
+    warmup_steps: int = _train_option("warmup_steps")
+    step_size: int | None = _train_option("step_size")
+    gamma: float = _train_option("gamma")
+    clip_grad: float | None = _train_option("clip_grad")
     #: Which held-out metric picks the epoch kept, and how many epochs without improvement stop the fit.
-    early_stop: str = "val_loss"
-    patience: int | None = None
+    early_stop: str = _train_option("early_stop")
+    patience: int | None = _train_option("patience")
 
     def __post_init__(self) -> None:
-        if not 1 <= self.epochs <= 10_000:
-            raise ConfigError(f"--epochs must be between 1 and 10000, got {self.epochs}")
-        if not 0 < self.lr <= 10:
-            raise ConfigError(f"--lr must be in (0, 10], got {self.lr}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        check(self)
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> ProbeConfig:
+        """The probe settings of a training run."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
 
 @dataclass

@@ -466,7 +466,7 @@ def _probe_on_features(s: _Setup) -> _Outcome:
     x_report, _, hit_report = cached_features(backbone, s.report, tf, indices=s.report_idx, **kw)
     t_feat = time.perf_counter() - t0
     y = s.train_split.targets[s.train_idx]
-    probe = ProbeConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ProbeConfig)})
+    probe = ProbeConfig.of(cfg)
     t1 = time.perf_counter()
     head = model.head
     result = fit_head(head, x_train[s.fit_pos], y[s.fit_pos], x_train[s.hold_pos], y[s.hold_pos], probe)
