@@ -28,6 +28,7 @@ def _configs() -> dict[str, list[type]]:
     from transferlab.evaluation import EvalConfig
     from transferlab.export import ExportConfig
     from transferlab.prediction import PredictConfig
+    from transferlab.report.render import ReportConfig
 
     return {
         "train": [TrainConfig, RunOptions],
@@ -35,6 +36,7 @@ def _configs() -> dict[str, list[type]]:
         "predict": [PredictConfig],
         "ensemble": [EnsembleConfig],
         "export": [ExportConfig],
+        "report": [ReportConfig],
     }
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from transferlab._version import __version__
 from transferlab.data.resolve import DATA_HELP
 from transferlab.errors import ConfigError, TrainingInterrupted, TransferlabError
-from transferlab.options import add_options
+from transferlab.options import add_options, from_namespace
 
 log = logging.getLogger("transferlab")
 
@@ -385,23 +385,10 @@ def _report_parser(sub: Any) -> None:
         "member), ensemble-vs-member and reliability charts, the most confused class pairs, the best and worst "
         "classes, training curves, and each run's provenance.",
     )
-    rp.add_argument(
-        "dirs",
-        nargs="+",
-        metavar="DIR",
-        help="a run directory (config.yaml, metrics.json, history.csv, predictions/<split>.npz), an ensemble "
-        "folder (metrics.json with an ensemble block, weights.json), or a folder holding them (scanned one level "
-        "down; folders without metrics.json, e.g. runs in progress, are skipped)",
-    )
-    rp.add_argument("--out", required=True, type=Path, help="output folder (created): report.html, report.md, figures/")
-    rp.add_argument(
-        "--data",
-        default=None,
-        help="the dataset the runs were evaluated on, for class names (e.g. words.txt of Tiny ImageNet) and a grid "
-        "of misclassified images: a folder, a .zip, CIFAR-10 batches, or a dataset name found in $TRANSFERLAB_DATA "
-        "or the user cache; never downloaded (default: class ids, no images)",
-    )
-    rp.add_argument("--title", default=None, help="title at the top of the report (default: Transfer-learning report)")
+    # lazy: a command loads only its own modules
+    from transferlab.report.render import ReportConfig
+
+    add_options(rp, ReportConfig)
     _add_common(rp)
     rp.set_defaults(func=cmd_report)
 
@@ -503,30 +490,10 @@ def _export_parser(sub: Any) -> None:
         "and checks the graph in ONNX Runtime against PyTorch (fp32) on a few real images; the max abs difference "
         "is printed and stored in the card, and beyond --atol nothing is written and the exit status is 2.",
     )
-    ex.add_argument("run", type=Path, metavar="RUN_DIR", help="a finished run directory of `transferlab train`")
-    ex.add_argument(
-        "--format",
-        choices=("safetensors", "onnx"),
-        default="safetensors",
-        help="safetensors (the weights, for transferlab predict) or onnx (needs pip install 'transferlab[onnx]') "
-        "(default: safetensors)",
-    )
-    ex.add_argument("--out", required=True, type=Path, help="output folder (created)")
-    ex.add_argument(
-        "--atol",
-        type=float,
-        default=1e-3,
-        help="onnx: largest absolute logit difference to PyTorch that passes the check (default: 0.001)",
-    )
-    ex.add_argument("--check-images", type=int, default=8, help="onnx: real images the check runs on (default: 8)")
-    ex.add_argument(
-        "--data",
-        default=None,
-        help="dataset for class names and the check images, never downloaded (default: the run's own data)",
-    )
-    ex.add_argument(
-        "--split", default=None, help="split the check images come from (default: val, else test, else train)"
-    )
+    # lazy: the options come from the config's fields, whose modules import torch
+    from transferlab.export import ExportConfig
+
+    add_options(ex, ExportConfig)
     _add_common(ex)
     ex.set_defaults(func=cmd_export)
 
@@ -875,7 +842,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     # lazy: a command loads only its own modules (torch alone takes seconds to import)
     from transferlab.report.render import ReportConfig, build_report
 
-    cfg = ReportConfig(dirs=tuple(args.dirs), out=args.out, data=args.data, title=args.title)
+    cfg = from_namespace(ReportConfig, args, dirs=tuple(args.dirs))
     r = build_report(cfg)
     what = f"{len(r.runs)} run(s)" + (f", {len(r.ensembles)} ensemble(s)" if r.ensembles else "")
     print(f"report on {what}" + (f"; best: {r.best}" if r.best else ""))
@@ -933,15 +900,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     # lazy: a command loads only its own modules (torch alone takes seconds to import)
     from transferlab.export import ExportConfig, export_run
 
-    cfg = ExportConfig(
-        run=args.run,
-        out=args.out,
-        format=args.format,
-        atol=args.atol,
-        check_images=args.check_images,
-        data=args.data,
-        split=args.split,
-    )
+    cfg = from_namespace(ExportConfig, args)
     card = export_run(cfg)
     print(f"{card['architecture']} ({card['head']} head, {card['num_classes']} classes) from {args.run}")
     if "onnx" in card:

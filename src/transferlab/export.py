@@ -42,6 +42,7 @@ from transferlab.io import atomic_write_bytes, atomic_write_json
 from transferlab.models.heads import HeadSpec, TransferModel
 from transferlab.models.preprocessing import Preprocessing
 from transferlab.models.weights import META_CLASS_IDS, META_PREPROCESSING, check_compatible, read_weight_file
+from transferlab.options import check, option
 from transferlab.training.runs import load_run, load_run_config
 
 log = logging.getLogger(__name__)
@@ -62,24 +63,29 @@ class ExportError(TransferlabError):
 class ExportConfig:
     """What to export and how to check it. Invalid values fail here, naming the option."""
 
-    run: Path
-    out: Path
-    format: str = "safetensors"
+    run: Path = option(help="a finished run directory of `transferlab train`", flag="run", metavar="RUN_DIR")
+    out: Path = option(help="output folder (created)", required=True)
+    format: str = option(
+        "safetensors",
+        "safetensors (the weights, for transferlab predict) or onnx (needs pip install 'transferlab[onnx]')",
+        choices=FORMATS,
+    )
     #: Largest absolute logit difference between ONNX Runtime and PyTorch that passes the check.
-    atol: float = 1e-3
+    atol: float = option(
+        1e-3, "onnx: largest absolute logit difference to PyTorch that passes the check", lo=0, hi=1e6, lo_open=True
+    )
     #: Real images the ONNX check runs on.
-    check_images: int = 8
+    check_images: int = option(8, "onnx: real images the check runs on", lo=1, hi=10_000)
     #: Dataset for class names and the check images (default: the data the run was trained on).
-    data: str | None = None
-    split: str | None = None
+    data: str | None = option(
+        None, "dataset for class names and the check images, never downloaded", default_text="the run's own data"
+    )
+    split: str | None = option(None, "split the check images come from", default_text="val, else test, else train")
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, not {self.format!r}")
-        if not (self.atol > 0 and math.isfinite(self.atol)):
-            raise ConfigError(f"--atol must be a positive number, got {self.atol}")
-        if self.check_images < 1:
-            raise ConfigError(f"--check-images must be >= 1, got {self.check_images}")
+        check(self)
+        if not math.isfinite(self.atol):
+            raise ConfigError(f"--atol must be a finite number, got {self.atol}")
 
 
 def _sha256(data: bytes) -> str:

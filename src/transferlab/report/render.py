@@ -53,6 +53,7 @@ from transferlab.metrics import (
     most_confused,
     per_class_accuracy,
 )
+from transferlab.options import option
 from transferlab.report import figures as F
 
 log = logging.getLogger(__name__)
@@ -86,10 +87,23 @@ _WHAT = (
 class ReportConfig:
     """What a report is built from. Invalid values fail here, naming the option."""
 
-    dirs: tuple[str, ...]
-    out: Path
-    data: str | None = None
-    title: str | None = None
+    dirs: tuple[str, ...] = option(
+        help="a run directory (config.yaml, metrics.json, history.csv, predictions/<split>.npz), an ensemble folder "
+        "(metrics.json with an ensemble block, weights.json), or a folder holding them (scanned one level down; "
+        "folders without metrics.json, e.g. runs in progress, are skipped)",
+        flag="dirs",
+        nargs="+",
+        metavar="DIR",
+    )
+    out: Path = option(help="output folder (created): report.html, report.md, figures/", required=True)
+    data: str | None = option(
+        None,
+        "the dataset the runs were evaluated on, for class names (e.g. words.txt of Tiny ImageNet) and a grid of "
+        "misclassified images: a folder, a .zip, CIFAR-10 batches, or a dataset name found in $TRANSFERLAB_DATA or "
+        "the user cache; never downloaded",
+        default_text="class ids, no images",
+    )
+    title: str | None = option(None, "title at the top of the report", default_text="Transfer-learning report")
     #: The resolved study spec (YAML text), shown under Provenance when the report belongs to a study.
     spec_text: str | None = None
 
