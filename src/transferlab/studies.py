@@ -48,7 +48,7 @@ from transferlab.io import atomic_write_json, atomic_write_text
 from transferlab.metrics import log_softmax, paired_bootstrap, topk_correct
 from transferlab.models.backbones import check_model_name, resolve_weight_source
 from transferlab.models.weights import hub_cached_file, hub_offline, package_weight_file
-from transferlab.options import unknown_key
+from transferlab.options import check_keys
 from transferlab.report.render import ReportConfig, build_report
 from transferlab.training.config import TrainConfig
 from transferlab.training.run import train
@@ -68,24 +68,15 @@ __all__ = [
 KINDS = ("train", "zero-shot")
 ROLES = ("member", "pretrain")
 TOP_KEYS = ("name", "description", "data", "report_split", "defaults", "members", "ensembles", "title")
-#: Options of a zero-shot member (a subset of ``transferlab evaluate``'s).
-ZERO_SHOT_KEYS = (
-    "model",
-    "weights",
-    "data",
-    "img_size",
-    "crop",
-    "interpolation",
-    "batch_size",
-    "precision",
-    "channels_last",
-    "device",
-    "workers",
-    "limit",
-    "seed",
-    "cache_dir",
-)
-ENSEMBLE_KEYS = ("method", "members", "temperature", "select_fraction", "seed", "greedy_metric", "rounds", "stack_l2")
+#: EvalConfig fields a zero-shot member may not set: the study decides them (where it writes, which split,
+#: zero-shot itself), or they contradict the feature cache a zero-shot member reads from (tta).
+_ZERO_SHOT_FIXED = ("out", "run", "split", "zero_shot", "progress", "n_boot", "tta", "decoded_cache")
+#: Options of a zero-shot member: the rest of ``transferlab evaluate``'s.
+ZERO_SHOT_KEYS = tuple(f.name for f in fields(EvalConfig) if f.name not in _ZERO_SHOT_FIXED)
+#: EnsembleConfig fields the study sets itself (the members by name and the method come first, from the spec).
+_ENSEMBLE_FIXED = ("members", "method", "out", "split", "select_data", "select_split", "data", "n_boot")
+#: Options of an ensemble: its method and members (by name), and the rest of ``transferlab ensemble``'s.
+ENSEMBLE_KEYS = ("method", "members", *(f.name for f in fields(EnsembleConfig) if f.name not in _ENSEMBLE_FIXED))
 #: Set by the study itself; a spec that sets them is refused.
 STUDY_OWNED = ("out", "resume", "progress")
 #: Options that change how a run is executed but not its result: left out of the reuse hash.
@@ -156,15 +147,6 @@ class StudySpec:
         return tuple(m for m in self.members if m.role == "member")
 
 
-def _unknown(where: str, key: str, allowed: Sequence[str]) -> ConfigError:
-    return unknown_key(key, allowed, where=where, listing="allowed:")
-
-
-def _train_keys() -> tuple[str, ...]:
-
-    return tuple(f.name for f in fields(TrainConfig))
-
-
 def load_spec(path: str | os.PathLike[str]) -> StudySpec:
     """Read and validate a study spec. Every error names the file and the key, and says what to do."""
     p = Path(path)
@@ -179,13 +161,11 @@ def load_spec(path: str | os.PathLike[str]) -> StudySpec:
     return parse_spec(doc, where=str(p), text=text, path=p)
 
 
-def parse_spec(doc: Any, *, where: str = "study spec", text: str = "", path: Path | None = None) -> StudySpec:  # noqa: C901, PLR0915
+def parse_spec(doc: Any, *, where: str = "study spec", text: str = "", path: Path | None = None) -> StudySpec:
     """Validate a spec already read from YAML (see :func:`load_spec`)."""
     if not isinstance(doc, dict):
         raise ConfigError(f"{where}: expected a mapping with name, data, members (and optionally ensembles)")
-    for k in doc:
-        if k not in TOP_KEYS:
-            raise _unknown(where, str(k), TOP_KEYS)
+    check_keys(TOP_KEYS, doc, where=where, listing="allowed:")
     for k in ("name", "data", "members"):
         if k not in doc:
             raise ConfigError(f"{where}: the key {k!r} is required")
@@ -194,67 +174,100 @@ def parse_spec(doc: Any, *, where: str = "study spec", text: str = "", path: Pat
         raise ConfigError(f"{where}: name {name!r} must be letters, digits, '.', '_' or '-' (it names folders)")
     data = str(doc["data"])
     report_split = str(doc.get("report_split", "val"))
+    members = _parse_members(doc, where, data, report_split)
+    return StudySpec(
+        name=name,
+        data=data,
+        members=members,
+        ensembles=_parse_ensembles(doc, where, members),
+        description=str(doc.get("description", "")),
+        report_split=report_split,
+        title=None if doc.get("title") is None else str(doc["title"]),
+        path=path,
+        text=text,
+    )
+
+
+def _parse_defaults(doc: dict[str, Any], where: str) -> dict[str, Any]:
+    """``defaults``: `transferlab train` options every trained member starts from."""
     defaults = doc.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise ConfigError(f"{where}: defaults must be a mapping of `transferlab train` options")
-    train_keys = _train_keys()
     for k in defaults:
         if k in STUDY_OWNED:
             raise ConfigError(f"{where}: defaults.{k} is set by the study itself; remove it")
-        if k not in train_keys:
-            raise _unknown(f"{where}: defaults", str(k), train_keys)
+    check_keys(TrainConfig, defaults, where=f"{where}: defaults", listing="allowed:")
+    return defaults
 
-    raw_members = doc["members"]
-    if not isinstance(raw_members, dict) or not raw_members:
+
+def _parse_members(doc: dict[str, Any], where: str, data: str, report_split: str) -> tuple[MemberSpec, ...]:
+    defaults = _parse_defaults(doc, where)
+    raw = doc["members"]
+    if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{where}: members must be a non-empty mapping of name -> options")
     members: list[MemberSpec] = []
-    for mname, opts in raw_members.items():
-        mname = str(mname)
-        mwhere = f"{where}: member {mname!r}"
-        if not _NAME.match(mname):
-            raise ConfigError(f"{mwhere}: names must be letters, digits, '.', '_' or '-' (they name folders)")
-        opts = dict(opts or {})
-        kind = str(opts.pop("kind", "train"))
-        role = str(opts.pop("role", "member"))
-        if kind not in KINDS:
-            raise ConfigError(f"{mwhere}: kind must be one of {', '.join(KINDS)}, not {kind!r}")
-        if role not in ROLES:
-            raise ConfigError(f"{mwhere}: role must be one of {', '.join(ROLES)}, not {role!r}")
-        allowed = (*train_keys, "kind", "role") if kind == "train" else (*ZERO_SHOT_KEYS, "kind", "role")
-        for k in opts:
-            if k in STUDY_OWNED:
-                raise ConfigError(f"{mwhere}: {k} is set by the study itself; remove it")
-            if k not in allowed:
-                raise _unknown(mwhere, str(k), allowed)
-        if "model" not in opts and kind == "zero-shot":
-            raise ConfigError(f"{mwhere}: a zero-shot member needs model")
-        if kind == "train":
-            opts = {**defaults, **opts}
-            if "model" not in opts:
-                raise ConfigError(f"{mwhere}: model is required (here or in defaults)")
-            opts.setdefault("data", data)
-            opts.setdefault("report_split", report_split)
-            parent = opts.get("init_from")
-            if isinstance(parent, str) and parent in raw_members and parent not in {m.name for m in members}:
-                raise ConfigError(f"{mwhere}: init_from {parent!r} must be listed before this member")
-        else:
-            opts.setdefault("data", data)
-            if "cache_dir" in defaults:
-                opts.setdefault("cache_dir", defaults["cache_dir"])
-        if role == "member" and str(opts.get("data")) != data:
-            raise ConfigError(
-                f"{mwhere}: it trains on {opts.get('data')!r}, not the study's data {data!r}; mark it role: pretrain "
-                "(used only through init_from) or give it the study's data"
-            )
-        members.append(MemberSpec(mname, kind, role, opts))
-    names = [m.name for m in members]
+    for mname, opts in raw.items():
+        mwhere = f"{where}: member {str(mname)!r}"
+        m = _parse_member(str(mname), dict(opts or {}), mwhere, defaults, (data, report_split))
+        parent = m.options.get("init_from")
+        if isinstance(parent, str) and parent in raw and parent not in {x.name for x in members}:
+            raise ConfigError(f"{mwhere}: init_from {parent!r} must be listed before this member")
+        members.append(m)
+    return tuple(members)
 
-    ensembles: list[EnsembleSpec] = []
-    raw_ens = doc.get("ensembles") or {}
-    if not isinstance(raw_ens, dict):
+
+def _parse_member(
+    name: str, opts: dict[str, Any], where: str, defaults: dict[str, Any], study: tuple[str, str]
+) -> MemberSpec:
+    """One member: its kind and role, options checked against the command it runs, defaults merged in
+    (``study``: the study's data and report split)."""
+    data, report_split = study
+    if not _NAME.match(name):
+        raise ConfigError(f"{where}: names must be letters, digits, '.', '_' or '-' (they name folders)")
+    kind, role = _kind_and_role(opts, where)
+    if kind == "train":
+        opts = {**defaults, **opts}
+        if "model" not in opts:
+            raise ConfigError(f"{where}: model is required (here or in defaults)")
+        opts.setdefault("report_split", report_split)
+    else:
+        if "model" not in opts:
+            raise ConfigError(f"{where}: a zero-shot member needs model")
+        if "cache_dir" in defaults:
+            opts.setdefault("cache_dir", defaults["cache_dir"])
+    opts.setdefault("data", data)
+    if role == "member" and str(opts.get("data")) != data:
+        raise ConfigError(
+            f"{where}: it trains on {opts.get('data')!r}, not the study's data {data!r}; mark it role: pretrain "
+            "(used only through init_from) or give it the study's data"
+        )
+    return MemberSpec(name, kind, role, opts)
+
+
+def _kind_and_role(opts: dict[str, Any], where: str) -> tuple[str, str]:
+    """Pop and check a member's kind and role, then check its other keys against that kind's options."""
+    kind = str(opts.pop("kind", "train"))
+    role = str(opts.pop("role", "member"))
+    if kind not in KINDS:
+        raise ConfigError(f"{where}: kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    if role not in ROLES:
+        raise ConfigError(f"{where}: role must be one of {', '.join(ROLES)}, not {role!r}")
+    for k in opts:
+        if k in STUDY_OWNED:
+            raise ConfigError(f"{where}: {k} is set by the study itself; remove it")
+    keys = [f.name for f in fields(TrainConfig)] if kind == "train" else list(ZERO_SHOT_KEYS)
+    check_keys((*keys, "kind", "role"), opts, where=where, listing="allowed:")
+    return kind, role
+
+
+def _parse_ensembles(doc: dict[str, Any], where: str, members: Sequence[MemberSpec]) -> tuple[EnsembleSpec, ...]:
+    raw = doc.get("ensembles") or {}
+    if not isinstance(raw, dict):
         raise ConfigError(f"{where}: ensembles must be a mapping of name -> options")
+    names = [m.name for m in members]
     reported = [m.name for m in members if m.role == "member"]
-    for ename, eopts in raw_ens.items():
+    out: list[EnsembleSpec] = []
+    for ename, eopts in raw.items():
         ename = str(ename)
         ewhere = f"{where}: ensemble {ename!r}"
         if not _NAME.match(ename):
@@ -262,30 +275,17 @@ def parse_spec(doc: Any, *, where: str = "study spec", text: str = "", path: Pat
         if ename in names:
             raise ConfigError(f"{ewhere}: a member has the same name; names must be unique")
         eopts = dict(eopts or {})
-        for k in eopts:
-            if k not in ENSEMBLE_KEYS:
-                raise _unknown(ewhere, str(k), ENSEMBLE_KEYS)
+        check_keys(ENSEMBLE_KEYS, eopts, where=ewhere, listing="allowed:")
         method = str(eopts.pop("method", ename))
         mem = tuple(str(x) for x in (eopts.pop("members", None) or reported))
+        check_keys(names, mem, where=f"{ewhere}: members", listing="allowed:")
         for x in mem:
-            if x not in names:
-                raise _unknown(f"{ewhere}: members", x, names)
             if x not in reported:
                 raise ConfigError(f"{ewhere}: {x!r} is a pretrain member (other data); it cannot be ensembled")
         if len(mem) < 2:
             raise ConfigError(f"{ewhere}: an ensemble needs at least two members, got {len(mem)}")
-        ensembles.append(EnsembleSpec(ename, method, mem, eopts))
-    return StudySpec(
-        name=name,
-        data=data,
-        members=tuple(members),
-        ensembles=tuple(ensembles),
-        description=str(doc.get("description", "")),
-        report_split=report_split,
-        title=None if doc.get("title") is None else str(doc["title"]),
-        path=path,
-        text=text,
-    )
+        out.append(EnsembleSpec(ename, method, mem, eopts))
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,122 +426,151 @@ class _DataInfo:
         refuse_too_few_classes(self.source(spec), fit_split, action)
 
 
-def resolve(spec: StudySpec, out: Path, *, progress: bool | None = None) -> list[Resolved]:  # noqa: C901, PLR0915
+def resolve(spec: StudySpec, out: Path, *, progress: bool | None = None) -> list[Resolved]:
     """Turn the spec into runnable configs and reuse hashes, checking every input first.
 
     All problems are collected and raised together, so one attempt shows everything that is missing.
     """
     data = _DataInfo(progress)
     problems: list[str] = []
-    out_m = out / "members"
     by_name: dict[str, Resolved] = {}
     failed: set[str] = set()
-    resolved: list[Resolved] = []
     for m in spec.members:
-        d = out_m / m.name
-        mine: list[str] = []
-
-        def check(fn: Any, *a: Any, _mine: list[str] = mine) -> Any:
-            # Data and weights are checked independently, so one attempt lists everything missing.
-            try:
-                return fn(*a)
-            except TransferlabError as e:
-                _mine.append(str(e))
-                return None
-
         try:
-            opts = dict(m.options)
-            if m.kind == "train":
-                parent_hash = None
-                parent = opts.get("init_from")
-                if parent is not None:
-                    if str(parent) in failed:
-                        raise ConfigError(f"init_from {parent}: that member cannot start (see above)")
-                    if str(parent) in by_name:
-                        parent_hash = by_name[str(parent)].hash
-                        opts["init_from"] = str(by_name[str(parent)].dir)
-                    else:
-                        pdir = Path(str(parent)).expanduser()
-                        if not (pdir / "model.safetensors").is_file():
-                            raise ConfigError(
-                                f"init_from {parent}: neither a member of this study nor a run directory with a "
-                                "model.safetensors"
-                            )
-                        parent_hash = "file sha256:" + _file_sha256(pdir / "model.safetensors")
-                cfg = TrainConfig.from_dict({**opts, "out": str(d), "resume": True, "progress": progress})
-                fp = check(data.fingerprint, cfg.data, ["train", cfg.report_split])
-                if fp is not None:
-                    check(data.require_classes, cfg.data, "train", "transferlab study")
-                if parent is not None:
-                    wid = "init_from"  # the parent's weights, already in its hash
-                elif cfg.strategy == "scratch":
-                    wid = "none"  # scratch always starts from random init
-                else:
-                    wid = check(weights_identity, cfg.model, cfg.weights)
-                ident = {
-                    "kind": "train",
-                    "config": _hashed_options(cfg, skip=("init_from",)),
-                    "data": fp,
-                    "weights": wid,
-                    "init_from": parent_hash,
-                }
-            else:
-                # Zero-shot reads pooled features from the cache the linear probes fill (same backbone, same
-                # images, same transform): listed after such a probe it costs no forward pass.
-                opts["cache_dir"] = Path(str(opts.get("cache_dir") or user_cache_dir()))
-                cfg = EvalConfig(
-                    data=str(opts.pop("data")),
-                    out=d,
-                    model=str(opts.pop("model")),
-                    split=spec.report_split,
-                    zero_shot=True,
-                    progress=progress,
-                    **opts,
-                )
-                fp = check(data.fingerprint, cfg.data, [cfg.split])
-                if fp is not None:
-                    check(data.require_classes, cfg.data, None, "transferlab study")
-                wid = check(weights_identity, cfg.model or "", cfg.weights)
-                ident = {
-                    "kind": "zero-shot",
-                    "config": _hashed_options(cfg, skip=("batch_size",)),
-                    "data": fp,
-                    "weights": wid,
-                }
-            if mine:
-                raise ConfigError("; ".join(mine))
-            r = Resolved(m.name, m.kind, m.role, d, cfg, ident)
+            by_name[m.name] = _resolve_member(m, spec, out / "members" / m.name, data, by_name, failed)
         except (TransferlabError, TypeError) as e:
             problems.append(f"member {m.name}: {e}")
             failed.add(m.name)
-            continue
-        by_name[m.name] = r
-        resolved.append(r)
     if problems:
         raise ConfigError("the study cannot start; nothing was run:\n  - " + "\n  - ".join(problems))
+    return [*by_name.values(), *(_resolve_ensemble(e, spec, out, by_name) for e in spec.ensembles)]
 
-    for e in spec.ensembles:
-        d = out / "ensembles" / e.name
+
+class _Collect:
+    """Calls a check and keeps its error instead of raising: data and weights are checked independently,
+    so one attempt lists everything missing."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def __call__(self, fn: Any, *a: Any) -> Any:
         try:
-            cfg = EnsembleConfig(
-                members=tuple(str(by_name[x].dir) for x in e.members),
-                out=d,
-                method=e.method,
-                split=spec.report_split,
-                data=spec.data,
-                **dict(e.options),
-            )
-        except (TransferlabError, TypeError) as err:
-            raise ConfigError(f"ensemble {e.name}: {err}") from err
-        ident = {
-            "kind": "ensemble",
-            "method": e.method,
-            "options": dict(e.options),
-            "members": [[x, by_name[x].hash] for x in e.members],
-            "split": spec.report_split,
-        }
-        resolved.append(Resolved(e.name, "ensemble", "ensemble", d, cfg, ident, members=e.members))
-    return resolved
+            return fn(*a)
+        except TransferlabError as e:
+            self.errors.append(str(e))
+            return None
+
+
+def _resolve_member(
+    m: MemberSpec,
+    spec: StudySpec,
+    d: Path,
+    data: _DataInfo,
+    by_name: Mapping[str, Resolved],
+    failed: set[str],
+) -> Resolved:
+    check = _Collect()
+    opts = dict(m.options)
+    if m.kind == "train":
+        cfg, ident = _resolve_train(opts, d, data, _resolve_parent(opts, by_name, failed), check)
+    else:
+        cfg, ident = _resolve_zero_shot(opts, spec, d, data, check)
+    if check.errors:
+        raise ConfigError("; ".join(check.errors))
+    return Resolved(m.name, m.kind, m.role, d, cfg, ident)
+
+
+def _resolve_parent(opts: dict[str, Any], by_name: Mapping[str, Resolved], failed: set[str]) -> str | None:
+    """``init_from``: point it at the parent member's folder (or check the run directory named) and return
+    what the child's result depends on, the parent's hash; None without a parent."""
+    parent = opts.get("init_from")
+    if parent is None:
+        return None
+    if str(parent) in failed:
+        raise ConfigError(f"init_from {parent}: that member cannot start (see above)")
+    if str(parent) in by_name:
+        opts["init_from"] = str(by_name[str(parent)].dir)
+        return by_name[str(parent)].hash
+    pdir = Path(str(parent)).expanduser()
+    if not (pdir / "model.safetensors").is_file():
+        raise ConfigError(
+            f"init_from {parent}: neither a member of this study nor a run directory with a model.safetensors"
+        )
+    return "file sha256:" + _file_sha256(pdir / "model.safetensors")
+
+
+def _resolve_train(
+    opts: dict[str, Any], d: Path, data: _DataInfo, parent_hash: str | None, check: _Collect
+) -> tuple[TrainConfig, dict[str, Any]]:
+    cfg = TrainConfig.from_dict({**opts, "out": str(d), "resume": True, "progress": data.progress})
+    fp = check(data.fingerprint, cfg.data, ["train", cfg.report_split])
+    if fp is not None:
+        check(data.require_classes, cfg.data, "train", "transferlab study")
+    if cfg.init_from is not None:
+        wid = "init_from"  # the parent's weights, already in its hash
+    elif cfg.strategy == "scratch":
+        wid = "none"  # scratch always starts from random init
+    else:
+        wid = check(weights_identity, cfg.model, cfg.weights)
+    ident = {
+        "kind": "train",
+        "config": _hashed_options(cfg, skip=("init_from",)),
+        "data": fp,
+        "weights": wid,
+        "init_from": parent_hash,
+    }
+    return cfg, ident
+
+
+def _resolve_zero_shot(
+    opts: dict[str, Any], spec: StudySpec, d: Path, data: _DataInfo, check: _Collect
+) -> tuple[EvalConfig, dict[str, Any]]:
+    # Zero-shot reads pooled features from the cache the linear probes fill (same backbone, same images, same
+    # transform): listed after such a probe it costs no forward pass.
+    opts["cache_dir"] = Path(str(opts.get("cache_dir") or user_cache_dir()))
+    cfg = EvalConfig(
+        data=str(opts.pop("data")),
+        out=d,
+        model=str(opts.pop("model")),
+        split=spec.report_split,
+        zero_shot=True,
+        progress=data.progress,
+        **opts,
+    )
+    fp = check(data.fingerprint, cfg.data, [cfg.split])
+    if fp is not None:
+        check(data.require_classes, cfg.data, None, "transferlab study")
+    wid = check(weights_identity, cfg.model or "", cfg.weights)
+    ident = {
+        "kind": "zero-shot",
+        "config": _hashed_options(cfg, skip=("batch_size",)),
+        "data": fp,
+        "weights": wid,
+    }
+    return cfg, ident
+
+
+def _resolve_ensemble(e: EnsembleSpec, spec: StudySpec, out: Path, by_name: Mapping[str, Resolved]) -> Resolved:
+    d = out / "ensembles" / e.name
+    try:
+        cfg = EnsembleConfig(
+            members=tuple(str(by_name[x].dir) for x in e.members),
+            out=d,
+            method=e.method,
+            split=spec.report_split,
+            data=spec.data,
+            **dict(e.options),
+        )
+    except (TransferlabError, TypeError) as err:
+        raise ConfigError(f"ensemble {e.name}: {err}") from err
+    ident = {
+        "kind": "ensemble",
+        "method": e.method,
+        "options": dict(e.options),
+        "members": [[x, by_name[x].hash] for x in e.members],
+        "split": spec.report_split,
+    }
+    return Resolved(e.name, "ensemble", "ensemble", d, cfg, ident, members=e.members)
 
 
 # --------------------------------------------------------------------------------------------------
