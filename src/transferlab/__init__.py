@@ -1,7 +1,8 @@
 """transferlab: transfer learning for image classification, measured honestly.
 
 ``import transferlab as tl`` gives the Python API (:mod:`transferlab.api`): ``tl.open_dataset``, ``tl.train``,
-``tl.evaluate``, ``tl.ensemble``, ``tl.study``, ``tl.predict`` and ``tl.load``, with typed results
+``tl.evaluate``, ``tl.ensemble``, ``tl.study``, ``tl.predict``, ``tl.export``, ``tl.report`` and ``tl.load``, with
+typed results
 (``tl.Run``, ``tl.Evaluation``, ``tl.Ensemble``, ``tl.Study``, ``tl.Export``).
 """
 
@@ -20,9 +21,11 @@ _API = (
     "Study",
     "ensemble",
     "evaluate",
+    "export",
     "load",
     "open_dataset",
     "predict",
+    "report",
     "study",
     "train",
 )

@@ -20,7 +20,7 @@ import csv
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,12 @@ from transferlab.ensembles import EnsembleConfig, run_ensemble
 from transferlab.errors import ConfigError
 from transferlab.evaluation import EvalConfig
 from transferlab.evaluation import evaluate as _evaluate
+from transferlab.export import ExportConfig, export_run
 from transferlab.options import check_keys
 from transferlab.prediction import PredictConfig, PredictResult
 from transferlab.prediction import predict as _predict
-from transferlab.studies import StudySpec, load_spec, run_study
+from transferlab.report.render import ReportConfig, ReportResult, build_report
+from transferlab.studies import StudyResult, StudySpec, load_spec, run_study
 from transferlab.training.config import TrainConfig
 from transferlab.training.run import train as _train
 from transferlab.training.runs import load_run, load_run_config
@@ -125,7 +127,13 @@ class Export(Folder):
 
 @dataclass(frozen=True)
 class Study(Folder):
-    """A study (``transferlab study``): its members, ensembles and report."""
+    """A study (``transferlab study``): its members, ensembles and report.
+
+    ``outcome`` is what :func:`study` just did (each step trained, resumed, reused or evaluated, and its time);
+    None for a study opened with :func:`load`.
+    """
+
+    outcome: StudyResult | None = field(default=None, compare=False, repr=False)
 
     def members(self) -> dict[str, Run | Evaluation]:
         """Every finished member by name."""
@@ -202,7 +210,10 @@ def evaluate(
     """Evaluate a pretrained ``model`` (``zero_shot=True`` for its ImageNet head) or a trained run folder
     ``source`` on ``data`` (``transferlab evaluate``); ``split`` defaults to ``val``."""
     if (source is None) == (model is None):
-        raise ConfigError("evaluate: give either a run folder (source) or a pretrained model name (model=)")
+        raise ConfigError(
+            "evaluate: give either a run folder (RUN_DIR; source in Python) or a pretrained model (--model; model= "
+            "in Python), not both"
+        )
     run = Path(source) if source is not None else None
     cfg = _config(EvalConfig, "evaluate", {"data": str(data), "out": Path(out), "model": model, "run": run, **options})
     _evaluate(cfg)
@@ -221,8 +232,8 @@ def ensemble(members: Sequence[PathLike | Folder], *, out: PathLike, method: str
 def study(spec: PathLike | StudySpec, *, out: PathLike, **options: Any) -> Study:
     """Run (or resume) a study spec (``transferlab study``): members, ensembles and the report."""
     loaded = spec if isinstance(spec, StudySpec) else load_spec(spec)
-    run_study(loaded, out, **options)
-    return Study(Path(out))
+    outcome = run_study(loaded, Path(out), **options)
+    return Study(Path(out), outcome)
 
 
 def predict(source: PathLike | Folder, images: Sequence[PathLike], *, top_k: int = 5, **options: Any) -> PredictResult:
@@ -231,3 +242,18 @@ def predict(source: PathLike | Folder, images: Sequence[PathLike], *, top_k: int
     inputs = tuple(str(i) for i in images)
     cfg = _config(PredictConfig, "predict", {"source": Path(source), "inputs": inputs, "top_k": top_k, **options})
     return _predict(cfg)
+
+
+def export(run: PathLike | Folder, *, out: PathLike, format: str = "safetensors", **options: Any) -> Export:
+    """Export a run's model with its model card (``transferlab export``): ``safetensors`` for :func:`predict`
+    without the run directory, or ``onnx`` (checked against PyTorch in ONNX Runtime before anything is written)."""
+    cfg = _config(ExportConfig, "export", {"run": Path(run), "out": Path(out), "format": format, **options})
+    export_run(cfg)
+    return Export(Path(out))
+
+
+def report(folders: Sequence[PathLike | Folder], *, out: PathLike, **options: Any) -> ReportResult:
+    """Build the HTML and Markdown report of runs, ensembles or folders of them (``transferlab report``);
+    no model is loaded. ``data`` adds class names and a grid of misclassified images."""
+    dirs = tuple(str(Path(f)) for f in folders)
+    return build_report(_config(ReportConfig, "report", {"dirs": dirs, "out": Path(out), **options}))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import Any
 from transferlab._version import __version__
 from transferlab.data.resolve import DATA_HELP
 from transferlab.errors import ConfigError, TrainingInterrupted, TransferlabError
-from transferlab.options import add_options, from_namespace
+from transferlab.options import add_options
 
 log = logging.getLogger("transferlab")
 
@@ -534,6 +536,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _config_options(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed values of ``cls``'s fields (``--progress auto/on/off`` as None/True/False), to pass on to the API
+    under the same names."""
+    opts = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    if "progress" in opts:
+        opts["progress"] = _progress(args)
+    return opts
+
+
 def _subhelp(p: argparse.ArgumentParser) -> int:
     p.print_help()
     return 2
@@ -542,36 +553,14 @@ def _subhelp(p: argparse.ArgumentParser) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``transferlab evaluate``."""
     # lazy: a command loads only its own modules (torch alone takes seconds to import)
+    from transferlab import api
     from transferlab.artifacts.folders import is_study_dir
-    from transferlab.evaluation import EvalConfig, evaluate
+    from transferlab.evaluation import EvalConfig
 
     if args.run is not None and is_study_dir(args.run):
         return _evaluate_study(args)
-
-    cfg = EvalConfig(
-        run=args.run,
-        model=args.model,
-        data=args.data,
-        out=args.out,
-        weights=args.weights,
-        split=args.split,
-        zero_shot=args.zero_shot,
-        img_size=args.img_size,
-        crop=args.crop,
-        interpolation=args.interpolation,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        precision=args.precision,
-        channels_last=args.channels_last,
-        device=args.device,
-        limit=args.limit,
-        seed=args.seed,
-        progress=_progress(args),
-        cache_dir=args.cache_dir,
-        tta=args.tta,
-        decoded_cache=args.decoded_cache,
-    )
-    m = evaluate(cfg)
+    opts = _config_options(EvalConfig, args)
+    m = api.evaluate(opts.pop("run"), **opts).metrics
     lo, hi = m["top1_ci"]
     tta = "" if m.get("tta", "none") == "none" else f", TTA {m['tta']}"
     print(f"{m['model']} ({m['mode']}, {m['weights']}) on {m['dataset']}/{m['split']}, {m['n']} images{tta}")
@@ -592,7 +581,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     # lazy: a command loads only its own modules (torch alone takes seconds to import)
-    from transferlab.training.run import TrainConfig, train
+    from transferlab import api
+    from transferlab.training.config import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
     if args.config is not None:
@@ -602,9 +592,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{opt} is required (or --config RUN_DIR/config.yaml)")
     kw = {k: v for k, v in vars(args).items() if k in names}
     kw["progress"] = _progress(args)
-    m = train(TrainConfig(**kw), tensorboard=args.tensorboard, bad_images=args.bad_images)
-    if not m:  # a non-zero rank under torchrun
+    run = api.train(**kw, tensorboard=args.tensorboard, bad_images=args.bad_images)
+    if int(os.environ.get("RANK", "0") or 0) > 0:  # under torchrun, rank 0 alone reports
         return 0
+    m = run.metrics
     lo, hi = m["top1_ci"]
     print(
         f"{m['model']} {m['strategy']} ({m['head']} head, BN {m['bn']}, head init {m['head_init']}), "
@@ -726,25 +717,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_ensemble(args: argparse.Namespace) -> int:
     """``transferlab ensemble``."""
     # lazy: a command loads only its own modules (torch alone takes seconds to import)
-    from transferlab.ensembles import EnsembleConfig, run_ensemble
+    from transferlab import api
+    from transferlab.ensembles import EnsembleConfig
 
-    cfg = EnsembleConfig(
-        members=tuple(args.members),
-        out=args.out,
-        method=args.method,
-        temperature=args.temperature,
-        split=args.split,
-        select_fraction=args.select_fraction,
-        seed=args.seed,
-        select_data=None if args.select_data is None else tuple(args.select_data),
-        select_split=args.select_split,
-        data=args.data,
-        greedy_metric=args.greedy_metric,
-        rounds=args.rounds,
-        stack_l2=args.stack_l2,
-        n_boot=args.n_boot,
-    )
-    m = run_ensemble(cfg)
+    opts = _config_options(EnsembleConfig, args)
+    if opts["select_data"] is not None:
+        opts["select_data"] = tuple(opts["select_data"])
+    m = api.ensemble(opts.pop("members"), **opts).metrics
     p = m["protocol"]
 
     def pct(x: float | None) -> str:
@@ -816,7 +795,8 @@ def _evaluate_study(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     """``transferlab study``."""
     # lazy: a command loads only its own modules (torch alone takes seconds to import)
-    from transferlab.studies import load_spec, resolve, run_study
+    from transferlab import api
+    from transferlab.studies import load_spec, resolve
 
     spec = load_spec(args.spec)
     if args.check:
@@ -825,9 +805,11 @@ def cmd_study(args: argparse.Namespace) -> int:
         for r in items:
             print(f"  {r.kind:9s} {r.name:28s} -> {r.dir}  ({r.hash[:12]})")
         return 0
-    res = run_study(
-        spec, args.out, replace_changed=args.replace_changed, progress=_progress(args), report=not args.no_report
+    study = api.study(
+        spec, out=args.out, replace_changed=args.replace_changed, progress=_progress(args), report=not args.no_report
     )
+    res = study.outcome
+    assert res is not None
     print(f"study {spec.name}: {len(res.steps)} steps in {res.wall_s:.0f} s")
     for s in res.steps:
         top = f"top-1 {100 * s.top1:6.2f}%" if s.top1 is not None else ""
@@ -840,10 +822,11 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """``transferlab report``."""
     # lazy: a command loads only its own modules (torch alone takes seconds to import)
-    from transferlab.report.render import ReportConfig, build_report
+    from transferlab import api
+    from transferlab.report.render import ReportConfig
 
-    cfg = from_namespace(ReportConfig, args, dirs=tuple(args.dirs))
-    r = build_report(cfg)
+    opts = _config_options(ReportConfig, args)
+    r = api.report(opts.pop("dirs"), **opts)
     what = f"{len(r.runs)} run(s)" + (f", {len(r.ensembles)} ensemble(s)" if r.ensembles else "")
     print(f"report on {what}" + (f"; best: {r.best}" if r.best else ""))
     print(f"  wrote {r.html} (self-contained), {r.markdown} and {len(r.figures)} figure(s) in {r.html.parent}/figures")
@@ -853,27 +836,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     """``transferlab predict``."""
     # lazy: a command loads only its own modules (torch alone takes seconds to import)
-    from transferlab.prediction import PredictConfig, predict
+    from transferlab import api
+    from transferlab.prediction import PredictConfig
 
-    cfg = PredictConfig(
-        source=args.source,
-        inputs=tuple(args.inputs),
-        data=args.data,
-        split=args.split,
-        limit=args.limit,
-        seed=args.seed,
-        top_k=args.top_k,
-        tta=args.tta,
-        member=args.member,
-        out=args.out,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        precision=args.precision,
-        channels_last=args.channels_last,
-        device=args.device,
-        progress=_progress(args),
-    )
-    r = predict(cfg)
+    opts = _config_options(PredictConfig, args)
+    r = api.predict(opts.pop("source"), opts.pop("inputs"), **opts)
     meta = r.meta
     if args.out is None:
         for row in r.predictions:
@@ -898,10 +865,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """``transferlab export``."""
     # lazy: a command loads only its own modules (torch alone takes seconds to import)
-    from transferlab.export import ExportConfig, export_run
+    from transferlab import api
+    from transferlab.export import ExportConfig
 
-    cfg = from_namespace(ExportConfig, args)
-    card = export_run(cfg)
+    opts = _config_options(ExportConfig, args)
+    card = api.export(opts.pop("run"), **opts).card
     print(f"{card['architecture']} ({card['head']} head, {card['num_classes']} classes) from {args.run}")
     if "onnx" in card:
         chk = card["onnx"]["check"]

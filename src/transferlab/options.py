@@ -277,9 +277,3 @@ def add_options(
         target.add_argument(*flags, **kw)
     return made
 
-
-def from_namespace(cls: type, ns: argparse.Namespace, **extra: Any) -> Any:
-    """``cls(**the parsed options it declares, **extra)``: the parser's values go straight into the config."""
-    kw = {f.name: getattr(ns, f.name) for f, o in declared(cls) if o.cli and hasattr(ns, f.name)}
-    kw.update(extra)
-    return cls(**kw)
