@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from test_interruptions import assert_same_run
 
+import fault_hooks
 from builders import assert_default_path, default_train_argv, requires_native_bf16, train_argv
 from transferlab.training.checkpoint import verify_checkpoint
 
@@ -46,7 +47,7 @@ def test_restart_after_a_rank_crash_resumes_exactly(train_ds: Path, tmp_path: Pa
 
     run = tmp_path / "crashed"
     marker = tmp_path / "crashed-once"
-    crash = {**env, "TRANSFERLAB_TEST_CRASH_AT_STEP": f"9:1:{marker}"}
+    crash = fault_hooks.env("crash", f"9:1:{marker}", env)
     res = _torchrun(default_train_argv(train_ds, run, *ARGS)[1:], crash, "--max-restarts", "1")
     assert res.returncode == 0, res.stderr[-3000:]
     assert marker.exists(), "rank 1 never crashed"

@@ -193,31 +193,32 @@ def _encode_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
     return {"class": type(optimizer).__name__, "param_groups": groups, "state": param_state}
 
 
-def _encode_value(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:  # noqa: C901
+def _encode_value(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
     """JSON for ``value``; tensors become ``{"__tensor__": key}`` references and tuples stay tuples."""
     if isinstance(value, torch.Tensor):
         if key in tensors:
             raise CheckpointError(f"two optimizer entries map to the tensor name {key!r}")
         tensors[key] = value
         return {_TENSOR_TAG: key}
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
+    if value is None or isinstance(value, bool | int | str | float):
         return value
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, tuple):
-        return {_TUPLE_TAG: [_encode_value(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]}
-    if isinstance(value, list):
-        return [_encode_value(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, tuple | list):
+        items = [_encode_value(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]
+        return {_TUPLE_TAG: items} if isinstance(value, tuple) else items
     if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise CheckpointError(f"optimizer state key {k!r} under {key!r} is not a string; cannot checkpoint it")
-            out[k] = _encode_value(v, f"{key}.{k}", tensors)
-        return out
+        return _encode_mapping(value, key, tensors)
     raise CheckpointError(f"optimizer state {key!r} holds a {type(value).__name__}, which cannot be checkpointed")
+
+
+def _encode_mapping(value: Mapping[Any, Any], key: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"optimizer state key {k!r} under {key!r} is not a string; cannot checkpoint it")
+        out[k] = _encode_value(v, f"{key}.{k}", tensors)
+    return out
 
 
 def _decode_value(value: Any, tensors: Mapping[str, torch.Tensor], origin: Path) -> Any:

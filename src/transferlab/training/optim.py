@@ -25,7 +25,7 @@ KERAS_RMSPROP_RHO = 0.9
 KERAS_RMSPROP_EPS = 1e-7
 
 
-def build_optimizer(  # noqa: C901
+def build_optimizer(
     groups: list[dict[str, Any]],
     name: str,
     lr: float,
@@ -48,6 +48,20 @@ def build_optimizer(  # noqa: C901
         ConfigError: unknown ``name`` (``--optimizer``), ``lr`` <= 0, negative weight decay, ``momentum``
             outside [0, 1), an empty group list or a negative ``lr_scale``.
     """
+    _check_hyperparameters(name, lr, weight_decay, momentum)
+    if not groups:
+        raise ConfigError("no parameter groups to optimise: are all parameters frozen (requires_grad=False)?")
+    param_groups = [_scaled_group(i, group, lr, weight_decay) for i, group in enumerate(groups)]
+    if name == "rmsprop":
+        return torch.optim.RMSprop(
+            param_groups, lr=lr, alpha=KERAS_RMSPROP_RHO, eps=KERAS_RMSPROP_EPS, weight_decay=weight_decay
+        )
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
+
+
+def _check_hyperparameters(name: str, lr: float, weight_decay: float, momentum: float) -> None:
     if name not in OPTIMIZERS:
         raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, not {name!r}")
     if not lr > 0:
@@ -56,28 +70,19 @@ def build_optimizer(  # noqa: C901
         raise ConfigError(f"--weight-decay must be >= 0, got {weight_decay}")
     if not 0 <= momentum < 1:
         raise ConfigError(f"--momentum must be in [0, 1), got {momentum}")
-    if not groups:
-        raise ConfigError("no parameter groups to optimise: are all parameters frozen (requires_grad=False)?")
 
-    param_groups: list[dict[str, Any]] = []
-    for i, group in enumerate(groups):
-        if "params" not in group:
-            raise ValueError(f"parameter group {i} has no 'params' key")
-        scale = float(group.get("lr_scale", 1.0))
-        if not scale >= 0:
-            raise ConfigError(f"parameter group {i}: lr_scale must be >= 0, got {scale}")
-        group_wd = group.get("weight_decay", weight_decay)
-        if not group_wd >= 0:
-            raise ConfigError(f"parameter group {i}: weight_decay must be >= 0, got {group_wd}")
-        param_groups.append({**group, "params": list(group["params"]), "lr": lr * scale, "lr_scale": scale})
 
-    if name == "rmsprop":
-        return torch.optim.RMSprop(
-            param_groups, lr=lr, alpha=KERAS_RMSPROP_RHO, eps=KERAS_RMSPROP_EPS, weight_decay=weight_decay
-        )
-    if name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
+def _scaled_group(i: int, group: dict[str, Any], lr: float, weight_decay: float) -> dict[str, Any]:
+    """A copy of parameter group ``i`` with its ``lr`` set to ``lr * lr_scale`` (``lr_scale`` kept)."""
+    if "params" not in group:
+        raise ValueError(f"parameter group {i} has no 'params' key")
+    scale = float(group.get("lr_scale", 1.0))
+    if not scale >= 0:
+        raise ConfigError(f"parameter group {i}: lr_scale must be >= 0, got {scale}")
+    group_wd = group.get("weight_decay", weight_decay)
+    if not group_wd >= 0:
+        raise ConfigError(f"parameter group {i}: weight_decay must be >= 0, got {group_wd}")
+    return {**group, "params": list(group["params"]), "lr": lr * scale, "lr_scale": scale}
 
 
 def no_decay_groups(

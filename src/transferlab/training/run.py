@@ -54,6 +54,7 @@ from transferlab.models.strategies import trainable_counts
 from transferlab.models.weights import save_weights
 from transferlab.runtime import resolve_device, resolve_precision, versions
 from transferlab.training.config import TrainConfig
+from transferlab.training.hooks import FitHooks, hooks_from_env
 from transferlab.training.interrupt import GracefulStop
 from transferlab.training.loop import Dist, EvalImages, FitData, TrainImages, fit, predict
 from transferlab.training.probe import ProbeConfig, fit_head, head_logits, stratified_holdout
@@ -93,6 +94,7 @@ def train(
     tensorboard: bool = False,
     bad_images: str = "error",
     callback: Callable[[str, dict[str, float]], None] | None = None,
+    hooks: FitHooks | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` and write its run directory. Returns metrics.json's content (on rank 0).
 
@@ -111,9 +113,14 @@ def train(
     SIGTERM/SIGINT during the training loop finish the current step, write a checkpoint and raise
     :class:`~transferlab.errors.TrainingInterrupted`. A process that ``torchrun --max-restarts`` started
     again after a failure (``TORCHELASTIC_RESTART_COUNT`` > 0) resumes from the newest checkpoint by itself.
+
+    ``hooks`` (:class:`~transferlab.training.hooks.FitHooks`) are called at fixed points of every training step
+    (the tests inject faults through them); without them, the ones ``TRANSFERLAB_HOOKS`` names, read here once.
     """
     if bad_images not in POLICIES:
         raise ConfigError(f"--bad-images must be one of {', '.join(POLICIES)}, not {bad_images!r}")
+    if hooks is None:
+        hooks = hooks_from_env()
     d = Dist.from_env()
     restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0").strip()
     if restarts.isdigit() and int(restarts) > 0 and not cfg.resume:
@@ -130,9 +137,9 @@ def train(
         if d.main:
             with RunLock(out):
                 _refuse_to_overwrite(cfg)
-                result = _train(cfg, d, tensorboard, bad_images, callback)
+                result = _train(cfg, d, tensorboard, bad_images, callback, hooks)
         else:
-            result = _train(cfg, d, bad_images=bad_images)
+            result = _train(cfg, d, bad_images=bad_images, hooks=hooks)
         ok = True
         return result
     finally:
@@ -184,6 +191,8 @@ class _Setup:
     tb: Any = None
     #: The caller's ``train(callback=...)``, else None.
     callback: Any = None
+    #: The training-step hooks (``train(hooks=...)`` or ``TRANSFERLAB_HOOKS``), else None.
+    hooks: FitHooks | None = None
     #: metrics.json's ``bad_images``: the policy, how many images were left out and which.
     screened: dict[str, Any] = field(default_factory=dict)
     #: metrics.json's ``duplicates`` (exact copies shared by the fitted and the reported images) and the
@@ -347,6 +356,7 @@ def _train(
     tensorboard: bool = False,
     bad_images: str = "error",
     callback: Callable[[str, dict[str, float]], None] | None = None,
+    hooks: FitHooks | None = None,
 ) -> dict[str, Any]:
     t_start = time.perf_counter()
     tb = None
@@ -365,6 +375,7 @@ def _train(
     s = _setup(cfg, d, bad_images)
     s.tb = tb
     s.callback = callback
+    s.hooks = hooks
     res = _probe_on_features(s) if cfg.use_feature_cache else _fit_loop(s)
     if not d.main:
         return {}
@@ -519,7 +530,8 @@ def _fit_loop(s: _Setup) -> _Outcome:
     )
     run = dict(precision=s.precision, device=s.device, workers=s.workers, d=s.d)
     with GracefulStop() as stop:  # SIGTERM/SIGINT: finish the step, checkpoint, stop (exit 143/130)
-        res = fit(model, data, cfg, run_dir=Path(cfg.out), callback=_callbacks(s.tb, s.callback), stop=stop, **run)
+        callback = _callbacks(s.tb, s.callback)
+        res = fit(model, data, cfg, run_dir=Path(cfg.out), callback=callback, stop=stop, hooks=s.hooks, **run)
     report = EvalImages(s.report, s.report_idx, eval_tf)
     logits = predict(model, report, mean=mean, std=std, batch_size=cfg.batch_size, progress=cfg.progress, **run)
     spec = cfg.strategy_spec()
