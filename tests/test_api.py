@@ -45,6 +45,9 @@ def test_the_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert len(ns["result"].predictions[0]["top_k"]) == 3  # type: ignore[attr-defined]
     assert isinstance(ns["model"], nn.Module) and not ns["model"].training  # type: ignore[attr-defined]
     assert lp.predictions().class_ids.tolist() == list(ns["data"].classes.ids)  # type: ignore[attr-defined]
+    assert ns["card"]["num_classes"] == 3 and isinstance(tl.load(tmp_path / "runs" / "api-export"), tl.Export)
+    html = ns["rep"].html.read_text(encoding="utf-8")  # type: ignore[attr-defined]
+    assert "api-lp" in html and "api-ens" in html
 
 
 def test_unknown_options_and_folders_are_named(tmp_path: Path) -> None:

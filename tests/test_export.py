@@ -15,7 +15,7 @@ import torch
 
 from builders import WNIDS, WORDS, jpeg_bytes, train_argv
 from transferlab.cli import main
-from transferlab.export import CARD_FILE, ExportConfig, ExportError, export_run, load_exported
+from transferlab.exports import CARD_FILE, ExportConfig, ExportError, export_run, load_exported
 from transferlab.prediction import PredictConfig, predict
 from transferlab.training.runs import load_run
 
@@ -106,7 +106,7 @@ def onnx_export(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_onnx_export_agrees_with_pytorch(onnx_export: Path, run: Path, train_ds: Path) -> None:
     import onnx
 
-    from transferlab.export import ort_session
+    from transferlab.exports import ort_session
 
     card = json.loads((onnx_export / CARD_FILE).read_text())
     chk = card["onnx"]["check"]
@@ -154,7 +154,7 @@ def test_corrupted_onnx_graph_is_caught_and_an_earlier_export_kept(run: Path, tm
     export_run(ExportConfig(run=run, out=out))  # an earlier, good export in the same folder
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    import transferlab.export as ex
+    import transferlab.exports as ex
 
     real = ex.ort_session
 

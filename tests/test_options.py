@@ -26,9 +26,9 @@ from transferlab.training.probe import ProbeConfig
 def _configs() -> dict[str, list[type]]:
     from transferlab.ensembles import EnsembleConfig
     from transferlab.evaluation import EvalConfig
-    from transferlab.export import ExportConfig
+    from transferlab.exports import ExportConfig
     from transferlab.prediction import PredictConfig
-    from transferlab.report.render import ReportConfig
+    from transferlab.reports.render import ReportConfig
 
     return {
         "train": [TrainConfig, RunOptions],

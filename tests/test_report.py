@@ -22,8 +22,8 @@ from transferlab.cli import build_parser, main
 from transferlab.ensembles import EnsembleConfig, run_ensemble
 from transferlab.labels import IMAGENET_OVERLAP_WARNING
 from transferlab.metrics import expected_calibration_error, softmax
-from transferlab.report import figures as F
-from transferlab.report.render import ReportConfig, build_report
+from transferlab.reports import figures as F
+from transferlab.reports.render import ReportConfig, build_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 N_VAL_PER_CLASS = 6
@@ -255,7 +255,7 @@ def test_report_help_is_complete() -> None:
 def test_report_does_not_import_torch(runs: Path, tmp_path: Path) -> None:
     code = (
         "import sys\n"
-        "from transferlab.report.render import ReportConfig, build_report\n"
+        "from transferlab.reports.render import ReportConfig, build_report\n"
         f"build_report(ReportConfig(({str(runs)!r},), {str(tmp_path / 'r')!r}))\n"
         "bad = [m for m in ('torch', 'timm', 'transferlab.models', 'transferlab.training') if m in sys.modules]\n"
         "assert not bad, bad\n"

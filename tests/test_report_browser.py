@@ -29,7 +29,7 @@ from PIL import Image
 from builders import tiny_imagenet_files, write_folder
 from test_report import N_VAL_PER_CLASS, make_run
 from transferlab.ensembles import EnsembleConfig, run_ensemble
-from transferlab.report.render import ReportConfig, build_report
+from transferlab.reports.render import ReportConfig, build_report
 
 REPO = Path(__file__).resolve().parents[1]
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

@@ -34,11 +34,11 @@ from transferlab.ensembles import EnsembleConfig, run_ensemble
 from transferlab.errors import ConfigError
 from transferlab.evaluation import EvalConfig
 from transferlab.evaluation import evaluate as _evaluate
-from transferlab.export import ExportConfig, export_run
+from transferlab.exports import ExportConfig, export_run
 from transferlab.options import check_keys
 from transferlab.prediction import PredictConfig, PredictResult
 from transferlab.prediction import predict as _predict
-from transferlab.report.render import ReportConfig, ReportResult, build_report
+from transferlab.reports.render import ReportConfig, ReportResult, build_report
 from transferlab.studies import StudyResult, StudySpec, load_spec, run_study
 from transferlab.training.config import TrainConfig
 from transferlab.training.run import train as _train

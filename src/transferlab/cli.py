@@ -388,7 +388,7 @@ def _report_parser(sub: Any) -> None:
         "classes, training curves, and each run's provenance.",
     )
     # lazy: a command loads only its own modules
-    from transferlab.report.render import ReportConfig
+    from transferlab.reports.render import ReportConfig
 
     add_options(rp, ReportConfig)
     _add_common(rp)
@@ -493,7 +493,7 @@ def _export_parser(sub: Any) -> None:
         "is printed and stored in the card, and beyond --atol nothing is written and the exit status is 2.",
     )
     # lazy: the options come from the config's fields, whose modules import torch
-    from transferlab.export import ExportConfig
+    from transferlab.exports import ExportConfig
 
     add_options(ex, ExportConfig)
     _add_common(ex)
@@ -823,7 +823,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """``transferlab report``."""
     # lazy: a command loads only its own modules (torch alone takes seconds to import)
     from transferlab import api
-    from transferlab.report.render import ReportConfig
+    from transferlab.reports.render import ReportConfig
 
     opts = _config_options(ReportConfig, args)
     r = api.report(opts.pop("dirs"), **opts)
@@ -866,7 +866,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """``transferlab export``."""
     # lazy: a command loads only its own modules (torch alone takes seconds to import)
     from transferlab import api
-    from transferlab.export import ExportConfig
+    from transferlab.exports import ExportConfig
 
     opts = _config_options(ExportConfig, args)
     card = api.export(opts.pop("run"), **opts).card

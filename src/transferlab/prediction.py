@@ -52,7 +52,7 @@ from transferlab.data.resolve import cache_dir
 from transferlab.data.transforms import EvalTransform, normalize_batch
 from transferlab.ensembles import load_fitted
 from transferlab.errors import BadImageError, ConfigError, DataError
-from transferlab.export import load_exported
+from transferlab.exports import load_exported
 from transferlab.inference.engine import default_workers, make_eval_transform
 from transferlab.inference.entry import ModelEntry
 from transferlab.inference.tta import check_tta, tta_log_probs, tta_view_count

@@ -49,7 +49,7 @@ from transferlab.metrics import log_softmax, paired_bootstrap, topk_correct
 from transferlab.models.backbones import check_model_name, resolve_weight_source
 from transferlab.models.weights import hub_cached_file, hub_offline, package_weight_file
 from transferlab.options import check_keys
-from transferlab.report.render import ReportConfig, build_report
+from transferlab.reports.render import ReportConfig, build_report
 from transferlab.training.config import TrainConfig
 from transferlab.training.run import train
 

@@ -54,7 +54,7 @@ from transferlab.metrics import (
     per_class_accuracy,
 )
 from transferlab.options import option
-from transferlab.report import figures as F
+from transferlab.reports import figures as F
 
 log = logging.getLogger(__name__)
 
