@@ -79,3 +79,7 @@ def test_every_public_name_resolves() -> None:
     for name in tl.__all__:
         assert getattr(tl, name) is not None, name
     assert callable(tl.train) and callable(tl.evaluate) and callable(tl.ensemble) and callable(tl.study)
+    import transferlab.exports
+    import transferlab.reports  # noqa: F401 - once imported, a submodule named like a function would shadow it
+
+    assert callable(tl.export) and callable(tl.report) and callable(tl.predict)
