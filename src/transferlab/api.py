@@ -191,9 +191,10 @@ def train(*, model: str, data: PathLike, out: PathLike, **options: Any) -> Run:
 
     ``options`` are :class:`~transferlab.training.config.TrainConfig`'s fields: ``strategy`` (``linear-probe``,
     ``bn-only``, ``full``, ``freeze-unfreeze``, ``scratch``), ``epochs``, ``lr``, ``head``, ``img_size``, ...
-    ``bad_images`` and ``callback`` (called with ``("step" | "epoch", row)`` as training goes) pass through.
+    ``bad_images``, ``tensorboard``, ``callback`` (called with ``("step" | "epoch", row)`` as training goes) and
+    ``hooks`` (a :class:`~transferlab.training.hooks.FitHooks`, called at fixed points of every step) pass through.
     """
-    extra = {k: options.pop(k) for k in ("bad_images", "callback", "tensorboard") if k in options}
+    extra = {k: options.pop(k) for k in ("bad_images", "callback", "tensorboard", "hooks") if k in options}
     cfg = _config(TrainConfig, "train", {"model": model, "data": str(data), "out": Path(out), **options})
     _train(cfg, **extra)
     return Run(Path(out))
