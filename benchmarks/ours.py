@@ -1,5 +1,8 @@
 """transferlab's side of the speed benchmark: the same four jobs as ``baseline.py``, through the library.
 
+Plus ``evaluate`` and ``predict`` for the ``predict`` row, which compares transferlab with itself: the
+``transferlab predict`` library call on a dataset split against ``transferlab evaluate`` on the same split.
+
 Every job runs what a user of transferlab runs, with the defaults a user gets: the decoded cache,
 batched tensor resizing and augmentation, bf16 autocast + channels_last where the hardware supports it
 (decided by :func:`transferlab.runtime.resolve_precision`, logged), and for the frozen-backbone row the
@@ -16,6 +19,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import resource
 import sys
 import tempfile
@@ -84,6 +88,71 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         "images_per_s": round(len(idx) / secs, 2),
         "top1": top1,
         "precision": precision.describe(),
+    }
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """``transferlab evaluate`` on the val split: a run directory (``--run``) or the model zero-shot.
+
+    ``--out`` keeps the output folder, which ``predict`` can then rebuild the same model from. The decoded
+    cache is the one ``prepare`` built. images/s is the command's own (metrics.json: the inference loop).
+    """
+    from transferlab.evaluation import EvalConfig, evaluate
+
+    os.environ["TRANSFERLAB_CACHE"] = str(Path(args.cache).resolve())
+    with contextlib.ExitStack() as stack:
+        out = Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory())) / "eval"
+        source = {"run": Path(args.run)} if args.run else {"model": args.model, "zero_shot": True}
+        size = {} if args.run else {"img_size": args.size}  # a run is fed the way it was trained
+        m = evaluate(
+            EvalConfig(
+                data=args.data,
+                out=out,
+                split="val",
+                limit=args.limit,
+                batch_size=args.batch_size,
+                device=args.device,
+                n_boot=0,
+                progress=False,
+                **source,
+                **size,
+            )
+        )
+    return {
+        "images": m["n"],
+        "seconds": m["wall_s"],
+        "images_per_s": m["images_per_s"],
+        "top1": m["top1"],
+        "precision": f"{m['precision']}, channels_last {m['channels_last']}",
+        "pipeline": m["pipeline"],
+    }
+
+
+def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
+    """``transferlab predict`` on the val split (``--data``, the same ``--limit`` subset as ``evaluate``) with
+    the model of ``--source`` (a run, export or evaluate output). images/s is the command's own (its JSON meta)."""
+    from transferlab.prediction import PredictConfig, predict
+
+    os.environ["TRANSFERLAB_CACHE"] = str(Path(args.cache).resolve())
+    r = predict(
+        PredictConfig(
+            source=Path(args.source),
+            data=args.data,
+            split="val",
+            limit=args.limit,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=False,
+        )
+    )
+    m = r.meta
+    return {
+        "images": m["n_predicted"],
+        "failed": m["n_failed"],
+        "seconds": m["wall_s"],
+        "images_per_s": m["images_per_s"],
+        "top1": m["top1"],
+        "precision": m["precision"],
     }
 
 
@@ -213,10 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--batch-size", type=int, default=64)
     common.add_argument("--device", default="auto")
     common.add_argument("--threads", type=int, default=None)
-    for name in ("prepare", "eval", "head", "bnonly", "data"):
+    for name in ("prepare", "eval", "head", "bnonly", "data", "evaluate", "predict"):
         sp = sub.add_parser(name, parents=[common])
-        if name in ("eval", "data"):
+        if name in ("eval", "data", "evaluate", "predict"):
             sp.add_argument("--limit", type=int, default=None)
+        if name == "evaluate":
+            sp.add_argument("--run", default=None, help="a run directory (default: --model zero-shot)")
+            sp.add_argument("--out", default=None, help="keep the evaluate output here (a predictor for `predict`)")
+        if name == "predict":
+            sp.add_argument("--source", required=True, help="a run, export or evaluate output folder")
         if name == "head":
             sp.add_argument("--epochs", type=int, default=10)
             sp.add_argument("--lr", type=float, default=1e-3)
@@ -234,11 +308,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = {
-        **{"prepare": cmd_prepare, "eval": cmd_eval, "head": cmd_head, "bnonly": cmd_bnonly, "data": cmd_data}[
-            args.command
-        ](args),
+    commands = {
+        "prepare": cmd_prepare,
+        "eval": cmd_eval,
+        "head": cmd_head,
+        "bnonly": cmd_bnonly,
+        "data": cmd_data,
+        "evaluate": cmd_evaluate,
+        "predict": cmd_predict,
     }
+    out = {**commands[args.command](args)}
     out.update(
         command=args.command,
         model=args.model,

@@ -7,7 +7,12 @@ Rows (each on the same model, images and batch size on both sides):
   at 64px, then top-1 on all val images: wall time (transferlab's includes extracting the features);
 * ``bnonly``: BatchNorm-only fine-tune with the seed head and shear/zoom/flip at 128px, RMSProp 1e-4:
   images/s over 20 timed steps after 3 warm-up steps, first and final loss;
-* ``data``: the input pipeline alone at 224px: images/s, decoded cache vs PIL decoding per image.
+* ``data``: the input pipeline alone at 224px: images/s, decoded cache vs PIL decoding per image;
+* ``predict`` (not in the default set: it compares transferlab with itself): ``transferlab predict`` on a
+  dataset split against ``transferlab evaluate`` on the same split, same model, images (a seeded subset of
+  2,000 val images) and batch: images/s as each command reports it, and the top-1 both must agree on. The
+  "baseline" column is ``evaluate``. The model is Lite0 zero-shot at 224px (``predict`` rebuilds it from a
+  small ``evaluate`` output), or a run directory given with ``--predict-run``.
 
 Every measurement is a fresh subprocess (``baseline.py`` or ``ours.py``), so peak RSS is per row and
 nothing is shared but the disk cache. The two sides alternate (baseline first on odd repeats, transferlab
@@ -44,12 +49,14 @@ ROWS: dict[str, dict[str, Any]] = {
     "head": {"size": 64, "epochs": 10, "batch": 128},
     "bnonly": {"size": 128, "steps": 20, "warmup": 3, "batch": 64},
     "data": {"size": 224, "limit": 2000, "batch": 32},
+    "predict": {"size": 224, "limit": 2000, "batch": 32},
 }
 QUICK: dict[str, dict[str, Any]] = {
     "eval": {"size": 64, "limit": 48, "batch": 16},
     "head": {"size": 32, "epochs": 1, "batch": 32, "train_limit": 400, "val_limit": 100},
     "bnonly": {"size": 32, "steps": 2, "warmup": 1, "batch": 8},
     "data": {"size": 64, "limit": 48, "batch": 16},
+    "predict": {"size": 64, "limit": 48, "batch": 16},
 }
 #: (metric, higher is better, goal for transferlab / baseline)
 GOALS = {
@@ -57,7 +64,12 @@ GOALS = {
     "head": ("seconds", False, 10.0),
     "bnonly": ("images_per_s", True, 1.5),
     "data": ("images_per_s", True, None),
+    # predict / evaluate: the same speed, give or take the noise of a shared machine.
+    "predict": ("images_per_s", True, 0.9),
 }
+#: What the two sides of a row are, where they are not the plain script and transferlab.
+SIDES = {"predict": {"baseline": "transferlab evaluate", "transferlab": "transferlab predict"}}
+DEFAULT_ROWS = "eval,head,bnonly,data"
 
 
 def _log(msg: str) -> None:
@@ -186,6 +198,29 @@ def _commands(
     return {"baseline": base, "transferlab": ours}
 
 
+def _predict_commands(s: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, list[str]]:
+    """The predict row: ``evaluate`` (its "baseline" side) and ``predict`` on the same val images, model and batch."""
+    py = sys.executable
+    common = [*_ours_common(args.data, work, args.model), "--batch-size", str(s["batch"]), "--device", args.device]
+    common += ["--size", str(s["size"]), "--limit", str(s["limit"])]
+    run = ["--run", str(args.predict_run)] if args.predict_run else []
+    source = args.predict_run or _predictor_dir(work, s)
+    return {
+        "baseline": [py, str(HERE / "ours.py"), "evaluate", *common, *run],
+        "transferlab": [py, str(HERE / "ours.py"), "predict", *common, "--source", str(source)],
+    }
+
+
+def _predictor_dir(work: Path, s: dict[str, Any]) -> Path:
+    return work / f"predictor-{s['size']}"
+
+
+def make_predictor(s: dict[str, Any], work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """A zero-shot ``evaluate`` output of 8 images at the row's size, for ``predict`` to rebuild the model from."""
+    cmd = _predict_commands({**s, "limit": 8}, work, args)["baseline"]
+    return _run([*cmd, "--out", str(_predictor_dir(work, s))])
+
+
 def _median(runs: list[dict[str, Any]], key: str) -> float | None:
     vals = [r[key] for r in runs if r.get(key) is not None]
     return statistics.median(vals) if vals else None
@@ -214,6 +249,8 @@ def summarize(row: str, runs: dict[str, list[dict[str, Any]]], eval_ips: float |
         if _median(runs["transferlab"], key) is not None:
             out[f"baseline_{key}"] = _median(runs["baseline"], key)
             out[f"transferlab_{key}"] = _median(runs["transferlab"], key)
+    if row in SIDES:
+        out["sides"] = SIDES[row]
     if row == "eval" and out.get("baseline_top1") is not None:
         out["delta_top1_pt"] = round(100 * (out["transferlab_top1"] - out["baseline_top1"]), 2)
         out["pass"] = bool(ratio and ratio >= goal and abs(out["delta_top1_pt"]) <= 0.3)
@@ -222,6 +259,10 @@ def summarize(row: str, runs: dict[str, list[dict[str, Any]]], eval_ips: float |
         out["vs_eval_consumption"] = round(o / eval_ips, 2) if o and eval_ips else None
         out["goal"] = "5x eval row"
         out["pass"] = bool(out["vs_eval_consumption"] and out["vs_eval_consumption"] >= 5)
+    elif row == "predict":
+        # The same model over the same images in the same batches: the same predictions, not merely close ones.
+        same = out.get("baseline_top1") is not None and out["baseline_top1"] == out["transferlab_top1"]
+        out["pass"] = bool(ratio and ratio >= goal and same)
     else:
         out["pass"] = bool(ratio and goal and ratio >= goal)
     return out
@@ -255,16 +296,33 @@ def table(rows: list[dict[str, Any]]) -> str:
             ratio += f" ({_fmt(r.get('vs_eval_consumption'), 1)}x eval row)"
         goal = r["goal"] if isinstance(r["goal"], str) else (f">= {r['goal']}x" if r["goal"] else "-")
         rss = f"{_fmt(r['baseline_peak_rss_mb'], 0)} / {_fmt(r['transferlab_peak_rss_mb'], 0)}"
+        name = r["row"] if "sides" not in r else f"{r['row']} ({r['sides']['transferlab']} vs {r['sides']['baseline']})"
         lines.append(
-            f"| {r['row']} | {r['metric']} | {_fmt(r['baseline'])} | {_fmt(r['transferlab'])} | {ratio} | {goal} | "
+            f"| {name} | {r['metric']} | {_fmt(r['baseline'])} | {_fmt(r['transferlab'])} | {ratio} | {goal} | "
             f"{acc} | {rss} | {'yes' if r['pass'] else 'NO'} |"
         )
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def measure(row: str, cmds: dict[str, list[str]], reps: int) -> dict[str, list[dict[str, Any]]]:
+    """``reps`` alternating runs of both sides (baseline first on odd repeats, transferlab first on even ones)."""
+    runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "transferlab": []}
+    for k in range(reps):
+        order = ["baseline", "transferlab"] if k % 2 == 0 else ["transferlab", "baseline"]
+        for side in order:
+            _log(f"[{row} {k + 1}/{reps}] {side} ...")
+            res = _run(cmds[side])
+            runs[side].append(res)
+            metric = GOALS[row][0]
+            _log(f"[{row} {k + 1}/{reps}] {side}: {metric} {res.get(metric)}")
+    return runs
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--rows", default="eval,head,bnonly,data", help="comma-separated rows (default: all)")
+    p.add_argument(
+        "--rows", default=DEFAULT_ROWS, help=f"comma-separated rows of {', '.join(ROWS)} (default: {DEFAULT_ROWS})"
+    )
     p.add_argument("--repeats", type=int, default=3, help="alternating repeats per row (default: 3)")
     p.add_argument(
         "--head-repeats",
@@ -278,7 +336,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="the baseline's DataLoader workers (default: 2)")
     p.add_argument("--work", type=Path, default=HERE / ".work", help="scratch folder (extracted images, caches)")
     p.add_argument("--out", type=Path, default=HERE / "results", help="where the JSON result goes")
+    p.add_argument(
+        "--predict-run", type=Path, default=None, help="the predict row's model: a run directory (default: zero-shot)"
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness in seconds, proves no speed")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
@@ -292,18 +358,14 @@ def main(argv: list[str] | None = None) -> int:
     summaries: list[dict[str, Any]] = []
     eval_ips = None
     for row in rows:
-        cmds = _commands(row, settings[row], info, work, args)
+        if row == "predict":
+            if args.predict_run is None:
+                info["predictor"] = make_predictor(settings[row], work, args)
+            cmds = _predict_commands(settings[row], work, args)
+        else:
+            cmds = _commands(row, settings[row], info, work, args)
         reps = 1 if args.quick else (args.head_repeats if row == "head" else args.repeats)
-        runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "transferlab": []}
-        for k in range(reps):
-            order = ["baseline", "transferlab"] if k % 2 == 0 else ["transferlab", "baseline"]
-            for side in order:
-                _log(f"[{row} {k + 1}/{reps}] {side} ...")
-                res = _run(cmds[side])
-                runs[side].append(res)
-                metric = GOALS[row][0]
-                _log(f"[{row} {k + 1}/{reps}] {side}: {metric} {res.get(metric)}")
-        raw[row] = runs
+        runs = raw[row] = measure(row, cmds, reps)
         if row == "eval":
             eval_ips = _median(runs["transferlab"], "images_per_s")
         elif row == "data" and eval_ips is None:

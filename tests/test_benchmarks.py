@@ -45,3 +45,30 @@ def test_quick_benchmark_writes_every_row_for_both_sides(mini_zip: Path, tmp_pat
         assert math.isfinite(rows["bnonly"][f"{side}_final_loss"])
     assert "| eval |" in p.stdout and str(path) in p.stdout
     assert doc["machine"]["torch"] and doc["prepare"]["prepare"]["val_images"] == 5000
+
+
+def test_quick_predict_row_compares_predict_with_evaluate(mini_zip: Path, tmp_path: Path) -> None:
+    """The predict row (not in the default set): `predict` and `evaluate` on the same val images and model."""
+    env = {**os.environ, "TRANSFERLAB_DATA": str(mini_zip.parent)}
+    out = tmp_path / "results"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--rows", "predict"]
+    p = subprocess.run(
+        [*cmd, "--work", str(tmp_path), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    (path,) = out.glob("*-quick.json")
+    doc = json.loads(path.read_text())
+    (row,) = doc["rows"]
+    assert row["row"] == "predict" and row["sides"]["baseline"] == "transferlab evaluate"
+    assert row["baseline"] > 0 and row["transferlab"] > 0 and row["ratio"] > 0
+    runs = doc["runs"]["predict"]
+    assert runs["baseline"][0]["images"] == runs["transferlab"][0]["images"] == 48
+    assert runs["transferlab"][0]["failed"] == 0
+    # The same model over the same images in the same batches: the same predictions.
+    assert row["baseline_top1"] == row["transferlab_top1"] > 0.05
+    assert "| predict (transferlab predict vs transferlab evaluate) |" in p.stdout

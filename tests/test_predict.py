@@ -163,6 +163,30 @@ def test_predict_dataset_split_matches_evaluate(
     assert doc["top1"] == pytest.approx(m["top1"])
 
 
+def test_predict_dataset_split_with_a_broken_image_reports_it_and_predicts_the_rest(
+    runs: tuple[Path, Path], train_ds: Path, tmp_path: Path
+) -> None:
+    """The decoded cache records the broken sample (``split.bad``); predict names its file and reason, and the
+    other samples get the numbers they get from the clean copy (the batched path is the same engine)."""
+    data = tmp_path / "tiny-imagenet-200"
+    shutil.copytree(train_ds, data)
+    (data / "val" / "images" / "val_5.JPEG").write_bytes(b"this is not an image")
+    cfg = dict(source=runs[0], split="val", workers=0, precision="fp32", progress=False)
+    clean = predict(PredictConfig(data=str(train_ds), **cfg))
+    dirty = predict(PredictConfig(data=str(data), **cfg))
+    assert dirty.meta["n_inputs"] == 12 and dirty.meta["n_predicted"] == 11 and dirty.meta["n_failed"] == 1
+    ((path, reason),) = dirty.errors
+    assert path.endswith("val_5.JPEG") and "PIL" in reason
+    bad_row = next(r for r in dirty.rows if "error" in r)
+    assert bad_row["label"] in WNIDS and "top_k" not in bad_row
+    want = {Path(r["path"]).name: r["top_k"] for r in clean.rows}
+    got = {Path(r["path"]).name: r["top_k"] for r in dirty.predictions}
+    assert len(got) == 11 and "val_5.JPEG" not in got
+    for name, tops in got.items():
+        assert [t["class_id"] for t in tops] == [t["class_id"] for t in want[name]]
+        np.testing.assert_allclose([t["prob"] for t in tops], [t["prob"] for t in want[name]], atol=1e-6)
+
+
 def test_tta_views_and_averaging() -> None:
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
     assert len(list(tta_views(x, "none"))) == 1

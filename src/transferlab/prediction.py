@@ -44,7 +44,6 @@ from transferlab.artifacts.folders import CARD_FILE, folder_kind, has_model, is_
 from transferlab.artifacts.predictions import LEGACY_FILE, find_predictions, read_predictions
 from transferlab.data import open_dataset
 from transferlab.data.base import subset_indices
-from transferlab.data.batched import eval_batch
 from transferlab.data.decoded import decode_split, pixel_array
 from transferlab.data.images import IMAGE_SUFFIXES, decode_image, is_image_name
 from transferlab.data.names import class_names
@@ -53,9 +52,9 @@ from transferlab.data.transforms import EvalTransform, normalize_batch
 from transferlab.ensembles import load_fitted
 from transferlab.errors import BadImageError, ConfigError, DataError
 from transferlab.exports import load_exported
-from transferlab.inference.engine import default_workers, make_eval_transform
+from transferlab.inference.engine import default_workers, make_eval_transform, model_outputs
 from transferlab.inference.entry import ModelEntry
-from transferlab.inference.tta import check_tta, tta_log_probs, tta_view_count
+from transferlab.inference.tta import check_tta, tta_forward, tta_log_probs, tta_view_count
 from transferlab.io import atomic_write_json, atomic_write_text
 from transferlab.labels import imagenet_indices
 from transferlab.metrics import log_softmax
@@ -358,12 +357,7 @@ class _InputImages(Dataset):
         if it.error is not None:
             return i, None, it.error
         try:
-            if it.index is not None:
-                pixels = pixel_array(self.split)
-                if pixels is not None and it.index not in getattr(self.split, "bad", {}):
-                    # A decoded split: resized exactly as `evaluate` resizes it, so both give the same numbers.
-                    raw = torch.from_numpy(np.array(pixels[it.index])).permute(2, 0, 1)[None]
-                    return i, [eval_batch(raw, tf)[0] for tf in self.transforms], None
+            if it.index is not None:  # a split without a pixel array, or a sample its decoded cache could not decode
                 img = self.split.load(it.index)
             else:
                 assert it.file is not None
@@ -510,8 +504,12 @@ def _top_k(p: np.ndarray, k: int, class_ids: Sequence[str], names: Sequence[str]
 def predict(cfg: PredictConfig, predictor: Predictor | None = None) -> PredictResult:
     """Predict every input of ``cfg`` and, with ``cfg.out``, write the rows (CSV or JSON) atomically.
 
-    Inputs that cannot be read are kept as rows with an ``error`` (the reason) and do not stop the
-    others; the caller decides the exit status from :attr:`PredictResult.errors`.
+    The samples of a dataset split held as one pixel array (the decoded cache, CIFAR-10) go through the
+    batched inference engine exactly as ``evaluate`` runs them (:func:`~transferlab.inference.engine.model_outputs`:
+    whole-batch gather, resize and standardisation as tensors, two streams), so both give the same numbers at
+    the same speed; files, folders, samples the decoded cache could not decode (``split.bad``) and splits of
+    mixed sizes are decoded one by one. Inputs that cannot be read are kept as rows with an ``error`` (the
+    reason) and do not stop the others; the caller decides the exit status from :attr:`PredictResult.errors`.
     """
     pred = predictor or load_predictor(cfg.source, member=cfg.member, data=cfg.data)
     items: list[InputItem] = collect_inputs(cfg.inputs) if cfg.inputs else []
@@ -523,42 +521,126 @@ def predict(cfg: PredictConfig, predictor: Predictor | None = None) -> PredictRe
     precision = resolve_precision(cfg.precision, cfg.channels_last, device)
     for e in pred.entries:
         _prepare(e, device, precision)
-    workers = default_workers() if cfg.workers < 0 else cfg.workers
-    loader = DataLoader(
-        _InputImages(items, [e.transform for e in pred.entries], split),
-        batch_size=cfg.batch_size,
-        shuffle=False,
-        num_workers=min(workers, max(0, len(items) // cfg.batch_size)),
-        collate_fn=_collate,
-    )
-    k = min(cfg.top_k, len(pred.class_ids))
-    names = pred.class_names or pred.class_ids
-    rows: list[dict[str, Any] | None] = [None] * len(items)
     native = any(e.torch_native for e in pred.entries)
     how = precision.describe() if native else "fp32 in ONNX Runtime on cpu"
     log.info("predicting %d input(s) with %s, TTA %s, %s", len(items), pred.description, cfg.tta, how)
+    run = _Run(cfg, pred, items, device, precision)
+    batched, one_by_one = _route(items, split)
     t0 = time.perf_counter()
-    n_ok = 0
-    disable = None if cfg.progress is None else not cfg.progress
-    with reuse_freed_memory(device), inference_streams(device) as run:
-        for batch in tqdm(loader, desc="predict", unit="batch", disable=disable, leave=False):
-            ok = [(i, views) for i, views, err in batch if err is None]
-            for i, _, err in batch:
-                if err is not None:
-                    log.warning("%s: %s", items[i].path, err)
-                    rows[i] = {"path": items[i].path, **_label(items[i]), "error": err}
-            if ok:
-                opts = {"tta": cfg.tta, "precision": precision, "device": device}
-                outs = [
-                    _outputs(run, e, torch.stack([v[j] for _, v in ok]), **opts) for j, e in enumerate(pred.entries)
-                ]
-                probs = np.exp(combine(pred, outs))
-                for (i, _), p in zip(ok, probs, strict=True):
-                    rows[i] = {"path": items[i].path, **_label(items[i]), "top_k": _top_k(p, k, pred.class_ids, names)}
-                n_ok += len(ok)
+    with reuse_freed_memory(device):
+        if batched:
+            run.split_pass(split, batched)
+        if one_by_one:
+            run.image_pass(one_by_one, split)
     wall = time.perf_counter() - t0
-    done = [r for r in rows if r is not None]
-    labeled = [r for r in done if "label" in r and "top_k" in r]
+    result = PredictResult(rows=[r for r in run.rows if r is not None], meta=_meta(cfg, pred, run, native, wall))
+    if cfg.out is not None:
+        write_result(Path(cfg.out), result)
+    return result
+
+
+def _route(items: Sequence[InputItem], split: Any) -> tuple[list[int], list[int]]:
+    """Positions of the items the engine runs in batches (decodable samples of a pixel-array split), and the rest."""
+    pixels = None if split is None else pixel_array(split)
+    bad = getattr(split, "bad", {})
+    batched: list[int] = []
+    rest: list[int] = []
+    for pos, it in enumerate(items):
+        fast = pixels is not None and it.error is None and it.index is not None and it.index not in bad
+        (batched if fast else rest).append(pos)
+    return batched, rest
+
+
+#: ONNX Runtime models run in fp32 on the CPU, NCHW.
+_ONNX_PRECISION = Precision(dtype=None, channels_last=False, device_type="cpu")
+
+
+class _Run:
+    """The rows of one :func:`predict` call, filled in by its batched and its per-image pass."""
+
+    def __init__(
+        self, cfg: PredictConfig, pred: Predictor, items: list[InputItem], device: torch.device, precision: Precision
+    ) -> None:
+        self.cfg, self.pred, self.items = cfg, pred, items
+        self.device, self.precision = device, precision
+        self.k = min(cfg.top_k, len(pred.class_ids))
+        self.names = pred.class_names or pred.class_ids
+        self.rows: list[dict[str, Any] | None] = [None] * len(items)
+        self.n_ok = 0
+
+    def _fill(self, positions: Sequence[int], log_probs: np.ndarray) -> None:
+        for i, p in zip(positions, np.exp(log_probs), strict=True):
+            row = {"path": self.items[i].path, **_label(self.items[i])}
+            self.rows[i] = {**row, "top_k": _top_k(p, self.k, self.pred.class_ids, self.names)}
+        self.n_ok += len(positions)
+
+    def _fail(self, i: int, err: str) -> None:
+        log.warning("%s: %s", self.items[i].path, err)
+        self.rows[i] = {"path": self.items[i].path, **_label(self.items[i]), "error": err}
+
+    def split_pass(self, split: Any, positions: Sequence[int]) -> None:
+        """The engine over the split's samples at ``positions``: each network once, then the combination."""
+        indices = np.array([self.items[i].index for i in positions], dtype=np.int64)
+        outs = [self._engine(e, split, indices) for e in self.pred.entries]
+        self._fill(positions, combine(self.pred, outs))
+
+    def _engine(self, e: ModelEntry, split: Any, indices: np.ndarray) -> np.ndarray:
+        """One network's outputs for ``split[indices]`` (what :func:`entry_outputs` gives per batch), from the
+        engine: logits, restricted to ``cols``, or TTA's log mean probabilities; ``evaluate``'s numbers."""
+        cols, forward = e.cols, None
+        if self.cfg.tta != "none":
+            forward = tta_forward(self.cfg.tta, cols)  # keeps the columns itself, before averaging the views
+            cols = None
+        native = e.torch_native
+        out = model_outputs(
+            e.model,
+            split,
+            e.transform,
+            mean=e.preprocessing.mean,
+            std=e.preprocessing.std,
+            indices=indices,
+            precision=self.precision if native else _ONNX_PRECISION,
+            device=self.device if native else torch.device("cpu"),
+            batch_size=self.cfg.batch_size,
+            workers=0,
+            progress=self.cfg.progress,
+            forward=forward,
+            desc="predict",
+            fold=False,  # _prepare folded it already
+            streams=native,
+        )
+        return out if cols is None else out[:, cols]
+
+    def image_pass(self, positions: Sequence[int], split: Any) -> None:
+        """Decode the inputs at ``positions`` one by one in DataLoader workers; failures become rows with a reason."""
+        cfg = self.cfg
+        workers = default_workers() if cfg.workers < 0 else cfg.workers
+        loader = DataLoader(
+            _InputImages([self.items[i] for i in positions], [e.transform for e in self.pred.entries], split),
+            batch_size=cfg.batch_size,
+            shuffle=False,
+            num_workers=min(workers, max(0, len(positions) // cfg.batch_size)),
+            collate_fn=_collate,
+        )
+        disable = None if cfg.progress is None else not cfg.progress
+        opts = {"tta": cfg.tta, "precision": self.precision, "device": self.device}
+        with inference_streams(self.device) as run:
+            for batch in tqdm(loader, desc="predict", unit="batch", disable=disable, leave=False):
+                ok = [(positions[j], views) for j, views, err in batch if err is None]
+                for j, _, err in batch:
+                    if err is not None:
+                        self._fail(positions[j], err)
+                if ok:
+                    outs = [
+                        _outputs(run, e, torch.stack([v[n] for _, v in ok]), **opts)
+                        for n, e in enumerate(self.pred.entries)
+                    ]
+                    self._fill([i for i, _ in ok], combine(self.pred, outs))
+
+
+def _meta(cfg: PredictConfig, pred: Predictor, run: _Run, native: bool, wall: float) -> dict[str, Any]:
+    """The result's description: what predicted what, how, how fast, and the top-1 on labeled inputs."""
+    n_ok, n = run.n_ok, len(run.items)
     meta: dict[str, Any] = {
         "source": str(cfg.source),
         "predictor": pred.kind,
@@ -567,23 +649,21 @@ def predict(cfg: PredictConfig, predictor: Predictor | None = None) -> PredictRe
         "class_ids": list(pred.class_ids),
         "tta": cfg.tta,
         "tta_views": tta_view_count(cfg.tta),
-        "top_k": k,
-        "n_inputs": len(items),
+        "top_k": run.k,
+        "n_inputs": n,
         "n_predicted": n_ok,
-        "n_failed": len(items) - n_ok,
+        "n_failed": n - n_ok,
         "data": None if cfg.data is None else {"spec": cfg.data, "split": cfg.split, "limit": cfg.limit},
-        "precision": precision.name if native else "fp32 (ONNX Runtime)",
-        "device": str(device) if native else "cpu",
+        "precision": run.precision.name if native else "fp32 (ONNX Runtime)",
+        "device": str(run.device) if native else "cpu",
         "wall_s": round(wall, 3),
         "images_per_s": round(n_ok / wall, 2) if wall > 0 else None,
     }
+    labeled = [r for r in run.rows if r is not None and "label" in r and "top_k" in r]
     if labeled:
         meta["labeled"] = len(labeled)
         meta["top1"] = sum(r["top_k"][0]["class_id"] == r["label"] for r in labeled) / len(labeled)
-    result = PredictResult(rows=done, meta=meta)
-    if cfg.out is not None:
-        write_result(Path(cfg.out), result)
-    return result
+    return meta
 
 
 def _label(item: InputItem) -> dict[str, str]:

@@ -9,7 +9,8 @@ streams on a CPU, and glibc heap reuse.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -93,41 +94,27 @@ def model_outputs(
     forward: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
     desc: str | None = None,
     worker_init_fn: Callable[[int], None] | None = None,
+    fold: bool = True,
+    streams: bool = True,
 ) -> np.ndarray:
     """Run ``model`` over ``split[indices]`` and return float32 outputs in that order.
 
-    The one inference loop: evaluation, zero-shot, feature extraction and the training loop's holdout pass
-    all come here. ``forward(model, x)`` replaces ``model(x)``, e.g. to return pre-logits features for the
-    feature cache; the output width is taken from the first batch. ``worker_init_fn`` runs in each DataLoader
-    worker of the per-image path (training passes one that leaves SIGTERM/SIGINT to the main process).
+    The one inference loop: evaluation, zero-shot, feature extraction, the training loop's holdout pass and
+    predict on a dataset split all come here. ``forward(model, x)`` replaces ``model(x)``, e.g. to return
+    pre-logits features for the feature cache or TTA's log mean probabilities; the output width is taken from
+    the first batch. ``worker_init_fn`` runs in each DataLoader worker of the per-image path (training passes
+    one that leaves SIGTERM/SIGINT to the main process). ``fold=False`` for a model that already is an
+    :func:`~transferlab.models.fold.inference_copy` (predict folds each network once for all its inputs);
+    ``streams=False`` runs each batch whole, in this thread (an ONNX Runtime session brings its own threads).
     """
     model = model.to(device)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # A copy with BatchNorm folded into the convolutions: the same function, ~30% faster on a CPU.
-    model = inference_copy(model, transform.size, device, channels_last=precision.channels_last)
+    if fold:
+        # A copy with BatchNorm folded into the convolutions: the same function, ~30% faster on a CPU.
+        model = inference_copy(model, transform.size, device, channels_last=precision.channels_last)
     pixels = pixel_array(split)
-    loader: Iterable[Any]
-    if pixels is not None:  # decoded cache: whole batches resized as tensors, no worker processes
-        loader = ArrayBatches(
-            pixels,
-            split.targets,
-            indices,
-            range(len(indices)),
-            batch_size,
-            lambda u8, _idx: u8,  # resized inside each inference stream (below), in parallel
-            device,
-        )
-    else:
-        loader = DataLoader(
-            _SplitDataset(split, transform, indices),
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
-            worker_init_fn=worker_init_fn if workers else None,
-        )
+    loader = _batches(split, transform, indices, pixels, batch_size, device, workers, worker_init_fn)
     out: np.ndarray | None = None
     pos = 0
     disable = None if progress is None else not progress
@@ -140,7 +127,7 @@ def model_outputs(
             with precision.autocast():
                 return (model(x) if forward is None else forward(model, x)).float()
 
-    with eval_mode(model), reuse_freed_memory(device), inference_streams(device) as run:
+    with eval_mode(model), reuse_freed_memory(device), _streams(device, streams) as run:
         for batch in tqdm(loader, desc=desc or f"eval {split.name}", unit="batch", disable=disable, leave=False):
             x = batch[0].to(device, non_blocking=True)
             if pixels is None:
@@ -153,3 +140,45 @@ def model_outputs(
     if out is None:
         return np.empty((0, 0), dtype=np.float32)  # no samples: the width is unknown
     return out
+
+
+@contextmanager
+def _streams(device: torch.device, two: bool) -> Iterator[Callable[[Callable[..., torch.Tensor], torch.Tensor], Any]]:
+    """:func:`~transferlab.runtime.inference_streams`, or with ``two=False`` a ``run(fn, x)`` that is ``fn(x)``."""
+    if not two:
+        yield lambda fn, x: fn(x)
+        return
+    with inference_streams(device) as run:
+        yield run
+
+
+def _batches(
+    split: ImageSplit,
+    transform: EvalTransform,
+    indices: np.ndarray,
+    pixels: np.ndarray | None,
+    batch_size: int,
+    device: torch.device,
+    workers: int,
+    worker_init_fn: Callable[[int], None] | None,
+) -> Iterable[Any]:
+    """Batches whose first element is the uint8 images of ``split[indices]``, in that order."""
+    if pixels is not None:  # decoded cache: whole batches resized as tensors, no worker processes
+        return ArrayBatches(
+            pixels,
+            split.targets,
+            indices,
+            range(len(indices)),
+            batch_size,
+            lambda u8, _idx: u8,  # resized inside each inference stream (model_outputs), in parallel
+            device,
+        )
+    return DataLoader(
+        _SplitDataset(split, transform, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        worker_init_fn=worker_init_fn if workers else None,
+    )
