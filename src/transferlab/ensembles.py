@@ -713,7 +713,7 @@ def _nan_to_none(x: Any) -> Any:
     return x
 
 
-def run_ensemble(  # noqa: C901, PLR0915
+def run_ensemble(
     cfg: EnsembleConfig,
     *,
     select_mask: np.ndarray | None = None,
@@ -738,120 +738,18 @@ def run_ensemble(  # noqa: C901, PLR0915
     if cfg.select_data is not None:
         if select_mask is not None:
             raise ConfigError("a select mask and --select-data are two different protocols; give one")
-        sel_members = _select_members(cfg)
-        if not np.array_equal(sel_members[0].class_ids, ref.class_ids):
-            raise DataError(
-                f"--select-data {sel_members[0].spec} has a different class list from member {ref.spec}; the "
-                "selection predictions must come from the same models over the same classes"
-            )
-        shared = np.intersect1d(sel_members[0].sample_ids, ref.sample_ids)
-        if len(shared):
-            raise DataError(
-                f"--select-data {sel_members[0].spec} shares {len(shared)} samples with the evaluated data "
-                f"(e.g. {shared[0]!r}); fitting on them would make the reported numbers optimistic. Use predictions "
-                "on another split (or leave --select-data out to split the data in two)"
-            )
-        fit_logits = np.stack([m.logits.astype(np.float64) for m in sel_members])
-        fit_targets = sel_members[0].targets
-        report = np.ones(len(targets), dtype=bool)
-        protocol: dict[str, Any] = {
-            "mode": "select-data",
-            "select": f"the members' predictions in --select-data ({len(fit_targets)} samples)",
-            "report": f"all {len(targets)} samples of {cfg.split}",
-            "select_files": [str(m.path.resolve()) for m in sel_members],
-            "n_select": len(fit_targets),
-            "n_report": len(targets),
-            "select_sample_ids_sha256": _ids_sha256(sel_members[0].sample_ids),
-        }
+        fit_logits, fit_targets, report, protocol = _select_data_protocol(cfg, ref)
     else:
-        if select_mask is None:
-            mask = stratified_select_mask(targets, cfg.select_fraction, cfg.seed)
-        else:
-            mask = np.asarray(select_mask, dtype=bool)
-            if mask.shape != targets.shape:
-                raise ConfigError(f"select mask has shape {mask.shape}, expected {targets.shape}")
-        report = ~mask
-        if not mask.any() or not report.any():
-            raise DataError(
-                f"{cfg.split} has {len(targets)} samples: too few to split into select and report parts; "
-                "use --select-data with predictions on another split"
-            )
-        fit_logits, fit_targets = logits[:, mask], targets[mask]
-        protocol = {
-            "mode": "split",
-            "select": f"{int(mask.sum())} samples of {cfg.split}, class-stratified, seed {cfg.seed}",
-            "report": f"the other {int(report.sum())} samples of {cfg.split}",
-            "split": cfg.split,
-            "seed": cfg.seed,
-            "select_fraction": cfg.select_fraction,
-            "stratified_by": "class",
-            "custom_mask": select_mask is not None,
-            "n_select": int(mask.sum()),
-            "n_report": int(report.sum()),
-            "select_sample_ids_sha256": _ids_sha256(ref.sample_ids[mask]),
-            "select_sample_ids": ref.sample_ids[mask].tolist(),
-        }
+        fit_logits, fit_targets, report, protocol = _split_protocol(cfg, ref, logits, select_mask)
 
     # --- fit: select rows only -------------------------------------------------------------------
-    fitted = fit_ensemble(
-        fit_logits,
-        fit_targets,
-        cfg.method,
-        temperature=cfg.temperature,
-        greedy_metric=cfg.greedy_metric,
-        rounds=cfg.rounds,
-        l2=cfg.stack_l2,
-    )
-    sel_lp = fitted.member_log_probs(fit_logits)
-    sel_scores = [
-        {"top1": float(topk_correct(sel_lp[i], fit_targets, 1).mean()), "nll": nll(sel_lp[i], fit_targets)}
-        for i in range(len(members))
-    ]
-    # The member to beat is chosen where the ensemble was fitted: picking it on report would compare the
-    # ensemble with a member that had the advantage of being selected on the numbers being reported.
-    best = min(range(len(members)), key=lambda i: (-sel_scores[i]["top1"], sel_scores[i]["nll"], i))
+    fitted, sel_scores, best = _fit_on_select(cfg, fit_logits, fit_targets)
 
     # --- measure: report rows only ---------------------------------------------------------------
     rep_t = targets[report]
     rep_member_lp = fitted.member_log_probs(logits[:, report])
     ens_lp = fitted.log_probs(logits[:, report])
     c = len(ref.class_ids)
-    ens = summarize(ens_lp, rep_t, n_boot=cfg.n_boot, seed=cfg.seed)
-    ens["split"] = "report"
-    cm = confusion_matrix(ens_lp, rep_t, c)
-    ens["most_confused"] = most_confused(cm, k=10, class_ids=ref.class_ids.tolist(), class_names=names_of)
-    acc = per_class_accuracy(ens_lp, rep_t, c)
-    counts = np.bincount(rep_t, minlength=c)
-    ens["per_class"] = [
-        {
-            "index": i,
-            "id": ref.class_ids[i],
-            **({"name": names_of[i]} if names_of else {}),
-            "n": int(counts[i]),
-            "top1": float(acc[i]),
-        }
-        for i in range(c)
-    ]
-    member_rows = []
-    for i, m in enumerate(members):
-        row: dict[str, Any] = {"name": m.name, "path": str(m.path.resolve()), "split": "report"}
-        row.update(summarize(rep_member_lp[i], rep_t, n_boot=cfg.n_boot, seed=cfg.seed))
-        if fitted.temperatures is not None:
-            raw = log_softmax(logits[i, report])
-            row["temperature"] = float(fitted.temperatures[i])
-            row["nll_uncalibrated"] = nll(raw, rep_t)
-            row["ece_uncalibrated"] = expected_calibration_error(np.exp(raw), rep_t, ECE_BINS)
-        row["select"] = {"split": "select", **sel_scores[i]}
-        member_rows.append(row)
-
-    ens_correct = topk_correct(ens_lp, rep_t, 1)
-    best_correct = topk_correct(rep_member_lp[best], rep_t, 1)
-    pb = paired_bootstrap(ens_correct, best_correct, n_boot=cfg.n_boot, seed=cfg.seed)
-    preds = np.argmax(rep_member_lp, axis=2)
-    correct = preds == rep_t[None, :]
-    dis = pairwise_disagreement(preds)
-    corr = error_correlation(correct)
-
     metrics: dict[str, Any] = {
         "method": cfg.method,
         "temperature": cfg.temperature,
@@ -860,8 +758,8 @@ def run_ensemble(  # noqa: C901, PLR0915
         "fitted_on": "select: temperatures, weights, selection, stacking and the best member were chosen there",
         "protocol": {k: v for k, v in protocol.items() if k != "select_sample_ids"},
         "num_classes": c,
-        "ensemble": ens,
-        "members": member_rows,
+        "ensemble": _report_summary(cfg, ens_lp, rep_t, ref.class_ids, names_of),
+        "members": _member_rows(cfg, members, fitted, logits[:, report], rep_member_lp, rep_t, sel_scores),
         "best_member": {
             "index": best,
             "name": names[best],
@@ -869,24 +767,7 @@ def run_ensemble(  # noqa: C901, PLR0915
             "criterion": "top1, then nll",
             **sel_scores[best],
         },
-        "vs_best_member": {
-            "split": "report",
-            "metric": "top1",
-            "test": "paired bootstrap over the same resampled report samples",
-            "gain": pb["gain"],
-            "gain_ci": pb["ci"],
-            "p_gain_positive": pb["p_gain_positive"],
-            "n_boot": pb["n_boot"],
-            "seed": cfg.seed,
-        },
-        "diversity": {
-            "split": "report",
-            "members": names,
-            "disagreement": dis.tolist(),
-            "error_correlation": corr.tolist(),
-            "mean_disagreement": _offdiag_mean(dis),
-            "mean_error_correlation": _offdiag_mean(corr),
-        },
+        **_vs_best_and_diversity(cfg, ens_lp, rep_member_lp, rep_t, best, names),
     }
     if fitted.weights is not None:
         metrics["weights"] = fitted.weights.tolist()
@@ -908,3 +789,186 @@ def run_ensemble(  # noqa: C901, PLR0915
     atomic_write_json(out / "metrics.json", metrics)
     log.debug("wrote %s", out)
     return metrics
+
+
+def _select_data_protocol(
+    cfg: EnsembleConfig, ref: Member
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """``--select-data``: fit on the members' predictions of another split, report on all of ``cfg.split``.
+
+    Returns (fit logits (M, n, C), fit targets, report mask over ``cfg.split``, protocol record).
+    """
+    targets = ref.targets
+    sel_members = _select_members(cfg)
+    if not np.array_equal(sel_members[0].class_ids, ref.class_ids):
+        raise DataError(
+            f"--select-data {sel_members[0].spec} has a different class list from member {ref.spec}; the "
+            "selection predictions must come from the same models over the same classes"
+        )
+    shared = np.intersect1d(sel_members[0].sample_ids, ref.sample_ids)
+    if len(shared):
+        raise DataError(
+            f"--select-data {sel_members[0].spec} shares {len(shared)} samples with the evaluated data "
+            f"(e.g. {shared[0]!r}); fitting on them would make the reported numbers optimistic. Use predictions "
+            "on another split (or leave --select-data out to split the data in two)"
+        )
+    fit_logits = np.stack([m.logits.astype(np.float64) for m in sel_members])
+    fit_targets = sel_members[0].targets
+    report = np.ones(len(targets), dtype=bool)
+    protocol: dict[str, Any] = {
+        "mode": "select-data",
+        "select": f"the members' predictions in --select-data ({len(fit_targets)} samples)",
+        "report": f"all {len(targets)} samples of {cfg.split}",
+        "select_files": [str(m.path.resolve()) for m in sel_members],
+        "n_select": len(fit_targets),
+        "n_report": len(targets),
+        "select_sample_ids_sha256": _ids_sha256(sel_members[0].sample_ids),
+    }
+    return fit_logits, fit_targets, report, protocol
+
+
+def _split_protocol(
+    cfg: EnsembleConfig, ref: Member, logits: np.ndarray, select_mask: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """``cfg.split`` in two: a class-stratified seeded select part (or ``select_mask``) to fit on, the rest to report.
+
+    Returns (fit logits (M, n, C), fit targets, report mask, protocol record).
+    """
+    targets = ref.targets
+    if select_mask is None:
+        mask = stratified_select_mask(targets, cfg.select_fraction, cfg.seed)
+    else:
+        mask = np.asarray(select_mask, dtype=bool)
+        if mask.shape != targets.shape:
+            raise ConfigError(f"select mask has shape {mask.shape}, expected {targets.shape}")
+    report = ~mask
+    if not mask.any() or not report.any():
+        raise DataError(
+            f"{cfg.split} has {len(targets)} samples: too few to split into select and report parts; "
+            "use --select-data with predictions on another split"
+        )
+    protocol = {
+        "mode": "split",
+        "select": f"{int(mask.sum())} samples of {cfg.split}, class-stratified, seed {cfg.seed}",
+        "report": f"the other {int(report.sum())} samples of {cfg.split}",
+        "split": cfg.split,
+        "seed": cfg.seed,
+        "select_fraction": cfg.select_fraction,
+        "stratified_by": "class",
+        "custom_mask": select_mask is not None,
+        "n_select": int(mask.sum()),
+        "n_report": int(report.sum()),
+        "select_sample_ids_sha256": _ids_sha256(ref.sample_ids[mask]),
+        "select_sample_ids": ref.sample_ids[mask].tolist(),
+    }
+    return logits[:, mask], targets[mask], report, protocol
+
+
+def _fit_on_select(
+    cfg: EnsembleConfig, fit_logits: np.ndarray, fit_targets: np.ndarray
+) -> tuple[FittedEnsemble, list[dict[str, float]], int]:
+    """The fitted ensemble, each member's select-part top-1 and NLL, and the best member (chosen there)."""
+    fitted = fit_ensemble(
+        fit_logits,
+        fit_targets,
+        cfg.method,
+        temperature=cfg.temperature,
+        greedy_metric=cfg.greedy_metric,
+        rounds=cfg.rounds,
+        l2=cfg.stack_l2,
+    )
+    sel_lp = fitted.member_log_probs(fit_logits)
+    sel_scores = [
+        {"top1": float(topk_correct(sel_lp[i], fit_targets, 1).mean()), "nll": nll(sel_lp[i], fit_targets)}
+        for i in range(len(fit_logits))
+    ]
+    # The member to beat is chosen where the ensemble was fitted: picking it on report would compare the
+    # ensemble with a member that had the advantage of being selected on the numbers being reported.
+    best = min(range(len(fit_logits)), key=lambda i: (-sel_scores[i]["top1"], sel_scores[i]["nll"], i))
+    return fitted, sel_scores, best
+
+
+def _report_summary(
+    cfg: EnsembleConfig, ens_lp: np.ndarray, rep_t: np.ndarray, class_ids: np.ndarray, names_of: Any
+) -> dict[str, Any]:
+    """The ensemble's numbers on the report rows: the summary, the most confused pairs and per-class top-1."""
+    c = len(class_ids)
+    ens = summarize(ens_lp, rep_t, n_boot=cfg.n_boot, seed=cfg.seed)
+    ens["split"] = "report"
+    cm = confusion_matrix(ens_lp, rep_t, c)
+    ens["most_confused"] = most_confused(cm, k=10, class_ids=class_ids.tolist(), class_names=names_of)
+    acc = per_class_accuracy(ens_lp, rep_t, c)
+    counts = np.bincount(rep_t, minlength=c)
+    ens["per_class"] = [
+        {
+            "index": i,
+            "id": class_ids[i],
+            **({"name": names_of[i]} if names_of else {}),
+            "n": int(counts[i]),
+            "top1": float(acc[i]),
+        }
+        for i in range(c)
+    ]
+    return ens
+
+
+def _member_rows(
+    cfg: EnsembleConfig,
+    members: Sequence[Member],
+    fitted: FittedEnsemble,
+    rep_logits: np.ndarray,
+    rep_member_lp: np.ndarray,
+    rep_t: np.ndarray,
+    sel_scores: list[dict[str, float]],
+) -> list[dict[str, Any]]:
+    """Each member's numbers on the report rows (and, with temperatures, before calibration) and on select."""
+    member_rows = []
+    for i, m in enumerate(members):
+        row: dict[str, Any] = {"name": m.name, "path": str(m.path.resolve()), "split": "report"}
+        row.update(summarize(rep_member_lp[i], rep_t, n_boot=cfg.n_boot, seed=cfg.seed))
+        if fitted.temperatures is not None:
+            raw = log_softmax(rep_logits[i])
+            row["temperature"] = float(fitted.temperatures[i])
+            row["nll_uncalibrated"] = nll(raw, rep_t)
+            row["ece_uncalibrated"] = expected_calibration_error(np.exp(raw), rep_t, ECE_BINS)
+        row["select"] = {"split": "select", **sel_scores[i]}
+        member_rows.append(row)
+    return member_rows
+
+
+def _vs_best_and_diversity(
+    cfg: EnsembleConfig,
+    ens_lp: np.ndarray,
+    rep_member_lp: np.ndarray,
+    rep_t: np.ndarray,
+    best: int,
+    names: list[str],
+) -> dict[str, Any]:
+    """``vs_best_member`` (a paired bootstrap of the top-1 gain) and ``diversity``, on the report rows."""
+    ens_correct = topk_correct(ens_lp, rep_t, 1)
+    best_correct = topk_correct(rep_member_lp[best], rep_t, 1)
+    pb = paired_bootstrap(ens_correct, best_correct, n_boot=cfg.n_boot, seed=cfg.seed)
+    preds = np.argmax(rep_member_lp, axis=2)
+    correct = preds == rep_t[None, :]
+    dis = pairwise_disagreement(preds)
+    corr = error_correlation(correct)
+    return {
+        "vs_best_member": {
+            "split": "report",
+            "metric": "top1",
+            "test": "paired bootstrap over the same resampled report samples",
+            "gain": pb["gain"],
+            "gain_ci": pb["ci"],
+            "p_gain_positive": pb["p_gain_positive"],
+            "n_boot": pb["n_boot"],
+            "seed": cfg.seed,
+        },
+        "diversity": {
+            "split": "report",
+            "members": names,
+            "disagreement": dis.tolist(),
+            "error_correlation": corr.tolist(),
+            "mean_disagreement": _offdiag_mean(dis),
+            "mean_error_correlation": _offdiag_mean(corr),
+        },
+    }

@@ -18,12 +18,12 @@ import torch
 
 from transferlab.artifacts.predictions import predictions_path, write_predictions
 from transferlab.artifacts.summary import summarize
-from transferlab.data import open_dataset
+from transferlab.data import ImageSplit, open_dataset
 from transferlab.data.base import data_fingerprint, subset_indices
 from transferlab.data.decoded import DECODED_MODES, decode_split
 from transferlab.data.resolve import cache_dir as user_cache_dir
 from transferlab.data.screen import refuse_too_few_classes
-from transferlab.data.transforms import CROP_MODES, INTERPOLATIONS
+from transferlab.data.transforms import CROP_MODES, INTERPOLATIONS, EvalTransform
 from transferlab.errors import ConfigError, DataError
 from transferlab.inference.engine import default_workers, make_eval_transform, pipeline_name, predict_logits
 from transferlab.inference.features import cached_features
@@ -101,69 +101,24 @@ class EvalConfig:
             raise ConfigError("--tta runs the model on several views of each image; leave out --cache-dir")
 
 
-def evaluate(cfg: EvalConfig) -> dict[str, Any]:  # noqa: C901, PLR0915
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate ``cfg.model`` on ``cfg.data``/``cfg.split`` and write results under ``cfg.out``.
 
     Writes ``metrics.json``, ``predictions/<split>.npz`` (logits, targets, sample_ids, class_ids) and
     ``per_class.csv``, each atomically. Returns the metrics dict.
     """
     torch.manual_seed(cfg.seed)
-    source = open_dataset(cfg.data)
-    # Every mode scores an argmax over the dataset's classes (zero-shot keeps only their ImageNet columns, a
-    # run's head has exactly them): over one class it is always right, so the top-1 100% would mean nothing.
-    refuse_too_few_classes(source, None, "transferlab evaluate")
-    split = source.split(cfg.split)
-    if not split.labeled:
-        raise DataError(
-            f"split {cfg.split!r} of {source.location} has no labels, so it cannot be evaluated; "
-            "use `transferlab predict` for unlabeled images"
-        )
-    if cfg.run is not None:
-        run = load_run(cfg.run)
-        if run.class_ids != source.classes.ids:
-            raise ConfigError(
-                f"{cfg.run} was trained on {len(run.class_ids)} classes that differ from the {len(source.classes)} "
-                f"classes of {source.location}; evaluate it on data with the same class list"
-            )
-        backbone = Backbone(run.model, run.config.model, f"run {cfg.run}", run.preprocessing, run.class_ids)
-    else:
-        assert cfg.model is not None
-        backbone = create_backbone(cfg.model, cfg.weights)
+    source, split = _labeled_split(cfg)
+    backbone, trained = _backbone(cfg, source)
     warnings: list[str] = []
-    if cfg.zero_shot:
-        if not backbone.has_imagenet_head:
-            raise ConfigError(
-                f"--zero-shot needs a model with an ImageNet-1k head, but {backbone.name} with weights "
-                f"'{backbone.weights}' has {backbone.num_classes} outputs"
-            )
-        cols = imagenet_indices(source.classes.ids)
-    else:
-        if backbone.class_ids is not None and tuple(backbone.class_ids) != source.classes.ids:
-            hint = " (add --zero-shot to use the ImageNet head)" if source.imagenet_classes else ""
-            raise ConfigError(
-                f"the model's head predicts {backbone.num_classes} classes that are not the dataset's "
-                f"{len(source.classes)} classes{hint}"
-            )
-        if backbone.num_classes != len(source.classes):
-            raise ConfigError(
-                f"the model has {backbone.num_classes} outputs but {source.location} has "
-                f"{len(source.classes)} classes; pass weights trained on this dataset, or --zero-shot"
-            )
-        cols = None
+    cols = _scored_columns(cfg, backbone, source)
     if source.imagenet_classes and backbone.has_imagenet_head:
         warnings.append(IMAGENET_OVERLAP_WARNING)
         log.warning(IMAGENET_OVERLAP_WARNING)
 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, cfg.channels_last, device)
-    pre = backbone.preprocessing
-    # A trained run is fed the way it was trained (its img_size, crop, interpolation) unless told otherwise:
-    # a head fitted at 64px sees something else at the weights' 224px.
-    trained = run.config if cfg.run is not None else None
-    size = cfg.img_size or (trained.img_size if trained is not None else None) or pre.input_size
-    crop = trained.crop if trained is not None and cfg.crop == "auto" else cfg.crop
-    interpolation = trained.interpolation if trained is not None and cfg.interpolation == "auto" else cfg.interpolation
-    transform = make_eval_transform(pre, size, crop, interpolation)
+    size, transform = _transform(cfg, backbone.preprocessing, trained)
     workers = default_workers() if cfg.workers < 0 else cfg.workers
     indices = subset_indices(len(split), cfg.limit, cfg.seed)
     if cfg.decoded_cache == "auto":
@@ -178,13 +133,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:  # noqa: C901, PLR0915
         transform,
         precision.describe(),
     )
-
-    forward = None
-    if cfg.tta != "none":
-        forward = tta_forward(cfg.tta, cols)  # keeps the dataset's columns itself, before averaging
-        cols = None
-    t0 = time.perf_counter()
-    cache_info = None
     # What the images go through is the same on both paths; only where the features come from differs.
     common: dict[str, Any] = dict(
         indices=indices,
@@ -194,18 +142,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:  # noqa: C901, PLR0915
         workers=workers,
         progress=cfg.progress,
     )
-    if cfg.cache_dir is not None and cfg.run is None:
-        feats, path, hit = cached_features(
-            backbone, split, transform, cache_dir=Path(cfg.cache_dir) / "features", **common
-        )
-        classifier = backbone.model.get_classifier()  # type: ignore[operator]
-        with torch.inference_mode():
-            logits_all = classifier.float()(torch.from_numpy(feats).float()).numpy()
-        cache_info = {"file": str(path), "hit": hit}
-    else:
-        logits_all = predict_logits(backbone, split, transform, forward=forward, **common)
+    t0 = time.perf_counter()
+    logits, cache_info = _logits(cfg, backbone, split, transform, cols, common)
     wall = time.perf_counter() - t0
-    logits = logits_all[:, cols] if cols is not None else logits_all
     targets = split.targets[indices]
 
     metrics: dict[str, Any] = {
@@ -224,7 +163,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:  # noqa: C901, PLR0915
         "img_size": size,
         "transform": repr(transform),
         "tta": cfg.tta,
-        "preprocessing": pre.to_dict(),
+        "preprocessing": backbone.preprocessing.to_dict(),
         "precision": precision.name,
         "channels_last": precision.channels_last,
         "device": str(device),
@@ -238,6 +177,97 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:  # noqa: C901, PLR0915
     }
     write_outputs(cfg.out, metrics, logits, targets, [split.sample_ids[i] for i in indices], source.classes, cfg.split)
     return metrics
+
+
+def _labeled_split(cfg: EvalConfig) -> tuple[Any, ImageSplit]:
+    """The dataset and its split to score; refused with a sentence when it cannot be scored."""
+    source = open_dataset(cfg.data)
+    # Every mode scores an argmax over the dataset's classes (zero-shot keeps only their ImageNet columns, a
+    # run's head has exactly them): over one class it is always right, so the top-1 100% would mean nothing.
+    refuse_too_few_classes(source, None, "transferlab evaluate")
+    split = source.split(cfg.split)
+    if not split.labeled:
+        raise DataError(
+            f"split {cfg.split!r} of {source.location} has no labels, so it cannot be evaluated; "
+            "use `transferlab predict` for unlabeled images"
+        )
+    return source, split
+
+
+def _backbone(cfg: EvalConfig, source: Any) -> tuple[Backbone, Any]:
+    """The network to evaluate, and the config of the run it was trained in (None for a pretrained model)."""
+    if cfg.run is None:
+        assert cfg.model is not None
+        return create_backbone(cfg.model, cfg.weights), None
+    run = load_run(cfg.run)
+    if run.class_ids != source.classes.ids:
+        raise ConfigError(
+            f"{cfg.run} was trained on {len(run.class_ids)} classes that differ from the {len(source.classes)} "
+            f"classes of {source.location}; evaluate it on data with the same class list"
+        )
+    return Backbone(run.model, run.config.model, f"run {cfg.run}", run.preprocessing, run.class_ids), run.config
+
+
+def _scored_columns(cfg: EvalConfig, backbone: Backbone, source: Any) -> np.ndarray | None:
+    """The output columns scored: the dataset's ImageNet columns for zero-shot, else all (None), after checks."""
+    if cfg.zero_shot:
+        if not backbone.has_imagenet_head:
+            raise ConfigError(
+                f"--zero-shot needs a model with an ImageNet-1k head, but {backbone.name} with weights "
+                f"'{backbone.weights}' has {backbone.num_classes} outputs"
+            )
+        return imagenet_indices(source.classes.ids)
+    if backbone.class_ids is not None and tuple(backbone.class_ids) != source.classes.ids:
+        hint = " (add --zero-shot to use the ImageNet head)" if source.imagenet_classes else ""
+        raise ConfigError(
+            f"the model's head predicts {backbone.num_classes} classes that are not the dataset's "
+            f"{len(source.classes)} classes{hint}"
+        )
+    if backbone.num_classes != len(source.classes):
+        raise ConfigError(
+            f"the model has {backbone.num_classes} outputs but {source.location} has "
+            f"{len(source.classes)} classes; pass weights trained on this dataset, or --zero-shot"
+        )
+    return None
+
+
+def _transform(cfg: EvalConfig, pre: Any, trained: Any) -> tuple[int, EvalTransform]:
+    """The input size and eval transform.
+
+    A trained run is fed the way it was trained (its img_size, crop, interpolation) unless told otherwise:
+    a head fitted at 64px sees something else at the weights' 224px.
+    """
+    size = cfg.img_size or (trained.img_size if trained is not None else None) or pre.input_size
+    crop = trained.crop if trained is not None and cfg.crop == "auto" else cfg.crop
+    interpolation = trained.interpolation if trained is not None and cfg.interpolation == "auto" else cfg.interpolation
+    return size, make_eval_transform(pre, size, crop, interpolation)
+
+
+def _logits(
+    cfg: EvalConfig,
+    backbone: Backbone,
+    split: ImageSplit,
+    transform: EvalTransform,
+    cols: np.ndarray | None,
+    common: dict[str, Any],
+) -> tuple[np.ndarray, dict[str, Any] | None]:
+    """The scored outputs (the model's, or from the feature cache), and the feature cache's record when used."""
+    forward = None
+    if cfg.tta != "none":
+        forward = tta_forward(cfg.tta, cols)  # keeps the dataset's columns itself, before averaging
+        cols = None
+    cache_info = None
+    if cfg.cache_dir is not None and cfg.run is None:
+        feats, path, hit = cached_features(
+            backbone, split, transform, cache_dir=Path(cfg.cache_dir) / "features", **common
+        )
+        classifier = backbone.model.get_classifier()  # type: ignore[operator]
+        with torch.inference_mode():
+            logits_all = classifier.float()(torch.from_numpy(feats).float()).numpy()
+        cache_info = {"file": str(path), "hit": hit}
+    else:
+        logits_all = predict_logits(backbone, split, transform, forward=forward, **common)
+    return (logits_all[:, cols] if cols is not None else logits_all), cache_info
 
 
 def _config_dict(cfg: EvalConfig) -> dict[str, Any]:

@@ -168,7 +168,7 @@ def _check_md5(name: str, origin: str, raw: bytes) -> None:
         )
 
 
-def _parse_batch(name: str, origin: str, raw: bytes, verify: str) -> _Batch:  # noqa: C901
+def _parse_batch(name: str, origin: str, raw: bytes, verify: str) -> _Batch:
     """Unpickle and validate one data/test batch; md5-check it as ``verify`` demands."""
     if verify == "strict":
         _check_md5(name, origin, raw)  # before unpickling: nothing unverified is parsed
@@ -177,7 +177,13 @@ def _parse_batch(name: str, origin: str, raw: bytes, verify: str) -> _Batch:  # 
         raise DataError(f"{origin} holds a {type(obj).__name__}, expected a dict (a CIFAR-10 batch)")
     data = _get(obj, "data", origin)
     labels_obj = _get(obj, "labels", origin)
+    _check_data(name, origin, raw, verify, data)
+    labels = _check_labels(origin, labels_obj, len(data))
+    return _Batch(name, origin, data, labels.astype(np.int64))
 
+
+def _check_data(name: str, origin: str, raw: bytes, verify: str, data: Any) -> None:
+    """The batch's pixel rows: a (N, 3072) uint8 array; an official-size batch is md5-checked with ``auto``."""
     if not isinstance(data, np.ndarray):
         raise DataError(f"{origin}: data is a {type(data).__name__}, expected a uint8 array")
     if verify == "auto":
@@ -190,15 +196,18 @@ def _parse_batch(name: str, origin: str, raw: bytes, verify: str) -> _Batch:  # 
     if data.dtype != np.uint8:
         raise DataError(f"{origin}: data has dtype {data.dtype}, expected uint8")
 
+
+def _check_labels(origin: str, labels_obj: Any, n_rows: int) -> np.ndarray:
+    """The batch's labels as a flat integer array, one per data row."""
     try:
         labels = np.asarray(labels_obj)
     except Exception as err:
         raise DataError(f"{origin}: labels cannot be read as integers ({err})") from err
     if labels.ndim != 1 or (len(labels) and labels.dtype.kind not in "iu"):
         raise DataError(f"{origin}: labels must be a flat list of integers, got {labels.dtype} {tuple(labels.shape)}")
-    if len(labels) != len(data):
-        raise DataError(f"{origin}: {len(labels)} labels for {len(data)} data rows")
-    return _Batch(name, origin, data, labels.astype(np.int64))
+    if len(labels) != n_rows:
+        raise DataError(f"{origin}: {len(labels)} labels for {n_rows} data rows")
+    return labels
 
 
 def _parse_meta(origin: str, raw: bytes, verify: str) -> tuple[str, ...]:

@@ -181,66 +181,97 @@ def decode_split(split: ImageSplit, cache_root: Path, *, progress: bool | None =
     return _build(split, folder, fingerprint, progress=progress)
 
 
-def _build(split: ImageSplit, folder: Path, fingerprint: str, *, progress: bool | None) -> ImageSplit:  # noqa: C901, PLR0915
+class _RowWriter:
+    """Appends raw rows to ``images.u8`` and keeps the CRC-32 of every block of :data:`BLOCK` rows."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.crcs: list[int] = []
+        self.crc = 0
+        self.rows = 0
+
+    def emit(self, row: bytes) -> None:
+        self.f.write(row)
+        self.crc = zlib.crc32(row, self.crc)
+        self.rows += 1
+        if self.rows % BLOCK == 0:
+            self.crcs.append(self.crc)
+            self.crc = 0
+
+    def finish(self) -> list[int]:
+        """The block CRCs, the last (partial) block's included."""
+        if self.rows % BLOCK:
+            self.crcs.append(self.crc)
+        return self.crcs
+
+
+def _decoded(split: ImageSplit, i: int, bad: dict[int, str]) -> np.ndarray | None:
+    """Sample ``i``'s pixels, or None with the reason recorded in ``bad``."""
+    try:
+        return np.asarray(split.load(i), dtype=np.uint8)
+    except BadImageError as e:
+        bad[i] = e.reason
+    except Exception as e:  # unreadable member, I/O error: the same words as `--bad-images`
+        bad[i] = f"cannot read: {type(e).__name__}: {e}"
+    return None
+
+
+def _write_rows(
+    split: ImageSplit, out: _RowWriter, bad: dict[int, str], progress: bool | None
+) -> tuple[tuple[int, int] | None, dict[str, Any] | None]:
+    """Decode every sample into ``out`` (bad ones as zero rows); returns (height, width) and, when two
+    samples differ in size, where (then writing stops)."""
+    shape: tuple[int, int] | None = None
+    disable = None if progress is None else not progress
+    for i in tqdm(range(len(split)), desc=f"decode {split.name}", unit="img", disable=disable, leave=False):
+        arr = _decoded(split, i, bad)
+        if arr is not None and shape is None:
+            shape = (arr.shape[0], arr.shape[1])
+            for _ in range(i):  # the bad rows before the first good one, now that the size is known
+                out.emit(bytes(shape[0] * shape[1] * 3))
+        if shape is None:
+            continue
+        if arr is None:
+            arr = np.zeros((*shape, 3), dtype=np.uint8)
+        elif arr.shape[:2] != shape:
+            return shape, {"first": list(shape), "other": list(arr.shape[:2]), "at": split.origin(i)}
+        out.emit(np.ascontiguousarray(arr).tobytes())
+    return shape, None
+
+
+def _write_entry(
+    split: ImageSplit, tmp: Path, fingerprint: str, progress: bool | None
+) -> tuple[tuple[int, int] | None, dict[str, Any] | None, dict[int, str]]:
+    """Build the entry in the private folder ``tmp``: images.u8 and meta.json; returns (shape, mixed, bad)."""
+    bad: dict[int, str] = {}
+    with open(tmp / "images.u8", "wb") as f:
+        out = _RowWriter(f)
+        shape, mixed = _write_rows(split, out, bad, progress)
+        crcs = out.finish()
+        f.flush()
+        os.fsync(f.fileno())
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "split": split.name,
+        "fingerprint": fingerprint,
+        "n": len(split),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if mixed is not None or shape is None:
+        (tmp / "images.u8").unlink()
+        meta["mixed_sizes"] = mixed or {"reason": "no decodable image"}
+    else:
+        meta.update(height=shape[0], width=shape[1], crc32=crcs, bad={str(k): v for k, v in bad.items()})
+    atomic_write_json(tmp / "meta.json", meta)
+    return shape, mixed, bad
+
+
+def _build(split: ImageSplit, folder: Path, fingerprint: str, *, progress: bool | None) -> ImageSplit:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     t0 = time.perf_counter()
-    n = len(split)
-    shape: tuple[int, int] | None = None
-    bad: dict[int, str] = {}
-    crcs: list[int] = []
-    state = {"crc": 0, "rows": 0}
-    mixed: dict[str, Any] | None = None
-    disable = None if progress is None else not progress
     try:
-        with open(tmp / "images.u8", "wb") as f:
-
-            def emit(row: bytes) -> None:
-                f.write(row)
-                state["crc"] = zlib.crc32(row, state["crc"])
-                state["rows"] += 1
-                if state["rows"] % BLOCK == 0:
-                    crcs.append(state["crc"])
-                    state["crc"] = 0
-
-            for i in tqdm(range(n), desc=f"decode {split.name}", unit="img", disable=disable, leave=False):
-                try:
-                    arr: np.ndarray | None = np.asarray(split.load(i), dtype=np.uint8)
-                except BadImageError as e:
-                    bad[i] = e.reason
-                    arr = None
-                except Exception as e:  # unreadable member, I/O error: the same words as `--bad-images`
-                    bad[i] = f"cannot read: {type(e).__name__}: {e}"
-                    arr = None
-                if arr is not None and shape is None:
-                    shape = (arr.shape[0], arr.shape[1])
-                    for _ in range(i):  # the bad rows before the first good one, now that the size is known
-                        emit(bytes(shape[0] * shape[1] * 3))
-                if shape is None:
-                    continue
-                if arr is None:
-                    arr = np.zeros((*shape, 3), dtype=np.uint8)
-                elif arr.shape[:2] != shape:
-                    mixed = {"first": list(shape), "other": list(arr.shape[:2]), "at": split.origin(i)}
-                    break
-                emit(np.ascontiguousarray(arr).tobytes())
-            if state["rows"] % BLOCK:
-                crcs.append(state["crc"])
-            f.flush()
-            os.fsync(f.fileno())
-        meta: dict[str, Any] = {
-            "format": FORMAT,
-            "split": split.name,
-            "fingerprint": fingerprint,
-            "n": n,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        if mixed is not None or shape is None:
-            (tmp / "images.u8").unlink()
-            meta["mixed_sizes"] = mixed or {"reason": "no decodable image"}
-        else:
-            meta.update(height=shape[0], width=shape[1], crc32=crcs, bad={str(k): v for k, v in bad.items()})
-        atomic_write_json(tmp / "meta.json", meta)
+        shape, mixed, bad = _write_entry(split, tmp, fingerprint, progress)
         try:
             os.rename(tmp, folder)
         except OSError:  # another process finished first: use its entry
@@ -261,7 +292,7 @@ def _build(split: ImageSplit, folder: Path, fingerprint: str, *, progress: bool 
         return split
     log.info(
         "decoded cache: %d %s images (%dx%d, %d unreadable) decoded in %.1f s -> %s",
-        n,
+        len(split),
         split.name,
         shape[1],
         shape[0],

@@ -209,7 +209,7 @@ def screen_images(
     return _screen(source, selected, policy, cache_dir, workers, progress)
 
 
-def _screen(  # noqa: C901
+def _screen(
     source: DatasetSource,
     selected: dict[str, np.ndarray],
     policy: str,
@@ -225,22 +225,7 @@ def _screen(  # noqa: C901
     empty = empty_classes(source, "train", found["train"]) if "train" in selected else []
 
     if policy == "error" and (files or empty):
-        problems = []
-        if files:
-            lines = [f"  {origin}: {reason}" for _, origin, reason in files[:20]]
-            if len(files) > 20:
-                lines.append(f"  ... and {len(files) - 20} more")
-            problems.append(f"{len(files)} image(s) cannot be decoded:\n" + "\n".join(lines))
-        if empty:
-            lines = [f"  {where}: {what}" for where, what in empty[:20]]
-            if len(empty) > 20:
-                lines.append(f"  ... and {len(empty) - 20} more")
-            problems.append(f"{len(empty)} class(es) cannot be learned:\n" + "\n".join(lines))
-        raise DataError(
-            "\n".join(problems) + f"\nNothing was trained. `transferlab data check {source.location}` lists every "
-            "problem; fix or remove those files, or pass --bad-images skip to train without them (each is logged "
-            "and counted in metrics.json)"
-        )
+        raise _refusal(source, files, empty)
 
     for _, origin, reason in files:
         log.warning("skipping %s: %s", origin, reason)
@@ -259,3 +244,27 @@ def _screen(  # noqa: C901
         "empty_classes": [what for _, what in empty],
     }
     return kept, record
+
+
+def _listed(rows: list[str], n: int) -> str:
+    """The first 20 problem lines, and a count of the others."""
+    lines = rows[:20]
+    if n > 20:
+        lines.append(f"  ... and {n - 20} more")
+    return "\n".join(lines)
+
+
+def _refusal(source: DatasetSource, files: list[tuple[str, str, str]], empty: list[tuple[str, str]]) -> DataError:
+    """``--bad-images error``'s DataError: the files that cannot be decoded and the classes that cannot be learned."""
+    problems = []
+    if files:
+        rows = [f"  {origin}: {reason}" for _, origin, reason in files[:20]]
+        problems.append(f"{len(files)} image(s) cannot be decoded:\n" + _listed(rows, len(files)))
+    if empty:
+        rows = [f"  {where}: {what}" for where, what in empty[:20]]
+        problems.append(f"{len(empty)} class(es) cannot be learned:\n" + _listed(rows, len(empty)))
+    return DataError(
+        "\n".join(problems) + f"\nNothing was trained. `transferlab data check {source.location}` lists every "
+        "problem; fix or remove those files, or pass --bad-images skip to train without them (each is logged "
+        "and counted in metrics.json)"
+    )
