@@ -66,55 +66,6 @@ def _progress(args: argparse.Namespace) -> bool | None:
     return {"auto": None, "on": True, "off": False}[args.progress]
 
 
-def _add_resize_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """How images become model inputs (shared by evaluate and train)."""
-    p.add_argument(
-        "--img-size", type=int, default=None, help="input resolution (default: the one the weights were trained at)"
-    )
-    p.add_argument(
-        "--crop",
-        choices=("auto", "center", "none"),
-        default="auto",
-        help="auto: center-crop only images larger than the input; small images (64px Tiny ImageNet) are resized "
-        "whole (default: auto)",
-    )
-    p.add_argument(
-        "--interpolation",
-        choices=("auto", "bilinear", "bicubic", "nearest"),
-        default="auto",
-        help="resize method; auto: the weights' own when down-scaling, bilinear when up-scaling small images "
-        "(bicubic up-scaling rings and costs ~3 points on Tiny ImageNet) (default: auto)",
-    )
-
-
-def _add_runtime_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, decoded: bool = True) -> None:
-    """Where and how fast the model runs (shared by evaluate, train and predict)."""
-    p.add_argument("--workers", type=int, default=-1, help="decoding processes; -1 = cores-1, at most 4 (default: -1)")
-    p.add_argument(
-        "--precision",
-        choices=("auto", "bf16", "fp16", "fp32"),
-        default="auto",
-        help="auto: bf16 autocast on GPUs and on CPUs with native bf16, else fp32 (default: auto)",
-    )
-    p.add_argument(
-        "--channels-last",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="channels_last memory format; auto = on with bf16/fp16 or a GPU (default: auto)",
-    )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
-    if not decoded:  # predict reads loose files once: nothing to cache
-        return
-    p.add_argument(
-        "--decoded-cache",
-        choices=("auto", "off"),
-        default="auto",
-        help="decode each split once into a memory-mapped uint8 array in the cache folder and resize/augment "
-        "whole batches as tensors (auto: when a split's images share one size; off: decode per image with PIL "
-        "in --workers processes) (default: auto)",
-    )
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with a hint for a mistyped option: ``--epohcs`` -> "did you mean --epochs?".
 
@@ -170,52 +121,10 @@ def _evaluate_parser(sub: Any) -> None:
         "95% interval, top5, nll, ece, images/s), predictions/<split>.npz and per_class.csv to --out. "
         "--zero-shot uses the ImageNet-1k head restricted to the dataset's classes.",
     )
-    ev.add_argument(
-        "run",
-        nargs="?",
-        type=Path,
-        default=None,
-        metavar="RUN_DIR",
-        help="a run directory from `transferlab train` (instead of --model), or a study folder from `transferlab "
-        "study`: then every member is evaluated and every ensemble re-applied with its fitted weights (nothing "
-        "refit), each into OUT/members/<name> and OUT/ensembles/<name>, with a report in OUT/report",
-    )
-    ev.add_argument("--model", default=None, help="timm architecture name, e.g. tf_efficientnet_lite0, resnet50")
-    ev.add_argument(
-        "--weights",
-        default="auto",
-        help="auto (offline package for tf_efficientnet_lite0/1/2, else hub), hub, package, none, "
-        "or a .safetensors/.pth file (default: auto)",
-    )
-    ev.add_argument("--data", default="tiny-imagenet-mini", help=DATA_HELP + " (default: tiny-imagenet-mini)")
-    ev.add_argument("--split", default="val", help="split to evaluate: train, val, test, all (default: val)")
-    ev.add_argument(
-        "--zero-shot", action="store_true", help="use the pretrained ImageNet head, keeping only the dataset's classes"
-    )
-    _add_resize_options(ev)
-    ev.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
-    _add_runtime_options(ev)
-    ev.add_argument(
-        "--limit", type=int, default=None, help="evaluate a seeded random subset of this many images (default: all)"
-    )
-    ev.add_argument("--seed", type=int, default=0, help="seed for --limit and the bootstrap (default: 0)")
-    ev.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="with --model: take the backbone's pooled features from this feature cache (the one `transferlab "
-        "train --cache-dir` fills; computed and stored there when absent) and apply the model's own classifier "
-        "(default: no cache, a plain forward pass)",
-    )
-    ev.add_argument(
-        "--tta",
-        choices=("none", "flip", "flip+crops"),
-        default="none",
-        help="test-time augmentation: average the softmax probabilities over views of each image; flip = the "
-        "image and its mirror (2 passes), flip+crops = those plus 4 corner crops and the center crop at 0.875 "
-        "of the side, resized back (7 passes); recorded as tta in metrics.json (default: none)",
-    )
-    ev.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    # lazy: the options come from the config's fields, whose modules import torch
+    from transferlab.evaluation import EvalConfig
+
+    add_options(ev, EvalConfig)
     _add_common(ev)
     ev.set_defaults(func=cmd_evaluate)
 
@@ -297,79 +206,10 @@ def _ensemble_parser(sub: Any) -> None:
         "predictions/<split>.npz (report rows, log-probabilities in the logits field) and weights.json "
         "(+ stack.npz for --method stack) to re-apply the combination.",
     )
-    en.add_argument(
-        "members",
-        nargs="+",
-        metavar="RUN_OR_NPZ",
-        help="members: run directories or evaluate output folders (their predictions/<split>.npz) "
-        "or .npz files; all on the same samples in the same order, with one class list",
-    )
-    en.add_argument(
-        "--method",
-        choices=("mean", "vote", "weighted", "greedy", "stack"),
-        default="mean",
-        help="mean: average probabilities; vote: majority of top-1, ties by summed probability; weighted: "
-        "convex weights minimising select NLL; greedy: Caruana forward selection with replacement; stack: "
-        "L2-regularised multinomial logistic regression on the members' log-probabilities (default: mean)",
-    )
-    en.add_argument(
-        "--temperature",
-        action="store_true",
-        help="first scale each member's logits by a temperature fitted by NLL on the select part",
-    )
-    en.add_argument(
-        "--split",
-        default="val",
-        help="split whose predictions are read from run directories, and the name of the output "
-        "predictions file (default: val)",
-    )
-    en.add_argument(
-        "--select-fraction",
-        type=float,
-        default=0.5,
-        help="fraction of each class used for fitting; the rest is reported on (default: 0.5)",
-    )
-    en.add_argument(
-        "--seed", type=int, default=0, help="seed of the select/report split and the bootstrap (default: 0)"
-    )
-    en.add_argument(
-        "--select-data",
-        nargs="+",
-        default=None,
-        metavar="RUN_OR_NPZ",
-        help="the same members' predictions on another split, one per member in the same order, to fit on; "
-        "then all of the evaluated data is reported on (default: split the evaluated data)",
-    )
-    en.add_argument(
-        "--select-split",
-        default=None,
-        help="split to read from run directories given to --select-data (default: their only predictions "
-        "file other than --split)",
-    )
-    en.add_argument(
-        "--data",
-        default=None,
-        help="dataset whose class names label the most-confused pairs (e.g. words.txt of Tiny ImageNet): "
-        + DATA_HELP
-        + " (default: show class ids)",
-    )
-    en.add_argument(
-        "--greedy-metric",
-        choices=("nll", "accuracy"),
-        default="nll",
-        help="what greedy selection optimises on select; accuracy ties are broken by NLL (default: nll)",
-    )
-    en.add_argument(
-        "--rounds", type=int, default=25, help="greedy: rounds of forward selection after the best member (default: 25)"
-    )
-    en.add_argument(
-        "--stack-l2",
-        type=float,
-        default=1e-2,
-        help="stack: L2 strength pulling the coefficients towards the equal-weight log-linear pool (default: 0.01)",
-    )
-    en.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for intervals (default: 1000)")
-    en.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    # lazy: the options come from the config's fields, whose modules import torch
+    from transferlab.ensembles import EnsembleConfig
+
+    add_options(en, EnsembleConfig)
     _add_common(en)
     en.set_defaults(func=cmd_ensemble)
 
@@ -436,48 +276,10 @@ def _predict_parser(sub: Any) -> None:
         "--member). Every network gets its own preprocessing, so images of any size and mode work. Files that cannot "
         "be read are listed with the reason and do not stop the others; the exit status is then 1.",
     )
-    pr.add_argument(
-        "source",
-        type=Path,
-        metavar="SOURCE",
-        help="run directory, exported model folder, evaluate output, ensemble folder (weights.json) or study folder",
-    )
-    pr.add_argument(
-        "inputs",
-        nargs="*",
-        metavar="INPUT",
-        help="image files, or folders searched recursively for image files (.jpg, .png, ...)",
-    )
-    pr.add_argument(
-        "--data",
-        default=None,
-        help="also predict a dataset split (with --split); its class names label the output: " + DATA_HELP,
-    )
-    pr.add_argument("--split", default="test", help="split of --data to predict (default: test)")
-    pr.add_argument("--limit", type=int, default=None, help="a seeded random subset of the --data split (default: all)")
-    pr.add_argument("--seed", type=int, default=0, help="seed for --limit (default: 0)")
-    pr.add_argument("--top-k", type=int, default=5, help="classes listed per image (default: 5)")
-    pr.add_argument(
-        "--tta",
-        choices=("none", "flip", "flip+crops"),
-        default="none",
-        help="test-time augmentation: average probabilities over the image and its mirror (flip), plus 4 corner and "
-        "the center crop at 0.875 of the side (flip+crops) (default: none)",
-    )
-    pr.add_argument(
-        "--member",
-        default=None,
-        help="study folders only: predict with this member or ensemble (default: the best ensemble by top-1)",
-    )
-    pr.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="write the rows to this .csv (path, top-k ids, names, probabilities, error) or .json file "
-        "(default: print the top classes)",
-    )
-    pr.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
-    _add_runtime_options(pr, decoded=False)
+    # lazy: the options come from the config's fields, whose modules import torch
+    from transferlab.prediction import PredictConfig
+
+    add_options(pr, PredictConfig)
     _add_common(pr)
     pr.set_defaults(func=cmd_predict)
 

