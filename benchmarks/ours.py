@@ -10,6 +10,11 @@ feature cache. Only the data selection is pinned so that both sides see the same
 ``--limit`` samples of a split in its order, which is the order of the list files ``run.py`` writes for
 the baseline.
 
+The jobs a user runs go through the Python API (``tl.train``, ``tl.evaluate``, ``tl.predict``), exactly as a
+notebook would call them. Two rows time one component on purpose and so reach below it: ``eval`` (the inference
+engine on the decoded val split, the model's forward passes only, like the baseline's timed loop) and ``data``
+(the decoded cache's batch pipeline alone); ``prepare`` builds the decoded cache the other rows share.
+
 Each subcommand prints one JSON object as the last line of stdout, with the same keys as the baseline's.
 """
 
@@ -31,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import transferlab as tl
 from transferlab.data import open_dataset
 from transferlab.data.batched import ArrayBatches, eval_batch
 from transferlab.data.decoded import decode_split, pixel_array
@@ -38,8 +44,6 @@ from transferlab.inference.engine import make_eval_transform, predict_logits
 from transferlab.labels import imagenet_indices
 from transferlab.models.backbones import create_backbone
 from transferlab.runtime import resolve_device, resolve_precision
-from transferlab.training.config import TrainConfig
-from transferlab.training.run import train
 
 
 def _rss() -> dict[str, float]:
@@ -97,27 +101,23 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     ``--out`` keeps the output folder, which ``predict`` can then rebuild the same model from. The decoded
     cache is the one ``prepare`` built. images/s is the command's own (metrics.json: the inference loop).
     """
-    from transferlab.evaluation import EvalConfig, evaluate
-
     os.environ["TRANSFERLAB_CACHE"] = str(Path(args.cache).resolve())
     with contextlib.ExitStack() as stack:
         out = Path(args.out) if args.out else Path(stack.enter_context(tempfile.TemporaryDirectory())) / "eval"
-        source = {"run": Path(args.run)} if args.run else {"model": args.model, "zero_shot": True}
+        source = {"source": Path(args.run)} if args.run else {"model": args.model, "zero_shot": True}
         size = {} if args.run else {"img_size": args.size}  # a run is fed the way it was trained
-        m = evaluate(
-            EvalConfig(
-                data=args.data,
-                out=out,
-                split="val",
-                limit=args.limit,
-                batch_size=args.batch_size,
-                device=args.device,
-                n_boot=0,
-                progress=False,
-                **source,
-                **size,
-            )
-        )
+        m = tl.evaluate(
+            data=args.data,
+            out=out,
+            split="val",
+            limit=args.limit,
+            batch_size=args.batch_size,
+            device=args.device,
+            n_boot=0,
+            progress=False,
+            **source,
+            **size,
+        ).metrics
     return {
         "images": m["n"],
         "seconds": m["wall_s"],
@@ -131,19 +131,16 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
     """``transferlab predict`` on the val split (``--data``, the same ``--limit`` subset as ``evaluate``) with
     the model of ``--source`` (a run, export or evaluate output). images/s is the command's own (its JSON meta)."""
-    from transferlab.prediction import PredictConfig, predict
-
     os.environ["TRANSFERLAB_CACHE"] = str(Path(args.cache).resolve())
-    r = predict(
-        PredictConfig(
-            source=Path(args.source),
-            data=args.data,
-            split="val",
-            limit=args.limit,
-            batch_size=args.batch_size,
-            device=args.device,
-            progress=False,
-        )
+    r = tl.predict(
+        Path(args.source),
+        (),
+        data=args.data,
+        split="val",
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=False,
     )
     m = r.meta
     return {
@@ -157,8 +154,8 @@ def cmd_predict(args: argparse.Namespace) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _run_dirs(args: argparse.Namespace, **options: Any) -> Iterator[TrainConfig]:
-    """A TrainConfig writing into a temporary run folder, with a fresh cache that shares only the decoded cache.
+def _run_dirs(args: argparse.Namespace, **options: Any) -> Iterator[dict[str, Any]]:
+    """``tl.train``'s options for a temporary run folder, with a fresh cache that shares only the decoded cache.
 
     The decoded cache is built once per dataset (``prepare``); the feature cache starts empty, so a
     measured wall time includes extracting every feature.
@@ -167,7 +164,7 @@ def _run_dirs(args: argparse.Namespace, **options: Any) -> Iterator[TrainConfig]
         cache = Path(tmp) / "cache"
         cache.mkdir()
         (cache / "decoded").symlink_to(Path(args.cache).resolve() / "decoded")
-        yield TrainConfig(
+        yield dict(
             model=args.model,
             data=args.data,
             out=Path(tmp) / "run",
@@ -190,9 +187,9 @@ def cmd_head(args: argparse.Namespace) -> dict[str, Any]:
         optimizer="adamw",
         train_limit=args.train_limit,
         report_limit=args.val_limit,
-    ) as cfg:
+    ) as options:
         t0 = time.perf_counter()
-        m = train(cfg)
+        m = tl.train(**options).metrics
         secs = time.perf_counter() - t0
     return {
         "seconds": round(secs, 3),
@@ -228,8 +225,8 @@ def cmd_bnonly(args: argparse.Namespace) -> dict[str, Any]:
         holdout=holdout,
         train_limit=limit,
         report_limit=args.batch_size,
-    ) as cfg:
-        m = train(cfg, callback=on)
+    ) as options:
+        m = tl.train(**options, callback=on).metrics
     if len(stamps) < steps_needed:
         raise SystemExit(f"only {len(stamps)} steps ran, {steps_needed} needed")
     t = [s[0] for s in stamps]
