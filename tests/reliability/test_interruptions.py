@@ -469,7 +469,7 @@ def cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_interrupted_study_resumes_without_retraining(
     train_ds: Path, in1k32: Path, cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import transferlab.training.run as run_mod
+    import transferlab.studies as run_mod  # the module whose `train` the study calls (patched there)
 
     spec = _write(tmp_path / "s.yaml", _spec(train_ds, in1k32, cifar, tmp_path / "cache"))
     real = run_mod.train
