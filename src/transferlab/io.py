@@ -7,6 +7,7 @@ disk in the middle of a write must not destroy the previous version.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -83,6 +84,15 @@ def atomic_write_with(path: str | os.PathLike[str], writer: Callable[[IO[bytes]]
     """Let ``writer`` fill a binary file object (e.g. ``np.savez``), then publish it atomically."""
     with atomic_open(path, "wb") as f:
         writer(f)
+
+
+def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes, read in 1 MiB blocks (weight files and archives are large)."""
+    h = hashlib.new(algorithm)
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _json_default(obj: Any) -> Any:

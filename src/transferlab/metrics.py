@@ -59,6 +59,20 @@ def per_class_accuracy(scores: np.ndarray, targets: np.ndarray, num_classes: int
         return np.where(counts > 0, hits / np.maximum(counts, 1), np.nan)
 
 
+def _resampled_means(values: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """The means of ``n_boot`` seeded resamples (with replacement) of ``values``, drawn in chunks of at most
+    ~2M indices so that memory stays flat for large sets."""
+    n = len(values)
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    chunk = max(1, 2_000_000 // n)
+    for start in range(0, n_boot, chunk):
+        stop = min(n_boot, start + chunk)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        means[start:stop] = values[idx].mean(axis=1)
+    return means
+
+
 def bootstrap_ci(correct: np.ndarray, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval for the mean of a 0/1 vector (e.g. top-1 hits).
 
@@ -70,13 +84,7 @@ def bootstrap_ci(correct: np.ndarray, *, n_boot: int = 1000, level: float = 0.95
     n = len(c)
     if n == 0:
         return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot)
-    chunk = max(1, 2_000_000 // n)
-    for start in range(0, n_boot, chunk):
-        stop = min(n_boot, start + chunk)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        means[start:stop] = c[idx].mean(axis=1)
+    means = _resampled_means(c, n_boot, seed)
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
     return (float(lo), float(hi))
@@ -189,13 +197,7 @@ def paired_bootstrap(
     if n == 0:
         return {"gain": float("nan"), "ci": [float("nan"), float("nan")], "p_gain_positive": float("nan"), "n_boot": 0}
     d = a - b
-    gains = np.empty(n_boot)
-    rng = np.random.default_rng(seed)
-    chunk = max(1, 2_000_000 // n)
-    for start in range(0, n_boot, chunk):
-        stop = min(n_boot, start + chunk)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        gains[start:stop] = d[idx].mean(axis=1)
+    gains = _resampled_means(d, n_boot, seed)
     alpha = (1.0 - level) / 2.0
     if n_boot:
         lo, hi = (float(x) for x in np.quantile(gains, [alpha, 1.0 - alpha]))

@@ -44,7 +44,7 @@ from transferlab.data.screen import refuse_too_few_classes
 from transferlab.ensembles import EnsembleConfig, apply_ensemble, load_members, run_ensemble
 from transferlab.errors import ConfigError, DataError, TransferlabError, WeightsError
 from transferlab.evaluation import EvalConfig, evaluate
-from transferlab.io import atomic_write_json, atomic_write_text
+from transferlab.io import atomic_write_json, atomic_write_text, file_digest
 from transferlab.metrics import log_softmax, paired_bootstrap, topk_correct
 from transferlab.models.backbones import check_model_name, resolve_weight_source
 from transferlab.models.weights import hub_cached_file, hub_offline, package_weight_file
@@ -310,14 +310,6 @@ class Resolved:
         self.hash = hashlib.sha256(blob).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def weights_identity(model: str, weights: str | None) -> str:
     """What the result of ``--weights`` depends on, or a WeightsError saying what to provide.
 
@@ -334,7 +326,7 @@ def weights_identity(model: str, weights: str | None) -> str:
         return desc
     if kind == "file":
         assert spec.path is not None
-        return f"file sha256:{_file_sha256(spec.path)}"
+        return f"file sha256:{file_digest(spec.path)}"
     import timm
 
     cfg = timm.create_model(model, pretrained=False).pretrained_cfg or {}
@@ -496,7 +488,7 @@ def _resolve_parent(opts: dict[str, Any], by_name: Mapping[str, Resolved], faile
         raise ConfigError(
             f"init_from {parent}: neither a member of this study nor a run directory with a model.safetensors"
         )
-    return "file sha256:" + _file_sha256(pdir / "model.safetensors")
+    return "file sha256:" + file_digest(pdir / "model.safetensors")
 
 
 def _resolve_train(

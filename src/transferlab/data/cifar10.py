@@ -27,6 +27,7 @@ import numpy as np
 
 from transferlab.data.base import ArraySplit, ClassInfo, DatasetSource
 from transferlab.errors import ConfigError, DataError
+from transferlab.io import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -282,14 +283,6 @@ def _iter_tar(archive: Path) -> Iterator[tuple[str, str, bytes]]:
         raise _missing(f"{archive}:{CIFAR10_DIRNAME}/{absent[0]}")
 
 
-def _file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _open_source(path: Path, verify: str) -> tuple[Iterator[tuple[str, str, bytes]], str]:
     """The file iterator for ``path`` and the verify mode to apply to each file."""
     if path.is_dir():
@@ -302,7 +295,7 @@ def _open_source(path: Path, verify: str) -> tuple[Iterator[tuple[str, str, byte
             f"{path} is neither a folder nor a tar archive; pass the CIFAR-10 python archive "
             f"({CIFAR10_URL}) or its extracted {CIFAR10_DIRNAME} folder"
         )
-    if verify != "off" and _file_md5(path) == OFFICIAL_ARCHIVE_MD5:
+    if verify != "off" and file_digest(path, "md5") == OFFICIAL_ARCHIVE_MD5:
         # The whole archive is byte-identical to the official one, so every member is too.
         log.debug("%s is the official CIFAR-10 archive; per-file md5 checks skipped", path)
         return _iter_tar(path), "off"

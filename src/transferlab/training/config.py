@@ -6,7 +6,7 @@ values and combinations fail here with a sentence naming the option.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -212,14 +212,8 @@ class TrainConfig:
 
     def strategy_spec(self):  # type: ignore[no-untyped-def]
         """The :class:`~transferlab.models.strategies.StrategySpec` of this run."""
-        return StrategySpec(
-            self.strategy,
-            bn=self.bn,
-            layer_decay=self.layer_decay,
-            unfreeze_epoch=self.unfreeze_epoch,
-            unfreeze_lr_scale=self.unfreeze_lr_scale,
-            backbone_lr_scale=self.backbone_lr_scale,
-        )
+        options = {f.name: getattr(self, f.name) for f in fields(StrategySpec) if f.name != "name"}
+        return StrategySpec(self.strategy, **options)
 
     def head_spec(self):  # type: ignore[no-untyped-def]
         """The :class:`~transferlab.models.heads.HeadSpec` of this run."""
