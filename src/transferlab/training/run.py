@@ -41,7 +41,7 @@ from transferlab.data.base import data_fingerprint, subset_indices
 from transferlab.data.decoded import decode_split
 from transferlab.data.digests import cached_digests, find_duplicates, overlap
 from transferlab.data.resolve import cache_dir as user_cache_dir
-from transferlab.data.screen import POLICIES, refuse_too_few_classes, screen_images
+from transferlab.data.screen import refuse_too_few_classes, screen_images
 from transferlab.data.stats import channel_stats
 from transferlab.errors import ConfigError, DataError
 from transferlab.inference.engine import default_workers, make_eval_transform
@@ -53,7 +53,7 @@ from transferlab.models.heads import TransferModel
 from transferlab.models.strategies import trainable_counts
 from transferlab.models.weights import save_weights
 from transferlab.runtime import resolve_device, resolve_precision, versions
-from transferlab.training.config import TrainConfig
+from transferlab.training.config import RunOptions, TrainConfig
 from transferlab.training.hooks import FitHooks, hooks_from_env
 from transferlab.training.interrupt import GracefulStop
 from transferlab.training.loop import Dist, EvalImages, FitData, TrainImages, fit, predict
@@ -117,8 +117,7 @@ def train(
     ``hooks`` (:class:`~transferlab.training.hooks.FitHooks`) are called at fixed points of every training step
     (the tests inject faults through them); without them, the ones ``TRANSFERLAB_HOOKS`` names, read here once.
     """
-    if bad_images not in POLICIES:
-        raise ConfigError(f"--bad-images must be one of {', '.join(POLICIES)}, not {bad_images!r}")
+    RunOptions(bad_images=bad_images, tensorboard=tensorboard)  # checks them as the CLI declares them
     if hooks is None:
         hooks = hooks_from_env()
     d = Dist.from_env()
