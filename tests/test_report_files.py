@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from transferlab.reports.study_files import read_labels, read_plan
+from transferlab.reports.study_files import LabelCurve, LabelFit, LabelPoint, read_labels, read_plan
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 
@@ -150,3 +150,29 @@ def test_an_unknown_status_is_shown_as_written_with_a_warning(tmp_path: Path, ca
         plan = read_plan(_write(tmp_path, "plan.json", doc))
     assert plan is not None and plan.candidates[2].status == "timed-out"
     assert any("unknown status 'timed-out'" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("fit", "expected"),
+    [
+        (
+            LabelFit("err = a * n^-b + c", 1, 0.5, 0.2, 0.021, 0.015, 0.027, 100),
+            "Doubling the labels (100 → 200 per class) should add about +2.1 pt top-1 (1.5 to 2.7).",
+        ),
+        (
+            LabelFit("err = a * n^-b + c", 1, 0.5, 0.2, 0.004, -0.003, 0.011, 50),
+            "Doubling the labels (50 → 100 per class) should add about +0.4 pt top-1 (−0.3 to 1.1); the interval "
+            "includes no gain at all.",
+        ),
+        (
+            LabelFit("err = a * n^-b + c", 1, 0.5, 0.2, 0.03, None, None, None),
+            "Doubling the labels (100 → 200 per class) should add about +3.0 pt top-1.",
+        ),
+        (LabelFit("err = a * n^-b + c", 1, 0.5, 0.2), None),
+    ],
+)
+def test_the_doubling_sentence(fit: LabelFit, expected: str | None) -> None:
+    from transferlab.reports.render import _labels_sentence
+
+    curve = LabelCurve((LabelPoint(10, 0.5), LabelPoint(100, 0.7)), fit=fit)
+    assert _labels_sentence(curve) == expected
