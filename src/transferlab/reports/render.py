@@ -862,17 +862,17 @@ def _ensembles(doc: _Doc, inputs: ReportInputs) -> None:
         bars, ref, best_names = _ranking_bars(group)
         in_chart.update(b.label for b in bars if b.kind != "ensemble")
         n = len(group[0].preds.targets)
-        split = group[0].metrics.get("split", "?")
-        png = F.ranking_png(bars, title=f"Every model on the same {n:,} report samples of {split}", reference=ref)
+        on = _ensemble_on(group[0])
+        png = F.ranking_png(bars, title=f"Every model on the same {n:,} samples of {on}", reference=ref)
         doc.add(
             doc.fig(
                 "top1-all-models",
                 png,
                 f"top-1 of {len(group)} ensemble(s) and their members on the same report samples, with 95% intervals",
-                "Bars: top-1 on the report half only, whiskers the 95% bootstrap interval, best first. The best single "
-                f"member ({', '.join(best_names) or 'not recorded'}) was chosen on the select half, where the "
-                "ensembles were fitted; the dashed line is its top-1. An ensemble's gain is the paired bootstrap over "
-                "the same samples.",
+                f"Bars: top-1 on {on} only, whiskers the 95% bootstrap interval, best first. The best single member "
+                f"({', '.join(best_names) or 'not recorded'}) was chosen where the ensembles were fitted, not on these "
+                "samples; the dashed line is its top-1. An ensemble's gain is the paired bootstrap over the same "
+                "samples.",
             )
         )
     others = [r.name for r in inputs.runs if r.name not in in_chart]
@@ -948,7 +948,7 @@ def _errors(
     for e in inputs.ensembles:
         if e is focus:
             continue
-        doc.p("Ensemble ", Strong(e.name), " (report half):")
+        doc.p("Ensemble ", Strong(e.name), f" ({_ensemble_where(e)}):")
         doc.add(_confused_table(e, classes))
 
     doc.h("Best and worst classes", 3)
