@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -182,3 +185,46 @@ def test_choosing_needs_holdout_rows_and_a_valid_grid() -> None:
     assert res.l2 == 0.1 and len(res.table) == 1
     with pytest.raises(ConfigError, match="grid"):
         tune_logistic(x, y, x, y, x, y, 4, grid=(0.1, 0.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Mirrored features in the feature cache
+
+
+def test_mirrored_features_are_the_mirrored_images_features_in_their_own_entry(
+    train_ds: Path, in1k32: Path, tmp_path: Path
+) -> None:
+    from transferlab.data import open_dataset
+    from transferlab.data.transforms import normalize_batch
+    from transferlab.inference.engine import make_eval_transform
+    from transferlab.inference.features import cached_features, pre_logits
+    from transferlab.models.backbones import create_backbone
+    from transferlab.runtime import resolve_precision
+
+    cpu = torch.device("cpu")
+    split = open_dataset(train_ds).split("train")
+    bb = create_backbone("test_resnet", str(in1k32))
+    t = make_eval_transform(bb.preprocessing, 32)
+    kw = dict(
+        indices=np.arange(6),
+        precision=resolve_precision("fp32", "off", cpu),
+        device=cpu,
+        cache_dir=tmp_path,
+        workers=0,
+        progress=False,
+    )
+    plain, p_plain, _ = cached_features(bb, split, t, **kw)
+    flipped, p_flip, hit = cached_features(bb, split, t, flip=True, **kw)
+    assert not hit and p_flip != p_plain and "-hflip-" in p_flip.name and "hflip" not in p_plain.name
+    assert cached_features(bb, split, t, flip=True, **kw)[2]  # cached
+    pre = bb.preprocessing
+    x = normalize_batch(torch.stack([t(split.load(i)) for i in range(6)]), pre.mean, pre.std)
+    with torch.no_grad():
+        ref = pre_logits(bb.model.eval(), torch.flip(x, dims=[3])).numpy()
+    np.testing.assert_allclose(flipped, ref, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(flipped, plain, atol=1e-3)
+    # The unflipped entry's key is what it was before mirrored entries existed (old caches still hit).
+    with np.load(p_plain) as z:
+        assert json.loads(str(z["key"]))["transform"] == repr(t)
+    with np.load(p_flip) as z:
+        assert json.loads(str(z["key"]))["transform"] == repr(t) + " + hflip"
