@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,7 +76,14 @@ ZERO_SHOT_KEYS = tuple(f.name for f in fields(EvalConfig) if f.name not in _ZERO
 #: EnsembleConfig fields the study sets itself (the members by name and the method come first, from the spec).
 _ENSEMBLE_FIXED = ("members", "method", "out", "split", "select_data", "select_split", "data", "n_boot")
 #: Options of an ensemble: its method and members (by name), and the rest of ``transferlab ensemble``'s.
-ENSEMBLE_KEYS = ("method", "members", *(f.name for f in fields(EnsembleConfig) if f.name not in _ENSEMBLE_FIXED))
+ENSEMBLE_KEYS = (
+    "method",
+    "members",
+    "select",
+    *(f.name for f in fields(EnsembleConfig) if f.name not in _ENSEMBLE_FIXED),
+)
+#: Where an ensemble is fitted: part of the report split, or the members' train holdout predictions.
+SELECT_MODES = ("split", "holdout")
 #: Set by the study itself; a spec that sets them is refused.
 STUDY_OWNED = ("out", "resume", "progress")
 #: Options that change how a run is executed but not its result: left out of the reuse hash.
@@ -118,6 +125,9 @@ class EnsembleSpec:
     method: str
     members: tuple[str, ...]
     options: Mapping[str, Any]
+    #: ``split``: fit on a stratified part of the report split, report on the rest; ``holdout``: fit on the
+    #: members' predictions on their train holdout, report on all of the report split.
+    select: str = "split"
 
 
 @dataclass(frozen=True)
@@ -277,6 +287,9 @@ def _parse_ensembles(doc: dict[str, Any], where: str, members: Sequence[MemberSp
         eopts = dict(eopts or {})
         check_keys(ENSEMBLE_KEYS, eopts, where=ewhere, listing="allowed:")
         method = str(eopts.pop("method", ename))
+        select = str(eopts.pop("select", "split"))
+        if select not in SELECT_MODES:
+            raise ConfigError(f"{ewhere}: select must be one of {', '.join(SELECT_MODES)}, not {select!r}")
         mem = tuple(str(x) for x in (eopts.pop("members", None) or reported))
         check_keys(names, mem, where=f"{ewhere}: members", listing="allowed:")
         for x in mem:
@@ -284,7 +297,15 @@ def _parse_ensembles(doc: dict[str, Any], where: str, members: Sequence[MemberSp
                 raise ConfigError(f"{ewhere}: {x!r} is a pretrain member (other data); it cannot be ensembled")
         if len(mem) < 2:
             raise ConfigError(f"{ewhere}: an ensemble needs at least two members, got {len(mem)}")
-        out.append(EnsembleSpec(ename, method, mem, eopts))
+        if select == "holdout":
+            for x in mem:
+                m = next(m for m in members if m.name == x)
+                if m.kind != "train":
+                    raise ConfigError(
+                        f"{ewhere}: select holdout fits on the members' train holdout predictions, and {x!r} is a "
+                        f"{m.kind} member (it has none); leave it out of this ensemble or use select: split"
+                    )
+        out.append(EnsembleSpec(ename, method, mem, eopts, select))
     return tuple(out)
 
 
@@ -544,14 +565,11 @@ def _resolve_zero_shot(
 
 def _resolve_ensemble(e: EnsembleSpec, spec: StudySpec, out: Path, by_name: Mapping[str, Resolved]) -> Resolved:
     d = out / "ensembles" / e.name
+    dirs = tuple(str(by_name[x].dir) for x in e.members)
+    select = {"select_data": dirs, "select_split": "holdout"} if e.select == "holdout" else {}
     try:
         cfg = EnsembleConfig(
-            members=tuple(str(by_name[x].dir) for x in e.members),
-            out=d,
-            method=e.method,
-            split=spec.report_split,
-            data=spec.data,
-            **dict(e.options),
+            members=dirs, out=d, method=e.method, split=spec.report_split, data=spec.data, **select, **dict(e.options)
         )
     except (TransferlabError, TypeError) as err:
         raise ConfigError(f"ensemble {e.name}: {err}") from err
@@ -561,6 +579,7 @@ def _resolve_ensemble(e: EnsembleSpec, spec: StudySpec, out: Path, by_name: Mapp
         "options": dict(e.options),
         "members": [[x, by_name[x].hash] for x in e.members],
         "split": spec.report_split,
+        **({"select": e.select} if e.select != "split" else {}),
     }
     return Resolved(e.name, "ensemble", "ensemble", d, cfg, ident, members=e.members)
 
@@ -690,8 +709,15 @@ def run_study(
     replace_changed: bool = False,
     progress: bool | None = None,
     report: bool = True,
+    deadline: float | None = None,
+    before_report: Callable[[StudyResult], None] | None = None,
 ) -> StudyResult:
-    """Run (or resume) ``spec`` into ``out``; see the module docstring for the layout and reuse rules."""
+    """Run (or resume) ``spec`` into ``out``; see the module docstring for the layout and reuse rules.
+
+    ``deadline`` (a :func:`time.perf_counter` value): a member or ensemble that would start after it is
+    skipped (recorded as such, nothing of it written), so a budgeted caller stops cleanly with everything
+    that finished; an ensemble whose members were skipped is skipped too. ``before_report(result)`` runs
+    after the last step and before the report is built (a caller adds its own files to the study folder)."""
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -716,10 +742,20 @@ def run_study(
         atomic_write_text(out / "study.yaml", resolved_yaml(spec, items))
         result = StudyResult(out=out, report=None)
         n = len(items)
+        skipped: set[str] = set()
         for i, r in enumerate(items, 1):
+            late = deadline is not None and time.perf_counter() >= deadline and _state(r) != "done"
+            if late or skipped.intersection(r.members):
+                why = "the budget ran out" if late else "a member was skipped"
+                log.warning("[%d/%d] %s %s: skipped (%s)", i, n, r.kind, r.name, why)
+                skipped.add(r.name)
+                result.steps.append(StepRecord(r.name, r.kind, "skipped", 0.0, None, r.dir))
+                continue
             result.steps.append(_run_one(r, i, n, out, progress))
+        if before_report is not None:
+            before_report(result)
         if report:
-            result.report = _report(spec, items, out)
+            result.report = _report(spec, [r for r in items if r.name not in skipped], out)
         result.wall_s = time.perf_counter() - t0
         _write_summary(spec, result)
     return result
