@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from transferlab.errors import ConfigError
 from transferlab.training.logistic import fit_logistic, logits_of, scores, tune_logistic
@@ -228,3 +229,200 @@ def test_mirrored_features_are_the_mirrored_images_features_in_their_own_entry(
         assert json.loads(str(z["key"]))["transform"] == repr(t)
     with np.load(p_flip) as z:
         assert json.loads(str(z["key"]))["transform"] == repr(t) + " + hflip"
+
+
+# --------------------------------------------------------------------------------------------------
+# transferlab train --probe lbfgs / --flip-features
+
+
+@pytest.fixture(scope="module")
+def varied_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 3-class Tiny ImageNet layout (12 train, 4 val images per class) with every image different: the class
+    colour plus strong per-image noise and a random bright square, so a holdout image is not a copy of a fit one
+    and a head fitted without it predicts it differently from one fitted with it."""
+    import io
+
+    from PIL import Image
+
+    from builders import tiny_imagenet_files, write_folder
+
+    rng = np.random.default_rng(0)
+    files = tiny_imagenet_files(n_train=12, n_val_per_class=4, n_test=1)
+    for rel, data in files.items():
+        if rel.endswith(".JPEG"):
+            arr = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+            arr = arr + rng.integers(-60, 60, arr.shape)
+            r, c = rng.integers(0, 44, 2)
+            arr[r : r + 20, c : c + 20] = rng.integers(0, 256, 3)
+            buf = io.BytesIO()
+            Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB").save(buf, "JPEG", quality=90)
+            files[rel] = buf.getvalue()
+    return write_folder(tmp_path_factory.mktemp("varied") / "tiny-imagenet-200", files)
+
+
+def _cached(cache: Path, split: str, flip: bool) -> np.ndarray:
+    """The one feature-cache entry of ``split`` (mirrored or not) under ``cache``."""
+    found = [p for p in (cache / "features").glob(f"*-{split}-pre_logits-*.npz") if ("-hflip-" in p.name) == flip]
+    assert len(found) == 1, found
+    with np.load(found[0]) as z:
+        return z["features"]
+
+
+def _head(run: Path) -> tuple[np.ndarray, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    state = load_file(run / "model.safetensors")
+    return state["head.fc.weight"], state["head.fc.bias"]
+
+
+def _tune_again(cache: Path, y: np.ndarray, hold: np.ndarray, class_ids: list[str], grid: list[float]):
+    """tune_logistic as the run should have called it: two rows per fit image, the holdout on the mean of an
+    image's two feature vectors, the prior = the ImageNet classifier's rows of the classes, the refit on every
+    train row (both views)."""
+    from transferlab.labels import imagenet_indices
+    from transferlab.models.backbones import create_backbone
+
+    clf = create_backbone("tf_efficientnet_lite0", "auto").model.get_classifier()
+    idx = imagenet_indices(class_ids)
+    prior = (clf.weight.detach().numpy()[idx], clf.bias.detach().numpy()[idx])
+    plain, mirror = _cached(cache, "train", False), _cached(cache, "train", True)
+    fit = np.setdiff1d(np.arange(len(y)), hold)
+    return tune_logistic(
+        np.concatenate([plain[fit], mirror[fit]]),
+        np.concatenate([y[fit], y[fit]]),
+        (plain[hold] + mirror[hold]) * np.float32(0.5),
+        y[hold],
+        np.concatenate([plain, mirror]),
+        np.concatenate([y, y]),
+        len(class_ids),
+        grid=grid,
+        prior=prior,
+    )
+
+
+def test_lbfgs_probe_on_mirrored_features_end_to_end_on_the_default_path(varied_ds: Path, tmp_path: Path) -> None:
+    """Lite0 with its real weights at the default precision (bf16 + channels_last on this CPU) and the decoded
+    cache, through the command line: the tuned probe on flip-averaged features, its run folder and caches."""
+    from builders import default_train_argv
+    from transferlab.artifacts.predictions import read_predictions
+    from transferlab.cli import main
+    from transferlab.data import open_dataset
+    from transferlab.runtime import cpu_has_bf16
+    from transferlab.training.config import TrainConfig
+    from transferlab.training.probe import stratified_holdout
+
+    run = tmp_path / "lbfgs"
+    grid = ["1", "0.1", "0.01", "0.001"]
+    assert main(default_train_argv(varied_ds, run, "--probe", "lbfgs", "--flip-features", "--l2-grid", *grid)) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["top1"] > 1 / 3 + 0.2  # well above chance (3 classes)
+    assert m["head_init"] == "imagenet" and any((tmp_path / "cache" / "decoded").iterdir())
+    if cpu_has_bf16():
+        assert m["precision"] == "bf16" and m["channels_last"]
+    p = m["probe"]
+    assert p["solver"] == "lbfgs" and p["prior"] == "imagenet" and p["refit"] and p["flip_features"]
+    assert p["l2"] in [float(g) for g in grid] and 1 <= len(p["grid"]) <= len(grid)
+    assert p["n_fit"] == m["n_fit"] and p["n_holdout"] == m["n_holdout"] == 6
+    assert p["fit_rows"] == 2 * m["n_fit"] and p["refit_rows"] == 2 * (m["n_fit"] + m["n_holdout"])
+    assert m["feature_cache"]["train_flip_hit"] is False and m["feature_cache"]["report_flip_hit"] is False
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["probe"] == "lbfgs" and cfg["flip_features"] is True and cfg["l2_grid"] == [1.0, 0.1, 0.01, 0.001]
+    assert TrainConfig.from_dict(cfg).l2_grid == (1.0, 0.1, 0.01, 0.001)
+
+    # Mirrored entries next to the plain ones; the report is scored on the mean of an image's two feature vectors.
+    cache = tmp_path / "cache"
+    x_train = (_cached(cache, "train", False) + _cached(cache, "train", True)) * np.float32(0.5)
+    x_val = (_cached(cache, "val", False) + _cached(cache, "val", True)) * np.float32(0.5)
+    w, b = _head(run)
+    val = read_predictions(run / "predictions" / "val.npz")
+    np.testing.assert_allclose(val.logits, logits_of((w, b), x_val), rtol=1e-4, atol=1e-4)
+
+    # predictions/holdout.npz: the train holdout's images, scored by the fit-split head (not the refit one, which
+    # saw them): its NLL is the chosen penalty's holdout NLL in the table.
+    train = open_dataset(varied_ds).split("train")
+    _, hold = stratified_holdout(np.asarray(train.targets), 0.2, 0)
+    hp = read_predictions(run / "predictions" / "holdout.npz")
+    assert list(hp.sample_ids) == [train.sample_ids[i] for i in hold]
+    assert list(hp.targets) == list(np.asarray(train.targets)[hold]) and list(hp.class_ids) == list(val.class_ids)
+    chosen = next(r for r in p["grid"] if r["l2"] == p["l2"])
+    nll = float(F.cross_entropy(torch.from_numpy(hp.logits).double(), torch.from_numpy(hp.targets)))
+    assert nll == pytest.approx(chosen["holdout_nll"], rel=1e-4, abs=1e-6)
+    assert not np.allclose(hp.logits, logits_of((w, b), x_train[hold]), atol=1e-4)
+    # The whole fit again from the cached features: same inputs, same numbers.
+    again = _tune_again(cache, np.asarray(train.targets), hold, list(val.class_ids), [float(g) for g in grid])
+    assert again.l2 == p["l2"]
+    np.testing.assert_allclose(again.weight, w, atol=1e-5)
+    np.testing.assert_allclose(logits_of((again.fit_weight, again.fit_bias), x_train[hold]), hp.logits, atol=1e-4)
+    rows = [int(r.split(",")[0]) for r in (run / "history.csv").read_text().splitlines()[1:]]
+    assert rows == list(range(len(p["grid"]) + 1))  # row 0: the prior; then one per penalty, strongest first
+    assert m["best_epoch"] == 1 + [r["l2"] for r in p["grid"]].index(p["l2"])
+
+
+def test_every_feature_cache_probe_writes_its_holdout_predictions(
+    varied_ds: Path, in1k32: Path, tmp_path: Path
+) -> None:
+    """The default (sgd) probe too: the kept epoch's head on the holdout, which it never trained on; folders with
+    two prediction files still work as ensemble members and report inputs, and the holdout file is what an
+    ensemble fits on by default when given the same runs as --select-data."""
+    from builders import train_argv
+    from transferlab import api
+    from transferlab.artifacts.predictions import read_predictions
+    from transferlab.cli import main
+
+    runs = []
+    for name, extra in (("sgd", ()), ("sgdflip", ("--flip-features",)), ("lbfgs", ("--probe", "lbfgs"))):
+        run = tmp_path / name
+        assert main(train_argv(varied_ds, in1k32, run, "--epochs", "4", "--lr", "3e-3", *extra)) == 0
+        runs.append(run)
+    cache = tmp_path / "cache"
+    hold = read_predictions(runs[0] / "predictions" / "holdout.npz")
+    assert json.loads((runs[0] / "metrics.json").read_text())["probe"]["solver"] == "sgd"
+    x_hold = _cached(cache, "train", False)
+    from transferlab.data import open_dataset
+
+    ids = list(open_dataset(varied_ds).split("train").sample_ids)
+    pos = [ids.index(s) for s in hold.sample_ids]
+    np.testing.assert_allclose(hold.logits, logits_of(_head(runs[0]), x_hold[pos]), rtol=1e-4, atol=1e-4)
+    # flip-averaged holdout rows for the sgd probe with --flip-features
+    flip_hold = read_predictions(runs[1] / "predictions" / "holdout.npz")
+    x_avg = (x_hold + _cached(cache, "train", True)) * np.float32(0.5)
+    np.testing.assert_allclose(flip_hold.logits, logits_of(_head(runs[1]), x_avg[pos]), rtol=1e-4, atol=1e-4)
+
+    ens = api.ensemble(runs, out=tmp_path / "ens", method="weighted", select_data=tuple(map(str, runs)))
+    proto = ens.metrics["protocol"]
+    assert proto["mode"] == "select-data" and proto["n_report"] == len(
+        read_predictions(runs[0] / "predictions" / "val.npz").targets
+    )
+    report = api.report(runs, out=tmp_path / "report")
+    assert report.html.is_file() and len(report.runs) == 3
+
+
+def test_probe_options_parse_and_are_refused_where_they_cannot_apply() -> None:
+    from transferlab.cli import build_parser
+    from transferlab.training.config import TrainConfig
+
+    ns = build_parser().parse_args(
+        ["train", "--model", "m", "--out", "o", "--probe", "lbfgs", "--flip-features", "--l2-grid", "0.1", "1e-3"]
+    )
+    assert ns.probe == "lbfgs" and ns.flip_features is True and ns.l2_grid == [0.1, 1e-3]
+    base = {"model": "m", "data": "d", "out": Path("o")}
+    cfg = TrainConfig(**base, probe="lbfgs", l2_grid=[0.1, 1e-3], flip_features=True)
+    assert cfg.l2_grid == (0.1, 1e-3)
+    defaults = TrainConfig(**base)
+    assert defaults.probe == "sgd" and defaults.l2_grid is None and defaults.flip_features is False
+    with pytest.raises(ConfigError, match=r"^--probe must be one of sgd, lbfgs"):
+        TrainConfig(**base, probe="adam")
+    for bad in ({"strategy": "full"}, {"feature_cache": "off"}, {"aug": "seed"}):
+        with pytest.raises(ConfigError, match=r"^--probe lbfgs .*does not use the feature cache"):
+            TrainConfig(**base, probe="lbfgs", **bad)
+        with pytest.raises(ConfigError, match=r"^--flip-features .*does not use the feature cache"):
+            TrainConfig(**base, flip_features=True, **bad)
+    with pytest.raises(ConfigError, match=r"^--probe lbfgs .*non-linear --head"):
+        TrainConfig(**base, probe="lbfgs", head="seed")
+    with pytest.raises(ConfigError, match=r"^--flip-features .*non-linear --head"):
+        TrainConfig(**base, flip_features=True, head="seed")
+    with pytest.raises(ConfigError, match=r"^--l2-grid is the penalty path of --probe lbfgs"):
+        TrainConfig(**base, l2_grid=(0.1,))
+    for grid in ((), (0.1, 0.0), (0.1, -1.0), ("x",), (float("inf"),), (True,)):
+        with pytest.raises(ConfigError, match=r"^--l2-grid must be one or more numbers > 0"):
+            TrainConfig(**base, probe="lbfgs", l2_grid=grid)

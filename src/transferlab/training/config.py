@@ -6,6 +6,7 @@ values and combinations fail here with a sentence naming the option.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ CLASS_WEIGHTS = ("none", "balanced")
 SAMPLERS = ("shuffle", "balanced")
 FEATURE_CACHE = ("auto", "on", "off")
 EARLY_STOP = ("val_loss", "val_acc")
+PROBES = ("sgd", "lbfgs")
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,30 @@ class TrainConfig:
         default_text="never",
         group="optimisation",
     )
+    probe: str = option(
+        "sgd",
+        "how a linear probe on cached features is fitted: sgd = --epochs of minibatch --optimizer steps, the epoch "
+        "kept chosen on the holdout; lbfgs = multinomial logistic regression fitted to convergence (full-batch "
+        "L-BFGS) for each --l2-grid penalty, the best holdout NLL chosen, then refit on all of train",
+        choices=PROBES,
+        group="optimisation",
+    )
+    l2_grid: tuple[float, ...] | None = option(
+        None,
+        "--probe lbfgs: the L2 penalties tried, on standardised features, pulling the weights towards the ImageNet "
+        "rows (--head-init imagenet) or zero",
+        nargs="+",
+        metavar="L2",
+        default_text="1 0.3 0.1 ... 1e-4, half-decades",
+        group="optimisation",
+    )
+    flip_features: bool = option(
+        False,
+        "linear probe on cached features: also train on the features of each train image's horizontal mirror, and "
+        "score an image (holdout and report) on the mean of its and its mirror's features (for a linear head the "
+        "mean of the two logits); the mirrored features are extracted once and cached",
+        group="optimisation",
+    )
     feature_cache: str = option(
         "auto",
         "train a linear probe on cached backbone features (auto: whenever possible)",
@@ -185,11 +211,35 @@ class TrainConfig:
                 "--aug none, no --mixup/--cutmix, --sampler shuffle (random augmentation would "
                 "reach the backbone, so cached features would be wrong)"
             )
+        self._check_probe()
         if self.strategy == "scratch" and self.head_init == "imagenet":
             raise ConfigError("--head-init imagenet contradicts --strategy scratch (random init everywhere)")
         # Strategy and head specs validate their own options.
         self.strategy_spec()
         self.head_spec()
+
+    def _check_probe(self) -> None:
+        """``--probe lbfgs``, ``--l2-grid`` and ``--flip-features`` work on cached features with a linear head."""
+        if self.l2_grid is not None:
+            grid = tuple(self.l2_grid) if isinstance(self.l2_grid, list | tuple) else (self.l2_grid,)
+            bad = [v for v in grid if not isinstance(v, int | float) or isinstance(v, bool) or not 0 < v < math.inf]
+            if not grid or bad:
+                raise ConfigError(f"--l2-grid must be one or more numbers > 0, got {self.l2_grid!r}")
+            # A YAML or JSON list (config.yaml, a study spec) becomes the tuple the field holds.
+            object.__setattr__(self, "l2_grid", tuple(float(v) for v in grid))
+        linear_on_cache = self.use_feature_cache and self.head_spec().kind == "linear"
+        for name, used in (("probe", self.probe == "lbfgs"), ("flip_features", self.flip_features)):
+            if used and not linear_on_cache:
+                flag = "--probe lbfgs" if name == "probe" else "--flip-features"
+                raise ConfigError(
+                    f"{flag} fits a linear head on cached backbone features, but this run "
+                    + ("has a non-linear --head" if self.use_feature_cache else "does not use the feature cache")
+                    + ": it needs --strategy linear-probe with --head linear, --aug none, no --mixup/--cutmix, "
+                    "--sampler shuffle, --class-weights none, --standardize pretrained, no --init-from and "
+                    "--feature-cache auto/on"
+                )
+        if self.l2_grid is not None and self.probe != "lbfgs":
+            raise ConfigError("--l2-grid is the penalty path of --probe lbfgs; add --probe lbfgs or drop --l2-grid")
 
     @property
     def cacheable(self) -> bool:

@@ -56,6 +56,7 @@ from transferlab.runtime import resolve_device, resolve_precision, versions
 from transferlab.training.config import RunOptions, TrainConfig
 from transferlab.training.hooks import FitHooks, hooks_from_env
 from transferlab.training.interrupt import GracefulStop
+from transferlab.training.logistic import logits_of, scores, tune_logistic
 from transferlab.training.loop import Dist, EvalImages, FitData, TrainImages, fit, predict
 from transferlab.training.probe import ProbeConfig, fit_head, head_logits, stratified_holdout
 from transferlab.training.runs import backbone_from_run
@@ -233,6 +234,8 @@ class _Outcome:
     steps: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    #: The feature-cache probe's logits on the train holdout, from a head fitted without those rows.
+    holdout_logits: np.ndarray | None = None
 
 
 def _setup(cfg: TrainConfig, d: Any, bad_images: str = "error") -> _Setup:
@@ -393,6 +396,7 @@ def _train(
         write_steps(out / "steps.csv", res.steps)
     sample_ids = [report.sample_ids[i] for i in s.report_idx]
     write_predictions(predictions_path(out, cfg.report_split), res.logits, y_report, sample_ids, source.classes.ids)
+    _write_holdout(out, s, res.holdout_logits)
 
     title = f"{cfg.model} {res.strategy['strategy']} ({res.strategy['head']} head)"
     epochs = [r for r in res.history if r["epoch"] >= 1]
@@ -443,6 +447,20 @@ def _train(
     return metrics
 
 
+def _write_holdout(out: Path, s: _Setup, logits: np.ndarray | None) -> None:
+    """predictions/holdout.npz: the probe's predictions on the train holdout, from the head fitted without it, so
+    an ensemble can be fitted on them without touching the report split."""
+    if logits is None or not len(s.hold_pos):
+        return
+    if s.cfg.report_split == "holdout":
+        log.warning("not writing the train holdout's predictions: predictions/holdout.npz is the report split's")
+        return
+    train = s.train_split
+    idx = s.train_idx[s.hold_pos]
+    ids = [train.sample_ids[i] for i in idx]
+    write_predictions(predictions_path(out, "holdout"), logits, train.targets[idx], ids, s.source.classes.ids)
+
+
 def _probe_on_features(s: _Setup) -> _Outcome:
     """The frozen-backbone fast path: cached backbone outputs, then seconds of head training."""
     cfg, backbone, n_cls = s.cfg, s.backbone, s.num_classes
@@ -453,15 +471,67 @@ def _probe_on_features(s: _Setup) -> _Outcome:
     what = "feature_map" if model.head.needs_feature_map else "pre_logits"
     log.info(
         "strategy linear-probe: backbone %s frozen (BatchNorm eval), new %s head -> %d classes, head init %s; "
-        "training on cached %s features (%s)",
+        "training on cached %s features (%s), probe %s%s",
         cfg.model,
         cfg.head_spec(),
         n_cls,
         s.head_init,
         what,
         cache,
+        cfg.probe,
+        ", with mirrored features" if cfg.flip_features else "",
     )
-    tf = s.eval_transform()
+    t0 = time.perf_counter()
+    data = _probe_data(s, what, cache)
+    t_feat = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    head = model.head
+    if cfg.probe == "lbfgs":
+        history, best_epoch, stopped, probe_info, hold_logits = _fit_lbfgs(s, head, data)
+    else:
+        result = fit_head(head, data.x_fit, data.y_fit, data.x_hold, data.y_hold, ProbeConfig.of(cfg))
+        history, best_epoch, stopped = result.history, result.best_epoch, False
+        probe_info, hold_logits = {"solver": "sgd"}, head_logits(head, data.x_hold)
+    t_fit = time.perf_counter() - t1
+    probe_info |= {"flip_features": cfg.flip_features, "fit_rows": len(data.y_fit), "holdout_rows": len(data.y_hold)}
+    return _Outcome(
+        logits=head_logits(head, data.x_report),
+        history=history,
+        best_epoch=best_epoch,
+        params_trained=sum(p.numel() for p in head.parameters()),
+        model_state=model.state_dict(),
+        strategy={"strategy": "linear-probe", "bn": "eval", "head": str(cfg.head_spec())},
+        stopped_early=stopped,
+        info={
+            "feature_cache": {**data.hits, "dir": str(cache), "what": what},
+            "feature_seconds": round(t_feat, 2),
+            "fit_seconds": round(t_fit, 2),
+            "probe": probe_info,
+        },
+        holdout_logits=hold_logits,
+    )
+
+
+@dataclass
+class _ProbeData:
+    """The rows a probe fits, selects and reports on. With ``--flip-features`` a train image gives two fit rows
+    (its features and its mirror's) and a holdout or report image one row, the mean of the two."""
+
+    x_fit: np.ndarray
+    y_fit: np.ndarray
+    x_hold: np.ndarray
+    y_hold: np.ndarray
+    #: Every train row (fit and holdout): what ``--probe lbfgs`` refits on.
+    x_all: np.ndarray
+    y_all: np.ndarray
+    x_report: np.ndarray
+    #: metrics.json's feature_cache hits (``train_hit``, ``report_hit``, and the mirrored ones).
+    hits: dict[str, bool]
+
+
+def _probe_data(s: _Setup, what: str, cache: Path) -> _ProbeData:
+    """Cached features of the train and report images (and of their mirrors with ``--flip-features``)."""
+    cfg = s.cfg
     kw = dict(
         precision=s.precision,
         device=s.device,
@@ -471,29 +541,98 @@ def _probe_on_features(s: _Setup) -> _Outcome:
         progress=cfg.progress,
         what=what,
     )
-    t0 = time.perf_counter()
-    x_train, _, hit_train = cached_features(backbone, s.train_split, tf, indices=s.train_idx, **kw)
-    x_report, _, hit_report = cached_features(backbone, s.report, tf, indices=s.report_idx, **kw)
-    t_feat = time.perf_counter() - t0
+    tf = s.eval_transform()
+    x_train, _, hit_train = cached_features(s.backbone, s.train_split, tf, indices=s.train_idx, **kw)
+    x_report, _, hit_report = cached_features(s.backbone, s.report, tf, indices=s.report_idx, **kw)
     y = s.train_split.targets[s.train_idx]
-    probe = ProbeConfig.of(cfg)
-    t1 = time.perf_counter()
-    head = model.head
-    result = fit_head(head, x_train[s.fit_pos], y[s.fit_pos], x_train[s.hold_pos], y[s.hold_pos], probe)
-    t_fit = time.perf_counter() - t1
-    return _Outcome(
-        logits=head_logits(head, x_report),
-        history=result.history,
-        best_epoch=result.best_epoch,
-        params_trained=sum(p.numel() for p in head.parameters()),
-        model_state=model.state_dict(),
-        strategy={"strategy": "linear-probe", "bn": "eval", "head": str(cfg.head_spec())},
-        info={
-            "feature_cache": {"train_hit": hit_train, "report_hit": hit_report, "dir": str(cache), "what": what},
-            "feature_seconds": round(t_feat, 2),
-            "fit_seconds": round(t_fit, 2),
-        },
+    fit, hold = s.fit_pos, s.hold_pos
+    hits = {"train_hit": hit_train, "report_hit": hit_report}
+    if not cfg.flip_features:
+        return _ProbeData(x_train[fit], y[fit], x_train[hold], y[hold], x_train, y, x_report, hits)
+    m_train, _, hits["train_flip_hit"] = cached_features(
+        s.backbone, s.train_split, tf, indices=s.train_idx, flip=True, **kw
     )
+    m_report, _, hits["report_flip_hit"] = cached_features(
+        s.backbone, s.report, tf, indices=s.report_idx, flip=True, **kw
+    )
+    return _ProbeData(
+        x_fit=np.concatenate([x_train[fit], m_train[fit]]),
+        y_fit=np.concatenate([y[fit], y[fit]]),
+        x_hold=(x_train[hold] + m_train[hold]) * np.float32(0.5),
+        y_hold=y[hold],
+        x_all=np.concatenate([x_train, m_train]),
+        y_all=np.concatenate([y, y]),
+        x_report=(x_report + m_report) * np.float32(0.5),
+        hits=hits,
+    )
+
+
+def _fit_lbfgs(
+    s: _Setup, head: torch.nn.Module, data: _ProbeData
+) -> tuple[list[dict[str, float]], int, bool, dict[str, Any], np.ndarray]:
+    """``--probe lbfgs``: the tuned logistic regression, its final head put into ``head``.
+
+    The prior is the head as built: the ImageNet classifier rows when the head was warm-started (the numbers
+    ``TransferModel.from_backbone`` copied in), else zero. Returns the history (row 0 the prior, then one row
+    per penalty, strongest first), the chosen row, whether the path stopped early, metrics.json's ``probe``
+    entry and the chosen fit-split head's holdout logits (out-of-sample, unlike the refit head's).
+    """
+    fc = head.fc
+    prior = None
+    if s.head_init == "imagenet":
+        prior = (fc.weight.detach().numpy().copy(), fc.bias.detach().numpy().copy())
+    res = tune_logistic(
+        data.x_fit,
+        data.y_fit,
+        data.x_hold,
+        data.y_hold,
+        data.x_all,
+        data.y_all,
+        s.num_classes,
+        grid=s.cfg.l2_grid,
+        prior=prior,
+    )
+    with torch.no_grad():
+        fc.weight.copy_(torch.from_numpy(res.weight))
+        fc.bias.copy_(torch.from_numpy(res.bias))
+    start = prior or (np.zeros_like(res.weight), np.zeros_like(res.bias))
+    (ta, tl), (va, vl) = scores(start, data.x_fit, data.y_fit), scores(start, data.x_hold, data.y_hold)
+    history = [_history_row(0, tl, ta, vl, va, 0.0, 0)]
+    for i, r in enumerate(res.table, 1):
+        n = len(data.y_fit) * r["iterations"]
+        history.append(
+            _history_row(i, r["fit_nll"], r["fit_top1"], r["holdout_nll"], r["holdout_top1"], r["seconds"], n)
+        )
+    chosen = 1 + [r["l2"] for r in res.table].index(res.l2)
+    info = {
+        "solver": "lbfgs",
+        "prior": "imagenet" if prior is not None else "zero",
+        "l2": res.l2,
+        "l2_best_top1": res.l2_best_top1,
+        "selection": "lowest holdout NLL over the penalty path, then refit on all of train with that penalty",
+        "grid": res.table,
+        "refit": True,
+        "refit_rows": len(data.y_all),
+        "refit_iterations": res.refit["iterations"],
+        "refit_seconds": round(res.refit["seconds"], 2),
+        "n_fit": len(s.fit_pos),
+        "n_holdout": len(s.hold_pos),
+    }
+    return history, chosen, res.stopped_early, info, logits_of((res.fit_weight, res.fit_bias), data.x_hold)
+
+
+def _history_row(epoch: int, tl: float, ta: float, vl: float, va: float, secs: float, rows: int) -> dict[str, float]:
+    """A history.csv row for one penalty of the L-BFGS path (no learning rate; rows/s over its iterations)."""
+    return {
+        "epoch": epoch,
+        "train_loss": tl,
+        "train_acc": ta,
+        "val_loss": vl,
+        "val_acc": va,
+        "lr": float("nan"),
+        "seconds": secs,
+        "images_per_s": rows / secs if secs > 0 else 0.0,
+    }
 
 
 def _fit_loop(s: _Setup) -> _Outcome:
