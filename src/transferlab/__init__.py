@@ -19,6 +19,7 @@ _API = (
     "Folder",
     "Run",
     "Study",
+    "auto",
     "ensemble",
     "evaluate",
     "export",

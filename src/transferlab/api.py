@@ -28,6 +28,7 @@ from torch import nn
 
 from transferlab import _API
 from transferlab.artifacts.folders import CARD_FILE, folder_kind
+from transferlab.auto import AutoConfig, AutoResult, run_auto
 from transferlab.artifacts.predictions import Predictions, find_predictions, prediction_splits, read_predictions
 from transferlab.data import open_dataset as open_dataset  # re-exported: tl.open_dataset
 from transferlab.ensembles import EnsembleConfig, run_ensemble
@@ -251,6 +252,14 @@ def export(run: PathLike | Folder, *, out: PathLike, format: str = "safetensors"
     cfg = _config(ExportConfig, "export", {"run": Path(run), "out": Path(out), "format": format, **options})
     export_run(cfg)
     return Export(Path(out))
+
+
+def auto(*, data: PathLike, out: PathLike, budget: str = "20m", **options: Any) -> AutoResult:
+    """The best model for ``data`` in ``budget`` (``transferlab auto``): measure the candidates here, plan what
+    fits, run it as a study into ``out`` and report. ``dry_run=True`` returns the plan without running it."""
+    on_plan = options.pop("on_plan", None)
+    cfg = _config(AutoConfig, "auto", {"data": str(data), "out": Path(out), "budget": budget, **options})
+    return run_auto(cfg, on_plan=on_plan)
 
 
 def report(folders: Sequence[PathLike | Folder], *, out: PathLike, **options: Any) -> ReportResult:

@@ -109,6 +109,7 @@ COMMANDS: dict[str, str] = {
     "study": "run a whole study from a YAML spec: members, ensembles, report (resumable)",
     "predict": "predict classes of image files, folders or a dataset split with a run, export, ensemble or study",
     "export": "export a run as safetensors or ONNX with a model card, loadable without the run directory",
+    "auto": "the best model for the data in the time given: measure, plan, run as a study, report how sure",
 }
 
 #: The description at the top of each command's --help.
@@ -170,6 +171,15 @@ DESCRIPTIONS: dict[str, str] = {
         "and checks the graph in ONNX Runtime against PyTorch (fp32) on a few real images; the max abs difference "
         "is printed and stored in the card, and beyond --atol nothing is written and the exit status is 2."
     ),
+    "auto": (
+        "Measure each candidate backbone's throughput on this machine, predict what every candidate costs (tuned "
+        "linear probes on flip-averaged features per backbone, the zero-shot model, ensembles fitted on the train "
+        "holdout), choose what fits --budget, and run it as a study into OUT (rerunning reuses what finished). "
+        "Stops cleanly at the budget. The report answers first: the best model, its top-1 with interval on val "
+        "(which nothing was chosen on), the paired bootstrap against the best single member, what it cost; then "
+        "the plan (predicted and actual cost of every candidate, chosen or dropped and why) and how much more labels "
+        "would help. --dry-run prints the plan and its predicted cost and runs nothing."
+    ),
 }
 
 
@@ -183,6 +193,8 @@ def _config_class(name: str) -> type:
         from transferlab.reports.render import ReportConfig as cls  # lazy: as above (this one stays torch-free)
     elif name == "predict":
         from transferlab.prediction import PredictConfig as cls  # lazy: as above
+    elif name == "auto":
+        from transferlab.auto import AutoConfig as cls  # lazy: as above
     else:
         from transferlab.exports import ExportConfig as cls  # lazy: as above
     return cls
@@ -642,6 +654,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_auto(args: argparse.Namespace) -> int:
+    """``transferlab auto``."""
+    # lazy: a command loads only its own modules (torch alone takes seconds to import)
+    from transferlab import api
+    from transferlab.auto import AutoConfig
+
+    opts = _config_options(AutoConfig, args)
+    res = api.auto(on_plan=_print_plan, **opts)
+    if opts.get("dry_run"):
+        return 0
+    print(f"auto: done in {res.wall_s:.0f} s of a {res.plan.budget_s:.0f} s budget")
+    if res.report is not None:
+        print(f"report: {res.report}")
+    return 0
+
+
+def _print_plan(plan: Any) -> None:
+    print(f"plan on {plan.cpu}: {plan.n_train} train and {plan.n_report} val images, budget {plan.budget_s:.0f} s")
+    for m in plan.measurements:
+        print(f"  measured {m.model}@{m.img_size}: {m.images_per_s:.0f} images/s ({m.backend}), setup {m.setup_s:.1f} s")
+    for c in plan.candidates:
+        print(f"  {c.status:8s} {c.kind:9s} {c.name:24s} predicted {c.predicted_s:6.0f} s  {c.why}")
+    print(f"predicted total: {plan.predicted_s:.0f} s (measuring took {plan.spent_s:.0f} s)")
+
+
 #: Commands whose options are all their config's fields, and the function each runs.
 _CONFIG_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "evaluate": cmd_evaluate,
@@ -649,6 +686,7 @@ _CONFIG_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "report": cmd_report,
     "predict": cmd_predict,
     "export": cmd_export,
+    "auto": cmd_auto,
 }
 #: The other commands' parser builders.
 _BUILDERS: dict[str, Callable[[Any], None]] = {

@@ -1,0 +1,608 @@
+"""``transferlab auto``: the best model for a dataset in the time given, and how sure it is.
+
+The planner measures, on this machine, how fast each candidate backbone turns images into features (a few
+batches of the data, through the same inference engine and backend the run will use), predicts what every
+candidate costs, picks the portfolio that fits the budget, and runs it as a study (``OUT`` is a study folder:
+reuse, resume and the report come from :mod:`transferlab.studies`).
+
+Candidates, cheapest informative first:
+
+* a tuned linear probe per backbone at its native resolution: multinomial logistic regression by L-BFGS
+  on flip-averaged features, the penalty chosen on a class-stratified holdout of train and pulled towards
+  the ImageNet rows where they apply, then refit on all of train (``--probe lbfgs --flip-features``);
+* the zero-shot model of the first backbone (its ImageNet head on the dataset's classes: the features the
+  probe cached, so it costs a pass over nothing);
+* ensembles of the probes (greedy and weighted), fitted on the members' predictions on the train holdout
+  and reported on the report split, which nothing was chosen on.
+
+A candidate whose predicted cost does not fit what is left of the budget is dropped, and the plan says so.
+The study stops cleanly at the budget: a member that would start after it is skipped, everything finished
+is kept. Then, on the best probe's cached features, the label-budget curve: top-1 at 10/25/50/100% of the
+train images per class and a power law ``err = a * n^-b`` fitted to it, with bootstrap intervals, says what
+doubling the labels should buy. ``OUT/plan.json`` and ``OUT/labels.json`` (read by the report) hold both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferlab.data.resolve import DATA_HELP
+from transferlab.errors import ConfigError
+from transferlab.inference.engine import BACKEND
+from transferlab.io import atomic_write_json, atomic_write_text
+from transferlab.options import check, option
+from transferlab.runtime import DEVICE, PRECISION, WORKERS
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODELS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
+#: Fractions of the train images per class on the label-budget curve (the last one is all of train).
+LABEL_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+#: Images timed per backbone (after one warm-up batch, which also fills the conversion cache).
+MEASURE_IMAGES = 96
+#: Kept back from the budget for the ensembles, the label curve, the report and the slack between steps.
+RESERVE_S = 45.0
+#: A candidate is started only if its predicted cost fits this share of what is left (predictions err).
+FIT_SHARE = 0.95
+_BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
+
+
+def parse_budget(text: str | float | int) -> float:
+    """Seconds in ``90s``, ``20m``, ``1.5h`` or a bare number of seconds."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        value, unit = float(text), "s"
+    else:
+        m = _BUDGET.match(str(text))
+        if not m:
+            raise ConfigError(f"--budget {text!r}: give a duration such as 90s, 20m or 1.5h")
+        value, unit = float(m.group(1)), m.group(2) or "s"
+    seconds = value * {"s": 1, "m": 60, "h": 3600}[unit]
+    if not 10 <= seconds <= 7 * 24 * 3600:
+        raise ConfigError(f"--budget {text!r}: must be between 10 s and a week")
+    return seconds
+
+
+@dataclass(frozen=True)
+class AutoConfig:
+    """What ``transferlab auto`` is asked: the data, the budget, the candidates. Invalid values fail here."""
+
+    data: str = option(help=DATA_HELP, cli_default="tiny-imagenet-mini", default_text="tiny-imagenet-mini")
+    out: Path = option(help="study folder (created; rerunning reuses what finished)", required=True)
+    budget: str = option("20m", "wall-clock budget for everything, measurement included: 90s, 20m, 1.5h")
+    models: tuple[str, ...] = option(
+        DEFAULT_MODELS, "candidate backbones: timm names with weights here", nargs="+", metavar="MODEL"
+    )
+    weights: tuple[str, ...] | None = option(
+        None,
+        "weights of each of --models, in the same order (a file, hf-hub:..., auto)",
+        nargs="+",
+        metavar="WEIGHTS",
+        default_text="auto for each",
+    )
+    dry_run: bool = option(False, "measure the candidates, print the plan and its predicted cost, run nothing")
+    label_curve: bool = option(True, "measure how much more labels would help (the label-budget curve)", cli=False)
+    holdout: float = option(
+        0.1, "fraction of each train class held out to choose on", lo=0, hi=0.5, lo_open=True, hi_open=True
+    )
+    seed: int = option(0, "seed for the holdout, subsets and bootstraps", lo=0, hi=2**63 - 1)
+    backend: str = BACKEND.field("auto")
+    precision: str = PRECISION.field("auto")
+    device: str = DEVICE.field("auto")
+    workers: int = WORKERS.field(-1)
+    cache_dir: Path | None = option(None, "cache folder (decoded images, features, conversions)", default_text="the user cache")
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        check(self)
+        parse_budget(self.budget)
+        if not self.models:
+            raise ConfigError("--models: give at least one backbone")
+        if len(set(self.models)) != len(self.models):
+            raise ConfigError(f"--models {' '.join(self.models)}: each backbone once")
+        if self.weights is not None and len(self.weights) != len(self.models):
+            raise ConfigError(
+                f"--weights gives {len(self.weights)} sources for {len(self.models)} --models; give one per model"
+            )
+
+    def weights_of(self, model: str) -> str:
+        """The weights source of ``model`` (``auto`` unless --weights names one)."""
+        return "auto" if self.weights is None else self.weights[self.models.index(model)]
+
+    @property
+    def budget_s(self) -> float:
+        return parse_budget(self.budget)
+
+
+@dataclass
+class Candidate:
+    """One thing the planner may run, with its predicted cost and, once run, what it cost and scored."""
+
+    name: str
+    kind: str  # probe, zero-shot, ensemble
+    model: str
+    img_size: int | None
+    predicted_s: float
+    options: dict[str, Any] = field(default_factory=dict)
+    status: str = "planned"  # chosen, dropped, ran, skipped, failed
+    why: str = ""
+    actual_s: float | None = None
+    holdout_top1: float | None = None
+
+    def row(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("options")
+        d["predicted_s"] = round(self.predicted_s, 1)
+        return d
+
+
+@dataclass
+class Measurement:
+    """Throughput of one backbone's feature pass on this machine, and what its passes cost besides."""
+
+    model: str
+    img_size: int
+    images_per_s: float
+    setup_s: float
+    dim: int
+    backend: str
+    num_classes: int
+
+
+@dataclass
+class Plan:
+    """The candidates (chosen and dropped), the measurements behind them, and the predicted total."""
+
+    budget_s: float
+    n_train: int
+    n_report: int
+    measurements: list[Measurement]
+    candidates: list[Candidate]
+    spent_s: float  # before the study starts: opening the data, decoding, measuring
+    cpu: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def chosen(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.status == "chosen"]
+
+    @property
+    def predicted_s(self) -> float:
+        return self.spent_s + sum(c.predicted_s for c in self.chosen) + RESERVE_S
+
+    def to_dict(self, actual_s: float | None = None) -> dict[str, Any]:
+        return {
+            "budget_s": round(self.budget_s, 1),
+            "predicted_s": round(self.predicted_s, 1),
+            "actual_s": None if actual_s is None else round(actual_s, 1),
+            "cpu": self.cpu,
+            "n_train": self.n_train,
+            "n_report": self.n_report,
+            "measured": [asdict(m) for m in self.measurements],
+            "candidates": [c.row() for c in self.candidates],
+            "notes": self.notes,
+        }
+
+
+def cpu_name() -> str:
+    """The CPU model, for every speed figure the plan records."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def _fit_seconds(n: int, dim: int, classes: int, flops: float) -> float:
+    """Predicted seconds of a tuned probe: about 600 L-BFGS function evaluations over the penalty path and the
+    refit, each a forward and a backward matmul pair over the (flip-doubled) rows."""
+    return 600 * 3 * 2.0 * n * dim * classes / flops + 2.0
+
+
+def _matmul_flops() -> float:
+    """Float32 matmul rate of this machine (what the L-BFGS probe spends its time in)."""
+    import torch
+
+    a, b = torch.randn(4096, 1280), torch.randn(1280, 200)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    return 10 * 2.0 * 4096 * 1280 * 200 / max(time.perf_counter() - t0, 1e-6)
+
+
+def measure_backbone(cfg: AutoConfig, model: str, split: Any) -> Measurement:
+    """Images per second of ``model``'s pooled-feature pass at its native resolution on real images of
+    ``split``, through the engine and backend the run will use; a warm-up batch first (it also fills the
+    conversion cache the run then hits)."""
+    from transferlab.inference.engine import make_eval_transform, predict_logits
+    from transferlab.inference.features import pre_logits
+    from transferlab.models.backbones import create_backbone
+    from transferlab.runtime import resolve_device, resolve_precision
+
+    t0 = time.perf_counter()
+    backbone = create_backbone(model, cfg.weights_of(model))
+    size = backbone.preprocessing.input_size
+    tf = make_eval_transform(backbone.preprocessing, size)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, "auto", device)
+    rng = np.random.default_rng(cfg.seed)
+    idx = np.sort(rng.choice(len(split), size=min(len(split), 32 + MEASURE_IMAGES), replace=False))
+    kw = dict(precision=precision, device=device, batch_size=32, forward=pre_logits, progress=False)
+    info: dict[str, Any] = {}
+    feats = predict_logits(backbone, split, tf, indices=idx[:32], backend=cfg.backend, info=info, **kw)
+    setup = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    predict_logits(backbone, split, tf, indices=idx[32:], backend=cfg.backend, **kw)
+    rate = (len(idx) - 32) / max(time.perf_counter() - t1, 1e-6)
+    # The warm-up batch's own compute is not setup: take it out at the measured rate.
+    return Measurement(
+        model=model,
+        img_size=size,
+        images_per_s=round(rate, 1),
+        setup_s=round(max(0.0, setup - 32 / rate), 2),
+        dim=int(feats.shape[1]),
+        backend=str(info.get("backend", "torch")),
+        num_classes=backbone.num_classes,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning
+
+
+def probe_options(cfg: AutoConfig, m: Measurement) -> dict[str, Any]:
+    """The study member of a tuned probe on ``m``'s backbone."""
+    return {
+        "model": m.model,
+        "weights": cfg.weights_of(m.model),
+        "strategy": "linear-probe",
+        "probe": "lbfgs",
+        "flip_features": True,
+        "img_size": m.img_size,
+        "holdout": cfg.holdout,
+        "backend": cfg.backend,
+    }
+
+
+def choose(
+    cfg: AutoConfig,
+    measurements: list[Measurement],
+    n_train: int,
+    n_report: int,
+    n_classes: int,
+    spent_s: float,
+    flops: float,
+) -> list[Candidate]:
+    """Every candidate with its predicted cost, chosen or dropped (with why) to fit the budget."""
+    left = cfg.budget_s - spent_s - RESERVE_S
+    out: list[Candidate] = []
+    probes = []
+    for m in measurements:
+        variants = []
+        for flip in (True, False):
+            views = 2 if flip else 1
+            # One feature pass per split and view (train, report; and their mirrors), each with its own setup.
+            cost = (
+                views * (n_train + n_report) / m.images_per_s
+                + 2 * views * m.setup_s
+                + _fit_seconds(views * n_train, m.dim, n_classes, flops)
+            )
+            opts = probe_options(cfg, m) | {"flip_features": flip}
+            variants.append(Candidate(f"{_short(m.model)}-probe", "probe", m.model, m.img_size, cost, opts))
+        probes.append(variants)
+    # Cheapest backbone first; each with mirrored features where they fit, else without.
+    for flipped, plain in sorted(probes, key=lambda v: v[0].predicted_s):
+        if flipped.predicted_s <= FIT_SHARE * left:
+            c = flipped
+            c.status, c.why = "chosen", f"fits: predicted {c.predicted_s:.0f} s of {left:.0f} s left"
+        elif plain.predicted_s <= FIT_SHARE * left:
+            c = plain
+            c.status = "chosen"
+            c.why = (
+                f"without mirrored features ({flipped.predicted_s:.0f} s with them): predicted {c.predicted_s:.0f} s "
+                f"of {left:.0f} s left"
+            )
+        else:
+            c = plain
+            c.status, c.why = "dropped", f"predicted {c.predicted_s:.0f} s, only {max(left, 0):.0f} s left"
+        if c.status == "chosen":
+            left -= c.predicted_s
+        out.append(c)
+    first = measurements[0]
+    zs_probe = next(c for c in out if c.model == first.model)
+    zs = Candidate(f"{_short(first.model)}-zero-shot", "zero-shot", first.model, first.img_size, 5.0)
+    zs.options = {
+        "kind": "zero-shot",
+        "model": first.model,
+        "weights": cfg.weights_of(first.model),
+        "img_size": first.img_size,
+        "backend": cfg.backend,
+        **_run_options(cfg),
+    }
+    if first.num_classes != 1000:
+        zs.status, zs.why = "dropped", "the backbone has no ImageNet-1k head"
+    elif zs_probe.status != "chosen":
+        zs.status, zs.why = "dropped", "reads the features of its backbone's probe, which did not fit"
+    else:
+        zs.status, zs.why = "chosen", "the pretrained model as it is (reads its probe's cached features)"
+    out.append(zs)
+    chosen_probes = [c.name for c in out if c.kind == "probe" and c.status == "chosen"]
+    for method in ("greedy", "weighted"):
+        e = Candidate(f"{method}", "ensemble", f"ensemble of {len(chosen_probes)}", None, 3.0)
+        e.options = {"method": method, "members": chosen_probes, "select": "holdout"}
+        if len(chosen_probes) >= 2:
+            e.status, e.why = "chosen", "fitted on the probes' train-holdout predictions, reported on data none chose on"
+        else:
+            e.status, e.why = "dropped", "needs two probes"
+        out.append(e)
+    return out
+
+
+def _run_options(cfg: AutoConfig) -> dict[str, Any]:
+    """How every member runs (the same for trained and zero-shot members)."""
+    opts: dict[str, Any] = {"precision": cfg.precision, "device": cfg.device, "workers": cfg.workers}
+    if cfg.cache_dir is not None:
+        opts["cache_dir"] = str(cfg.cache_dir)
+    return opts
+
+
+def _short(model: str) -> str:
+    return model.replace("tf_efficientnet_", "").replace("_", "-")
+
+
+def spec_doc(cfg: AutoConfig, plan: Plan) -> dict[str, Any]:
+    """The study spec of the chosen candidates."""
+    members = {c.name: dict(c.options) for c in plan.chosen if c.kind != "ensemble"}
+    ensembles = {c.name: dict(c.options) for c in plan.chosen if c.kind == "ensemble"}
+    return {
+        "name": "auto",
+        "description": f"transferlab auto: the best model in {cfg.budget} on {cfg.data}",
+        "data": cfg.data,
+        "report_split": "val",
+        "defaults": {"seed": cfg.seed, **_run_options(cfg)},
+        "members": members,
+        "ensembles": ensembles,
+    }
+
+
+def make_plan(cfg: AutoConfig, t_start: float) -> Plan:
+    """Open the data (decoding it once into the cache), measure every candidate backbone, choose."""
+    from transferlab.data import open_dataset
+    from transferlab.data.decoded import decode_split
+    from transferlab.data.resolve import cache_dir as user_cache_dir
+
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else user_cache_dir()
+    source = open_dataset(cfg.data)
+    train = source.split("train")
+    report = source.split("val")
+    if not cfg.dry_run:
+        # Every member reads the decoded cache; building it now makes the measurement read what the run reads.
+        train = decode_split(train, cache, progress=cfg.progress)
+        report = decode_split(report, cache, progress=cfg.progress)
+    measurements = []
+    for model in cfg.models:
+        log.info("auto: measuring %s on %d images of %s", model, MEASURE_IMAGES, source.name)
+        m = measure_backbone(cfg, model, train)
+        log.info("auto: %s@%d: %.0f images/s (%s), setup %.1f s", model, m.img_size, m.images_per_s, m.backend, m.setup_s)
+        measurements.append(m)
+    flops = _matmul_flops()
+    spent = time.perf_counter() - t_start
+    plan = Plan(
+        budget_s=cfg.budget_s,
+        n_train=len(train),
+        n_report=len(report),
+        measurements=measurements,
+        candidates=choose(cfg, measurements, len(train), len(report), len(source.classes), spent, flops),
+        spent_s=spent,
+        cpu=cpu_name(),
+    )
+    plan.notes.append(
+        f"measured on {plan.cpu}: opening, decoding and measuring took {spent:.0f} s of the {cfg.budget_s:.0f} s budget"
+    )
+    return plan
+
+
+# --------------------------------------------------------------------------------------------------
+# The label-budget curve
+
+
+def _per_class_subset(y: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
+    keep = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        keep.append(rng.choice(idx, size=min(per_class, len(idx)), replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def fit_power_law(n: np.ndarray, err: np.ndarray) -> tuple[float, float]:
+    """(a, b) of ``err = a * n^-b`` by least squares in log-log space."""
+    slope, intercept = np.polyfit(np.log(n), np.log(np.clip(err, 1e-6, None)), 1)
+    return float(np.exp(intercept)), float(-slope)
+
+
+def label_curve(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_report: np.ndarray,
+    y_report: np.ndarray,
+    num_classes: int,
+    *,
+    l2: float,
+    prior: tuple[np.ndarray, np.ndarray] | None,
+    fractions: tuple[float, ...] = LABEL_FRACTIONS,
+    seeds: int = 2,
+    n_boot: int = 500,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Top-1 on the report rows of the probe refit on ``fraction`` of each train class (averaged over ``seeds``
+    draws below 100%), with bootstrap intervals over the report rows, and the power law through it: what
+    doubling the labels per class should add, with the interval of that over the same bootstrap."""
+    from transferlab.training.logistic import fit_logistic, logits_of
+
+    counts = np.bincount(y_train, minlength=num_classes)
+    full = int(np.median(counts[counts > 0]))
+    correct = []  # (F, N) per-row correctness, averaged over the draws
+    per_class = []
+    for frac in fractions:
+        k = max(1, round(frac * full))
+        draws = 1 if frac >= 1.0 else seeds
+        hits = np.zeros(len(y_report))
+        for s in range(draws):
+            rng = np.random.default_rng([seed, s, k])
+            idx = np.arange(len(y_train)) if frac >= 1.0 else _per_class_subset(y_train, k, rng)
+            w, b, _ = fit_logistic(x_train[idx], y_train[idx], num_classes, l2=l2, prior=prior)
+            hits += logits_of((w, b), x_report).argmax(1) == y_report
+        correct.append(hits / draws)
+        per_class.append(k)
+    c = np.stack(correct)
+    n = np.asarray(per_class, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    boot = c[:, rng.integers(0, c.shape[1], (n_boot, c.shape[1]))].mean(axis=2)  # (F, B)
+    acc = c.mean(axis=1)
+    a, b = fit_power_law(n, 1 - acc)
+    gains = []
+    for j in range(boot.shape[1]):
+        aj, bj = fit_power_law(n, 1 - boot[:, j])
+        gains.append(aj * n[-1] ** -bj * (1 - 2.0**-bj))
+    lo_g, hi_g = np.percentile(gains, [2.5, 97.5])
+    return {
+        "points": [
+            {
+                "fraction": float(f),
+                "per_class": int(k),
+                "top1": float(acc[i]),
+                "lo": float(np.percentile(boot[i], 2.5)),
+                "hi": float(np.percentile(boot[i], 97.5)),
+            }
+            for i, (f, k) in enumerate(zip(fractions, per_class, strict=True))
+        ],
+        "fit": {
+            "form": "err = a * n^-b",
+            "a": a,
+            "b": b,
+            "c": 0.0,
+            "doubling_gain": float(a * n[-1] ** -b * (1 - 2.0**-b)),
+            "doubling_lo": float(lo_g),
+            "doubling_hi": float(hi_g),
+            "at_per_class": int(n[-1]),
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class AutoResult:
+    """What ``auto`` did: the plan (with actual costs), the study folder, its report."""
+
+    plan: Plan
+    out: Path
+    report: Path | None = None
+    wall_s: float = 0.0
+    labels: dict[str, Any] | None = None
+
+
+def _holdout_top1(d: Path) -> float | None:
+    from transferlab.artifacts.predictions import predictions_path, read_predictions
+
+    p = predictions_path(d, "holdout")
+    if not p.exists():
+        return None
+    pred = read_predictions(p)
+    return float((pred.logits.argmax(1) == pred.targets).mean())
+
+
+def run_auto(cfg: AutoConfig, *, on_plan: Callable[[Plan], None] | None = None) -> AutoResult:
+    """Plan, then (unless ``dry_run``) run the plan as a study into ``cfg.out`` within the budget."""
+    from transferlab.studies import parse_spec, run_study
+
+    t0 = time.perf_counter()
+    deadline = t0 + cfg.budget_s
+    plan = make_plan(cfg, t0)
+    if on_plan is not None:
+        on_plan(plan)
+    out = Path(cfg.out)
+    if cfg.dry_run:
+        return AutoResult(plan=plan, out=out, wall_s=time.perf_counter() - t0)
+    if not plan.chosen:
+        raise ConfigError(
+            f"--budget {cfg.budget}: no candidate fits ({'; '.join(c.name + ': ' + c.why for c in plan.candidates)}); "
+            "give a larger budget or fewer --models"
+        )
+    doc = spec_doc(cfg, plan)
+    text = json.dumps(doc, indent=2)
+    spec = parse_spec(doc, where="auto plan", text=text)
+    by_name = {c.name: c for c in plan.candidates}
+    result = AutoResult(plan=plan, out=out)
+
+    def before_report(study: Any) -> None:
+        for step in study.steps:
+            c = by_name.get(step.name)
+            if c is None:
+                continue
+            c.status = {"skipped": "skipped", "failed": "failed"}.get(step.status, "ran")
+            c.actual_s = round(step.seconds, 1)
+            if step.status == "skipped":
+                c.why = "the budget ran out before it could start"
+            if c.kind == "probe" and step.status != "skipped":
+                c.holdout_top1 = _holdout_top1(step.dir)
+        if cfg.label_curve:
+            result.labels = _label_curve_for(cfg, plan, out)
+            if result.labels is not None:
+                atomic_write_json(out / "labels.json", result.labels)
+        atomic_write_json(out / "plan.json", plan.to_dict(actual_s=time.perf_counter() - t0))
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "auto.json", text)
+    study = run_study(spec, out, progress=cfg.progress, deadline=deadline, before_report=before_report)
+    result.report = study.report
+    result.wall_s = time.perf_counter() - t0
+    atomic_write_json(out / "plan.json", plan.to_dict(actual_s=result.wall_s))
+    return result
+
+
+def _label_curve_for(cfg: AutoConfig, plan: Plan, out: Path) -> dict[str, Any] | None:
+    """The label-budget curve of the cheapest probe that ran (its cached features, its chosen penalty)."""
+    ran = [c for c in plan.candidates if c.kind == "probe" and c.status == "ran"]
+    if not ran:
+        return None
+    best = min(ran, key=lambda c: c.predicted_s)
+    d = out / "members" / best.name
+    try:
+        metrics = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
+        l2 = float(metrics["probe"]["l2"])
+        x_train, y_train, x_report, y_report, prior = _probe_features(d)
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        log.warning("auto: no label-budget curve (%s: %s)", type(e).__name__, e)
+        return None
+    t0 = time.perf_counter()
+    curve = label_curve(
+        x_train, y_train, x_report, y_report, int(y_train.max()) + 1, l2=l2, prior=prior, seed=cfg.seed
+    )
+    log.info("auto: label-budget curve of %s in %.0f s", best.name, time.perf_counter() - t0)
+    return {"member": best.name, "model": best.model, "split": "val", **curve}
+
+
+def _probe_features(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Any]:
+    """The flip-averaged train and report features a probe run used (cache hits), its targets and its prior."""
+    from transferlab.training.run import probe_inputs
+
+    return probe_inputs(run_dir)

@@ -1,0 +1,95 @@
+"""``transferlab auto``: the budget is parsed and enforced, the plan takes the cheapest informative candidates
+that fit and says why it drops the rest, the label-budget curve and its power law recover a known law, and a
+whole run on a tiny dataset writes a study, its plan and its curve within the budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from transferlab.auto import (
+    RESERVE_S,
+    AutoConfig,
+    Measurement,
+    choose,
+    fit_power_law,
+    label_curve,
+    parse_budget,
+)
+from transferlab.errors import ConfigError
+
+
+def test_budget_reads_seconds_minutes_hours_and_names_the_option() -> None:
+    assert parse_budget("90s") == 90
+    assert parse_budget("20m") == 1200
+    assert parse_budget("1.5h") == 5400
+    assert parse_budget("600") == 600
+    for bad in ("twenty minutes", "5", "-3m", "20 min"):
+        with pytest.raises(ConfigError, match="--budget"):
+            parse_budget(bad)
+
+
+def test_config_refuses_weights_that_do_not_match_the_models(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--weights gives 1 sources for 2 --models"):
+        AutoConfig(data="d", out=tmp_path, models=("a", "b"), weights=("w",))
+    with pytest.raises(ConfigError, match="each backbone once"):
+        AutoConfig(data="d", out=tmp_path, models=("a", "a"))
+
+
+def _m(model: str, rate: float, dim: int = 1280) -> Measurement:
+    return Measurement(model, 224, rate, 2.0, dim, "openvino", 1000)
+
+
+def test_plan_takes_the_cheapest_first_and_drops_what_does_not_fit(tmp_path: Path) -> None:
+    cfg = AutoConfig(data="d", out=tmp_path, budget="10m", models=("fast", "mid", "slow"))
+    ms = [_m("fast", 400.0), _m("mid", 200.0), _m("slow", 50.0)]
+    cands = choose(cfg, ms, 20_000, 5_000, 200, spent_s=30.0, flops=5e10)
+    by = {c.name: c for c in cands}
+    assert [c.name for c in cands if c.kind == "probe"] == ["fast-probe", "mid-probe", "slow-probe"]
+    # 50,000 images (with mirrors) at 50 images/s is 1,000 s: more than the 10-minute budget
+    assert by["slow-probe"].status == "dropped" and "left" in by["slow-probe"].why
+    assert by["fast-probe"].status == by["mid-probe"].status == "chosen"
+    chosen = sum(c.predicted_s for c in cands if c.status == "chosen")
+    assert 30.0 + chosen + RESERVE_S <= 600
+    # the zero-shot model reads the first backbone's probe features; ensembles need two probes
+    assert by["fast-zero-shot"].status == "chosen"
+    assert by["greedy"].status == "chosen" and by["greedy"].options["select"] == "holdout"
+    assert by["greedy"].options["members"] == ["fast-probe", "mid-probe"]
+
+
+def test_a_budget_for_one_probe_gets_no_ensemble(tmp_path: Path) -> None:
+    cfg = AutoConfig(data="d", out=tmp_path, budget="5m", models=("fast", "mid"))
+    cands = choose(cfg, [_m("fast", 400.0), _m("mid", 200.0)], 20_000, 5_000, 200, spent_s=30.0, flops=5e10)
+    by = {c.name: c for c in cands}
+    assert by["fast-probe"].status == "chosen" and by["mid-probe"].status == "dropped"
+    assert by["greedy"].status == "dropped" and by["greedy"].why == "needs two probes"
+
+
+def test_power_law_is_recovered() -> None:
+    n = np.array([10.0, 25, 50, 100])
+    a, b = fit_power_law(n, 2.0 * n**-0.4)
+    assert a == pytest.approx(2.0, rel=1e-6) and b == pytest.approx(0.4, rel=1e-6)
+
+
+def test_label_curve_rises_with_labels_and_predicts_a_positive_gain() -> None:
+    rng = np.random.default_rng(0)
+    c, d, per = 5, 16, 40
+    centres = rng.normal(size=(c, d)) * 1.2
+    y = np.repeat(np.arange(c), per)
+    x = centres[y] + rng.normal(size=(len(y), d))
+    yr = np.repeat(np.arange(c), 60)
+    xr = centres[yr] + rng.normal(size=(len(yr), d))
+    curve = label_curve(
+        x.astype(np.float32), y, xr.astype(np.float32), yr, c, l2=1e-3, prior=None, n_boot=200, seeds=2
+    )
+    pts = curve["points"]
+    assert [p["per_class"] for p in pts] == [4, 10, 20, 40]
+    assert pts[-1]["top1"] > pts[0]["top1"] > 1 / c
+    for p in pts:
+        assert p["lo"] <= p["top1"] <= p["hi"]
+    fit = curve["fit"]
+    assert fit["doubling_gain"] > 0 and fit["doubling_lo"] <= fit["doubling_gain"] <= fit["doubling_hi"]
+    json.dumps(curve)  # what labels.json holds
