@@ -470,6 +470,7 @@ def _probe_on_features(s: _Setup) -> _Outcome:
         workers=s.workers,
         progress=cfg.progress,
         what=what,
+        backend=cfg.backend,
     )
     t0 = time.perf_counter()
     x_train, _, hit_train = cached_features(backbone, s.train_split, tf, indices=s.train_idx, **kw)
