@@ -237,3 +237,16 @@ def test_backend_is_one_option_for_evaluate_predict_and_train(tmp_path: Path) ->
         PredictConfig(source=tmp_path, inputs=("x.jpg",), backend="openvino2")
     with pytest.raises(ConfigError, match="--backend"):
         TrainConfig(model="m", data="d", out=tmp_path, backend="ov")
+
+
+@needs_openvino
+def test_compiling_twice_from_one_converted_model(net, cache) -> None:
+    """The NHWC input layout is added to a copy: the converted model itself stays NCHW (profile_model compiles
+    one conversion in several configurations)."""
+    ov_model, _, _ = ovb.converted_model(net, None, "logits", 64, BF16_CL, cache)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    outs = []
+    for _ in range(2):
+        compiled = ovb._compile(ov_model, BF16_CL, True, 1, 1)
+        outs.append(ovb.OpenVinoRunner(compiled, nhwc=True, fwd="logits", info={})(x))
+    torch.testing.assert_close(outs[0], outs[1])

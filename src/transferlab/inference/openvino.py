@@ -297,7 +297,7 @@ def _compile(ov_model: Any, precision: Precision, nhwc: bool, streams: int, thre
     if nhwc:
         from openvino.preprocess import PrePostProcessor
 
-        ppp = PrePostProcessor(ov_model)
+        ppp = PrePostProcessor(ov_model.clone())  # the processor edits the model it is given
         ppp.input().tensor().set_layout(ov.Layout("NHWC"))
         ppp.input().model().set_layout(ov.Layout("NCHW"))
         ov_model = ppp.build()
