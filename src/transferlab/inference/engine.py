@@ -3,7 +3,9 @@
 One loop serves evaluate, zero-shot, feature extraction and the feature cache: the decoded cache's
 whole-batch gather (or per-image PIL decoding in DataLoader workers when a split has no decoded cache), resize
 and standardisation as tensors, a copy of the model with BatchNorm folded into its convolutions, two inference
-streams on a CPU, and glibc heap reuse.
+streams on a CPU, and glibc heap reuse. With ``backend`` ``auto`` or ``openvino`` the model itself runs in
+OpenVINO's CPU runtime instead, converted once and checked against PyTorch first
+(:mod:`transferlab.inference.openvino`); everything around it stays the same.
 """
 
 from __future__ import annotations
