@@ -138,11 +138,7 @@ def model_outputs(
     pixels = pixel_array(split)
     runner = None
     if len(indices) and resolve_backend(backend, device) == "openvino":
-        check = _check_batch(split, transform, indices, pixels, mean, std, precision, device)
-        with eval_mode(model):
-            runner = openvino_runner(
-                model, forward, size=transform.size, precision=precision, check=check, streams=streams
-            )
+        runner = _converted(model, forward, split, transform, indices, pixels, (mean, std), precision, device, streams)
     model = _torch_model(model, runner, fold, transform.size, device, precision, streams, info)
     loader = _batches(split, transform, indices, pixels, batch_size, device, workers, worker_init_fn)
     out: np.ndarray | None = None
@@ -159,7 +155,8 @@ def model_outputs(
             with precision.autocast():
                 return (model(x) if forward is None else forward(model, x)).float()
 
-    with eval_mode(model), reuse_freed_memory(device), _streams(device, streams) as run:
+    # The runner's OpenVINO objects are released when the loop ends, here, not when garbage collection finds them.
+    with _released(runner), eval_mode(model), reuse_freed_memory(device), _streams(device, streams) as run:
         for batch in tqdm(loader, desc=desc or f"eval {split.name}", unit="batch", disable=disable, leave=False):
             x = batch[0].to(device, non_blocking=True)
             if pixels is None:
@@ -172,6 +169,33 @@ def model_outputs(
     if out is None:
         return np.empty((0, 0), dtype=np.float32)  # no samples: the width is unknown
     return out
+
+
+@contextmanager
+def _released(runner: OpenVinoRunner | None) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if runner is not None:
+            runner.close()
+
+
+def _converted(
+    model: torch.nn.Module,
+    forward: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None,
+    split: ImageSplit,
+    transform: EvalTransform,
+    indices: np.ndarray,
+    pixels: np.ndarray | None,
+    norm: tuple[Any, Any],
+    precision: Precision,
+    device: torch.device,
+    streams: bool,
+) -> OpenVinoRunner | None:
+    """The OpenVINO runner for this model, checked on the run's first images (None: torch runs)."""
+    check = _check_batch(split, transform, indices, pixels, norm[0], norm[1], precision, device)
+    with eval_mode(model):
+        return openvino_runner(model, forward, size=transform.size, precision=precision, check=check, streams=streams)
 
 
 def _torch_model(

@@ -271,12 +271,23 @@ class OpenVinoRunner:
         #: ``logits``: the converted model is the plain model, so a TTA forward can run around it.
         self.fwd = fwd
         self.info = info
-        self._local = threading.local()
+        self._requests: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Release the infer requests and the compiled model now, in the calling thread, instead of whenever the
+        garbage collector or a stream thread's exit gets to them (OpenVINO objects torn down at such points
+        took the process down)."""
+        with self._lock:
+            self._requests.clear()
+            self.compiled = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        req = getattr(self._local, "request", None)
-        if req is None:
-            req = self._local.request = self.compiled.create_infer_request()
+        tid = threading.get_ident()
+        with self._lock:
+            req = self._requests.get(tid)
+            if req is None:
+                req = self._requests[tid] = self.compiled.create_infer_request()
         a = x.detach().float()
         if self.nhwc:
             a = a.permute(0, 2, 3, 1)  # a channels_last tensor is contiguous NHWC memory: no copy
