@@ -250,3 +250,43 @@ def test_compiling_twice_from_one_converted_model(net, cache) -> None:
         compiled = ovb._compile(ov_model, BF16_CL, True, 1, 1)
         outs.append(ovb.OpenVinoRunner(compiled, nhwc=True, fwd="logits", info={})(x))
     torch.testing.assert_close(outs[0], outs[1])
+
+
+_TWO_MODELS_THEN_A_CHILD = """
+import signal, subprocess, sys
+import torch
+from transferlab.inference import openvino as ovb
+from transferlab.runtime import Precision
+
+# PyTorch's DataLoader installs a Python SIGCHLD handler like this one (Python handlers run on the thread's
+# alternate signal stack); a child exiting then delivers SIGCHLD to this thread.
+signal.signal(signal.SIGCHLD, lambda *a: None)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten()).eval()
+bf16 = Precision(dtype=torch.bfloat16, channels_last=True, device_type="cpu")
+x = torch.randn(4, 3, 16, 16)
+first = ovb.openvino_runner(model, None, size=16, precision=bf16, check=x, cache_dir=sys.argv[1])
+second = ovb.openvino_runner(model, None, size=16, precision=bf16, check=x, cache_dir=sys.argv[1])
+assert first is not None and second is not None
+first.close()  # released in the order they were made, not the reverse
+second.close()
+for _ in range(5):
+    subprocess.run(["true"], check=True)
+print("ok")
+"""
+
+
+@needs_openvino
+def test_releasing_two_models_out_of_order_leaves_no_dangling_signal_stack(tmp_path: Path) -> None:
+    """Without the guard around OpenVINO's compile and release, the thread is left with a freed alternate signal
+    stack and the first SIGCHLD kills the process (SIGSEGV, exit -11): the full suite died this way."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "two_models.py"
+    script.write_text(_TWO_MODELS_THEN_A_CHILD, encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "cache")], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.strip().endswith("ok")

@@ -30,21 +30,32 @@ Threads. One OpenVINO stream per half batch (``NUM_STREAMS`` 2 with two or more 
 torch would have used (``INFERENCE_NUM_THREADS``), pinned (``ENABLE_CPU_PINNING``). The engine's two
 stream threads each hold their own infer request; the gather and resize of the decoded cache stay in those
 threads at one torch thread each, so no more threads compute than there are cores.
+
+Signal stacks. OpenVINO's CPU plugin installs an alternate signal stack of its own on the thread that compiles
+a model and puts back the one it found when that model is destroyed. Two models destroyed in another order than
+they were compiled leave the thread pointing at freed memory, and the next signal whose handler runs on the
+alternate stack (every Python-level handler does; PyTorch's DataLoader installs one for SIGCHLD) kills the
+process with SIGSEGV, typically when a child process exits. Every compile and every release of a compiled
+model therefore runs inside :func:`signal_stack_kept`, which puts the calling thread's own stack back.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +81,30 @@ BF16_FACTOR = 2.0
 BF16_FLOOR = 2e-2
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+class _SignalStack(ctypes.Structure):
+    """glibc's ``stack_t`` on Linux (``sigaltstack(2)``)."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def signal_stack_kept() -> Iterator[None]:
+    """Run the block, then give the calling thread back the alternate signal stack it had before (Linux; a
+    no-op elsewhere). See "Signal stacks" in the module docstring for why OpenVINO calls need it."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    saved = _SignalStack()
+    if libc.sigaltstack(None, ctypes.byref(saved)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(saved), None)
 
 
 def openvino_version() -> str | None:
@@ -278,9 +313,10 @@ class OpenVinoRunner:
         """Release the infer requests and the compiled model now, in the calling thread, instead of whenever the
         garbage collector or a stream thread's exit gets to them (OpenVINO objects torn down at such points
         took the process down)."""
-        with self._lock:
+        with self._lock, signal_stack_kept():
             self._requests.clear()
             self.compiled = None
+            gc.collect()  # anything else that still held them goes now, inside the guard
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         tid = threading.get_ident()
@@ -319,7 +355,8 @@ def _compile(ov_model: Any, precision: Precision, nhwc: bool, streams: int, thre
         "INFERENCE_NUM_THREADS": str(threads),
         "ENABLE_CPU_PINNING": "YES",
     }
-    return ov.Core().compile_model(ov_model, "CPU", config)
+    with signal_stack_kept():
+        return ov.Core().compile_model(ov_model, "CPU", config)
 
 
 def _relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -398,6 +435,7 @@ def openvino_runner(
         "setup_s": round(setup_s, 3),
     }
     runner = OpenVinoRunner(compiled, nhwc=nhwc, fwd=fwd, info=info)
+    del compiled  # the runner owns it now and releases it in close(), inside the signal-stack guard
     check_fwd = None if fwd == "logits" else forward
     ok, err, tol = numerics_check(runner, model, check_fwd, check, precision)
     info.update(check_images=len(check), check_error=err, check_tolerance=tol)
@@ -411,6 +449,7 @@ def openvino_runner(
             err,
             tol,
         )
+        runner.close()
         return None
     log.info(
         "inference backend: openvino %s, %s, %d stream(s) x %d thread(s) pinned, conversion %s (%s, %.1f s); "
