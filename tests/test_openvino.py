@@ -16,7 +16,7 @@ from transferlab.data.transforms import EvalTransform
 from transferlab.errors import ConfigError
 from transferlab.inference import openvino as ovb
 from transferlab.inference.engine import model_outputs
-from transferlab.inference.features import pre_logits
+from transferlab.inference.features import mirrored, pre_logits
 from transferlab.inference.tta import tta_forward
 from transferlab.runtime import Precision
 
@@ -111,6 +111,17 @@ def test_feature_forward_and_tta_run_in_openvino(net, split, cache) -> None:
     lp, info = _run(net, split, "openvino", forward=tta)  # TTA runs around the converted logits model
     assert info["backend"] == "openvino" and lp.shape == (20, 2)
     np.testing.assert_allclose(lp, lp_t, atol=1e-4, rtol=1e-4)
+
+
+@needs_openvino
+def test_mirrored_features_run_in_openvino(net, split, cache) -> None:
+    """The probe's flipped pass converts the plain feature forward and flips each batch before it runs."""
+    feats_t, _ = _run(net, split, "torch", forward=mirrored(pre_logits))
+    feats, info = _run(net, split, "openvino", forward=mirrored(pre_logits))
+    assert info["backend"] == "openvino"
+    np.testing.assert_allclose(feats, feats_t, atol=1e-4, rtol=1e-4)
+    plain, _ = _run(net, split, "openvino", forward=pre_logits)
+    assert np.abs(plain - feats).max() > 1e-3  # the images were mirrored, not passed through
 
 
 @needs_openvino

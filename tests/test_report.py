@@ -95,6 +95,57 @@ def make_run(root: Path, name: str, *, acc: float, seed: int, img_size: int = 64
     return out
 
 
+FIXTURES = Path(__file__).parent / "fixtures" / "report"
+# Members as a study writes them, with the names, strategies and costs of a real quick study, so the summary
+# table is as wide as a real one (short test names would fit any layout).
+STUDY_MEMBERS = {
+    "lite0-linear": dict(acc=0.8, seed=1, img_size=224, model="tf_efficientnet_lite0", strategy="linear-probe"),
+    "lite0-zero-shot": dict(acc=0.6, seed=2, img_size=224, model="tf_efficientnet_lite0", strategy=None),
+    "lite1-linear": dict(acc=0.85, seed=3, img_size=240, model="tf_efficientnet_lite1", strategy="linear-probe"),
+    "lite0-bn-seed": dict(acc=0.4, seed=4, img_size=64, model="tf_efficientnet_lite0", strategy="bn-only"),
+    "small-cnn": dict(acc=0.2, seed=5, img_size=32, model="small_cnn", strategy="scratch"),
+}
+STUDY_ENSEMBLES = ("mean", "vote", "weighted", "greedy")
+
+
+def _as_study_member(run: Path, model: str, strategy: str | None) -> None:
+    """Rewrite make_run's metrics.json with a real member's model, strategy and costs."""
+    m = json.loads((run / "metrics.json").read_text())
+    m.update(model=model, params_trained=256200, wall_s=104.7, train_seconds=2.7, feature_seconds=94.9)
+    m["head_init"] = "imagenet" if strategy == "linear-probe" else "random"
+    m["epochs_run"], m["best_epoch"] = 10, 4
+    if strategy is None:  # a zero-shot evaluation: the ImageNet head, nothing trained
+        for k in ("strategy", "params_trained", "head_init", "epochs_run", "best_epoch", "epochs", "train_seconds"):
+            m.pop(k, None)
+        m.update(mode="zero-shot", wall_s=1.3)
+    else:
+        m["strategy"] = strategy
+    (run / "metrics.json").write_text(json.dumps(m, indent=2))
+
+
+def make_study(root: Path, *, plan: str | None = "plan.json", labels: str | None = "labels.json") -> Path:
+    """A study folder laid out as `transferlab study` writes it (members/, ensembles/), with the planner's plan and
+    labels files copied from tests/fixtures/report (None leaves one out). Returns the folder."""
+    for name, kw in STUDY_MEMBERS.items():
+        kw = dict(kw)
+        model, strategy = kw.pop("model"), kw.pop("strategy")
+        _as_study_member(make_run(root / "members", name, **kw), model, strategy)
+    members = tuple(str(root / "members" / n) for n in STUDY_MEMBERS)
+    for method in STUDY_ENSEMBLES:
+        run_ensemble(EnsembleConfig(members=members, out=root / "ensembles" / method, method=method, n_boot=100))
+    for fixture, name in ((plan, "plan.json"), (labels, "labels.json")):
+        if fixture is not None:
+            (root / name).write_bytes((FIXTURES / fixture).read_bytes())
+    return root
+
+
+def study_dirs(root: Path) -> tuple[str, ...]:
+    """The folders `transferlab study` passes to its report: members first, then ensembles."""
+    return tuple(str(root / "members" / n) for n in STUDY_MEMBERS) + tuple(
+        str(root / "ensembles" / e) for e in STUDY_ENSEMBLES
+    )
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with two runs, an ensemble of them and an unfinished run (no metrics.json yet)."""
@@ -275,3 +326,138 @@ def test_reliability_bins_agree_with_ece() -> None:
     assert from_bins == pytest.approx(expected_calibration_error(p, t, 15), abs=1e-12)
     png = F.reliability_png(p, t, title="x", ece=from_bins)
     assert png.startswith(PNG_SIGNATURE)
+
+
+# --------------------------------------------------------------------------------------------------
+# The page's order, the single ensemble chart, and the planner's sections (plan.json, labels.json)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory):
+    """The report `transferlab study` would build for a study folder with plan.json and labels.json."""
+    root = make_study(tmp_path_factory.mktemp("study"))
+    return build_report(ReportConfig(study_dirs(root), root / "report", title="Study"))
+
+
+def _sections(page: str) -> list[str]:
+    return re.findall(r'<h2 id="([^"]+)">', page)
+
+
+def test_the_answer_comes_before_the_evidence(report) -> None:
+    page = report.html.read_text(encoding="utf-8")
+    assert _sections(page)[:3] == ["answer", "summary", "ensembles-vs-members"]
+    answer = page[page.index('<h2 id="answer">') : page.index('<h2 id="summary">')]
+    cards = re.findall(r'<div class="k">(.*?)</div><div class="v">(.*?)</div>', answer)
+    assert cards[0] == ("Best model", report.best)
+    assert cards[-1][0] == "Cost"
+    if report.best == "ens":
+        assert [k for k, _ in cards] == [
+            "Best model",
+            "Top-1 on the report half of val",
+            "vs best single member",
+            "Cost",
+        ]
+        assert re.search(r"ens (beats|is worse than|is not shown to beat) its best member run-a", answer)
+    else:
+        assert cards[2][0] == "vs runner-up"
+    md = report.markdown.read_text(encoding="utf-8")
+    assert md.index("## Answer") < md.index("## Summary") and "- **Best model:**" in md
+
+
+def test_summary_table_keeps_every_fact_in_fewer_columns(report) -> None:
+    page = report.html.read_text(encoding="utf-8")
+    table = re.search(r'<h2 id="summary">.*?<thead>(.*?)</thead>', page, re.S)
+    assert table is not None
+    heads = re.findall(r"<th[^>]*>(.*?)</th>", table.group(1))
+    assert len(heads) == 12 and "train time" not in heads and "resolution" not in heads
+    run_a = _summary_rows(page)[0]
+    # The resolution sits under the backbone, the epochs under the strategy; the epoch time went to Provenance.
+    assert "64 px" in run_a and "5 epochs, kept 3" in run_a and "4.0 s" in run_a
+    assert "2.5 s in epochs" in page
+
+
+def test_one_chart_shows_every_ensemble_beside_the_members(study) -> None:
+    res = study
+    names = [p.stem for p in res.figures]
+    assert [n for n in names if "all-models" in n] == ["top1-all-models"]
+    assert not [n for n in names if n.startswith("ensemble-") or n == "overview-top1"]
+    page = res.html.read_text(encoding="utf-8")
+    assert page.count("ensemble(s) and their members") == 1
+    for e in STUDY_ENSEMBLES:
+        assert re.search(rf"{e} (beats|is worse than|is not shown to beat) its best member", page)
+
+
+def test_runs_without_ensembles_answer_with_a_paired_test_against_the_runner_up(runs: Path, tmp_path: Path) -> None:
+    res = build_report(ReportConfig((str(runs / "run-a"), str(runs / "run-b")), tmp_path / "r"))
+    page = res.html.read_text(encoding="utf-8")
+    assert res.best == "run-a" and "ensembles-vs-members" not in _sections(page)
+    assert any(p.stem == "overview-top1" for p in res.figures)  # the runs' chart stays in the summary
+    m = re.search(r'<div class="k">vs runner-up</div><div class="v">(.*?)</div><div class="d">(.*?)</div>', page)
+    assert m is not None and m.group(1).startswith("+")
+    assert "over run-b; 95% interval" in m.group(2) and f"the same {N_VAL_PER_CLASS * 3} samples" in m.group(2)
+
+
+def test_study_report_shows_the_plan_and_the_labels_curve(study) -> None:
+    res = study
+    page = res.html.read_text(encoding="utf-8")
+    sections = _sections(page)
+    assert sections.index("would-more-labels-help") < sections.index("plan") < sections.index("calibration")
+    sentence = "Doubling the labels (100 → 200 per class) should add about +2.1 pt top-1 (1.5 to 2.7)."
+    assert page.count(sentence) == 2  # in the answer and in its section
+    assert any(p.stem == "labels-curve" for p in res.figures)
+    plan = page[page.index('<h2 id="plan">') : page.index('<h2 id="calibration">')]
+    assert "Budget 20.0 min; predicted 18.3 min; took 19.2 min (96% of the budget), on AMD EPYC 7B13." in plan
+    rows = re.findall(r"<tr[^>]*>.*?</tr>", plan.split("<tbody>")[1], re.S)
+    assert len(rows) == 6 and sum("class=best" in r for r in rows) == 2  # the chosen ones
+    assert "tf_efficientnet_lite0 @ 224" in rows[0] and "70.50%" in rows[0] and "cheapest informative" in rows[0]
+    assert "dropped" in rows[3] and rows[3].count("<td class=num>—</td>") == 2  # no actual cost, no holdout top-1
+    md = res.markdown.read_text(encoding="utf-8")
+    assert "## Plan" in md and "## Would more labels help?" in md and "figures/labels-curve.png" in md
+
+
+def test_planner_sections_need_a_study_folder(report, runs: Path, tmp_path: Path) -> None:
+    """Folders outside a study's members/ and ensembles/ have no planner files: no sections. Naming the study
+    folder shows them whatever the layout."""
+    assert not {"plan", "would-more-labels-help"} & set(_sections(report.html.read_text(encoding="utf-8")))
+    folder = tmp_path / "planner"
+    folder.mkdir()
+    for name in ("plan.json", "labels.json"):
+        (folder / name).write_bytes((FIXTURES / name).read_bytes())
+    res = build_report(ReportConfig((str(runs / "run-a"),), tmp_path / "r", study=folder))
+    assert {"plan", "would-more-labels-help"} <= set(_sections(res.html.read_text(encoding="utf-8")))
+
+
+@pytest.mark.parametrize(
+    ("plan", "labels", "gone", "why"),
+    [
+        ("plan-damaged.json", "labels.json", "plan", "holdout_top1 = 71.3 is outside [0, 1]"),
+        ("plan.json", "labels-truncated.json", "would-more-labels-help", "cannot read it as JSON"),
+        ("plan.json", "labels-partial.json", "would-more-labels-help", "points[2]: top1 is missing"),
+    ],
+)
+def test_a_damaged_planner_file_is_skipped_with_a_warning(
+    plan: str, labels: str, gone: str, why: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = make_study(tmp_path / "s", plan=plan, labels=labels)
+    with caplog.at_level("WARNING", logger="transferlab.reports"):
+        res = build_report(ReportConfig(study_dirs(root), root / "report"))
+    sections = _sections(res.html.read_text(encoding="utf-8"))
+    assert gone not in sections
+    assert {"plan", "would-more-labels-help"} - {gone} <= set(sections)  # the other file still shows
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(why in m and "leaves its section out" in m for m in said), said
+
+
+def test_an_ensemble_fitted_elsewhere_is_shown_on_its_whole_split(runs: Path, tmp_path: Path) -> None:
+    """Only an ensemble fitted on half of its split reports on the other half; one whose protocol fitted it
+    elsewhere (e.g. on the members' train holdout) is on the whole split, and the report says so."""
+    import shutil
+
+    ens = tmp_path / "ens"
+    shutil.copytree(runs / "ens", ens)
+    m = json.loads((ens / "metrics.json").read_text())
+    m["protocol"]["mode"] = "holdout"
+    (ens / "metrics.json").write_text(json.dumps(m))
+    res = build_report(ReportConfig((str(runs / "run-a"), str(runs / "run-b"), str(ens)), tmp_path / "r"))
+    row = _summary_rows(res.html.read_text(encoding="utf-8"))[2]
+    assert "ensemble of 2" in row and "report half" not in row

@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 from builders import tiny_imagenet_files, write_folder
-from test_report import N_VAL_PER_CLASS, make_run
+from test_report import N_VAL_PER_CLASS, make_run, make_study, study_dirs
 from transferlab.ensembles import EnsembleConfig, run_ensemble
 from transferlab.reports.render import ReportConfig, build_report
 
@@ -72,6 +72,54 @@ window.addEventListener("load", function () {{
 # level is always INFO whatever console method was called, so the level cannot tell errors apart.
 CONSOLE_RE = re.compile(r':CONSOLE[:(]\d*\)?\]\s*"(?P<msg>.*)", source: (?P<source>\S*)')
 INTERNAL_SOURCES = ("chrome://", "chrome-extension://", "chrome-untrusted://", "devtools://")
+
+
+# Appended to a copy of the report like CHECK_SCRIPT: where things landed in a window of a given width, as a reader
+# sees it. The summary table is the first table after the Summary heading; "fits" means its right edge is inside
+# the viewport and its scroll container hides nothing (a table in an overflow box can be cut with its edge "inside").
+LAYOUT_ID = "transferlab-layout"
+LAYOUT_SCRIPT = f"""
+<script>
+window.addEventListener("load", function () {{
+  function box(el) {{
+    if (!el) return null;
+    var r = el.getBoundingClientRect();
+    return {{left: r.left, right: r.right, top: r.top + window.scrollY, bottom: r.bottom + window.scrollY}};
+  }}
+  var table = document.querySelector("#summary ~ .tw > table");
+  var wrap = table ? table.parentElement : null;
+  var heads = table ? Array.prototype.map.call(table.querySelectorAll("th"), function (th) {{
+    return {{text: th.textContent, right: th.getBoundingClientRect().right}};
+  }}) : [];
+  var sections = Array.prototype.map.call(document.querySelectorAll("main h2"), function (h) {{ return h.id; }});
+  var main = document.querySelector("main");
+  var first = main.querySelector("h1 ~ nav").nextElementSibling;
+  var images = Array.prototype.map.call(document.images, function (im) {{
+    var b = box(im);
+    return {{alt: im.alt, ok: im.complete && im.naturalWidth > 0, right: b.right, top: b.top}};
+  }});
+  var cards = Array.prototype.map.call(document.querySelectorAll("#answer ~ .cards .card"), function (c) {{
+    var b = box(c);
+    var k = c.querySelector(".k");
+    return {{label: k ? k.textContent : "", text: c.textContent, top: b.top, bottom: b.bottom, right: b.right}};
+  }});
+  var pre = document.createElement("pre");
+  pre.id = "{LAYOUT_ID}";
+  pre.textContent = JSON.stringify({{
+    viewport: document.documentElement.clientWidth,
+    table: table ? box(table) : null,
+    wrap: wrap ? {{scroll: wrap.scrollWidth, client: wrap.clientWidth}} : null,
+    heads: heads,
+    sections: sections,
+    first: first ? (first.id || first.tagName) : null,
+    tops: sections.reduce(function (o, id) {{ o[id] = box(document.getElementById(id)).top; return o; }}, {{}}),
+    images: images,
+    cards: cards
+  }});
+  document.body.appendChild(pre);
+}});
+</script>
+"""
 
 
 @dataclass(frozen=True)
@@ -158,6 +206,23 @@ def load_in_browser(browser: str, page: str, work: Path) -> PageLoad:
     return PageLoad(verdict["total"], verdict["broken"], page_console(proc.stderr), proc.stderr)
 
 
+def layout_in_browser(browser: str, page: str, work: Path, width: int = 1400, height: int = 900) -> dict:
+    """Open a copy of `page` in a `width` x `height` window; LAYOUT_SCRIPT's measurements (CSS pixels, tops from
+    the start of the page)."""
+    work.mkdir(parents=True, exist_ok=True)
+    copy = work / "report-layout.html"
+    copy.write_text(page + LAYOUT_SCRIPT, encoding="utf-8")
+    proc = headless_run(
+        browser,
+        [f"--window-size={width},{height}", "--virtual-time-budget=5000", "--dump-dom", copy.as_uri()],
+        work,
+        done="</html>",
+    )
+    m = re.search(rf'<pre id="{LAYOUT_ID}">(.*?)</pre>', proc.stdout, re.S)
+    assert m is not None, f"the layout script left no measurements in the DOM\n{proc.stderr[-3000:]}"
+    return json.loads(html.unescape(m.group(1)))
+
+
 def artifact_dir() -> Path:
     d = Path(os.environ.get("TRANSFERLAB_TEST_ARTIFACTS") or REPO / "test-artifacts")
     d.mkdir(parents=True, exist_ok=True)
@@ -222,3 +287,74 @@ def test_check_catches_a_corrupt_image(browser: str, report_html: Path, tmp_path
     assert load.total == len(re.findall(r"<img\b", page))
     assert load.broken == [html.unescape(alt.group(1))]
     assert len(load.console) == 1 and f"{CHECK_ID}: 1 broken image" in load.console[0], load.console
+
+
+@pytest.fixture(scope="module")
+def study_html(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """report.html of a study folder as `transferlab study` lays it out (five members named and trained like the
+    quick study's, four ensembles), with the planner's plan.json and labels.json beside members/ and ensembles/."""
+    root = make_study(tmp_path_factory.mktemp("browser-study"))
+    return build_report(ReportConfig(study_dirs(root), root / "report", title="Study quick")).html
+
+
+@pytest.fixture(scope="module")
+def study_layout(browser: str, study_html: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return layout_in_browser(browser, study_html.read_text(encoding="utf-8"), tmp_path_factory.mktemp("layout"))
+
+
+def test_summary_table_fits_a_1400px_window(study_layout: dict) -> None:
+    """Every column of the summary table is on screen at 1400 px: nothing past the right edge of the window, and
+    nothing hidden in its scroll box."""
+    vw, table, wrap = study_layout["viewport"], study_layout["table"], study_layout["wrap"]
+    assert vw == 1400, f"window is {vw} px wide, not 1400"
+    assert table is not None, "no summary table after the Summary heading"
+    assert table["right"] <= vw, f"summary table ends at {table['right']:.0f} px, past the {vw} px window"
+    assert wrap["scroll"] <= wrap["client"], f"summary table is {wrap['scroll']} px in a {wrap['client']} px box"
+    cut = [h["text"] for h in study_layout["heads"] if h["right"] > vw]
+    assert not cut, f"columns past the right edge: {cut}"
+
+
+def test_one_chart_compares_every_ensemble_with_the_members(study_layout: dict, study_html: Path) -> None:
+    alts = [im["alt"] for im in study_layout["images"]]
+    charts = [im for im in study_layout["images"] if "ensemble(s) and their members" in im["alt"]]
+    assert len(charts) == 1, f"expected one ensembles-vs-members chart, found {len(charts)}: {alts}"
+    assert charts[0]["ok"] and charts[0]["right"] <= study_layout["viewport"]
+    assert not [a for a in alts if re.fullmatch(r"top-1 of \S+ and its members.*", a)], "per-ensemble charts remain"
+    # The chart sits in its section, before the planner's sections and the details.
+    tops = study_layout["tops"]
+    assert tops["ensembles-vs-members"] < charts[0]["top"] < tops["calibration"]
+
+
+def test_the_answer_comes_first(study_layout: dict) -> None:
+    """The first thing after the title and the section links is the answer, and its cards (best model, top-1, how
+    sure, cost) are on screen without scrolling."""
+    assert study_layout["first"] == "answer", f"the page starts with {study_layout['first']}, not the answer"
+    assert study_layout["sections"][:3] == ["answer", "summary", "ensembles-vs-members"], study_layout["sections"]
+    cards = study_layout["cards"]
+    labels = [c["label"] for c in cards]
+    assert labels == ["Best model", "Top-1 on the report half of val", "vs best single member", "Cost"], labels
+    assert max(c["bottom"] for c in cards) <= 900, "the answer's cards are below the first screen"
+    assert max(c["right"] for c in cards) <= study_layout["viewport"]
+
+
+def test_plan_and_labels_sections_when_their_files_exist(
+    study_layout: dict, browser: str, report_html: Path, tmp_path: Path
+) -> None:
+    sections = study_layout["sections"]
+    assert "plan" in sections and "would-more-labels-help" in sections, sections
+    assert sections.index("would-more-labels-help") < sections.index("calibration")
+    curve = [im for im in study_layout["images"] if im["alt"].startswith("top-1 against the number of labels")]
+    assert len(curve) == 1 and curve[0]["ok"]
+    # The two-run report has neither file: neither section.
+    other = layout_in_browser(browser, report_html.read_text(encoding="utf-8"), tmp_path / "plain")
+    assert "plan" not in other["sections"] and "would-more-labels-help" not in other["sections"]
+    assert other["first"] == "answer"
+
+
+def test_study_screenshot_is_kept(browser: str, study_html: Path, tmp_path: Path) -> None:
+    """A 1400 px screenshot of the study report's first screens, for a human to look at."""
+    shot = tmp_path / "study.png"
+    headless_run(browser, ["--window-size=1400,2600", f"--screenshot={shot}", study_html.as_uri()], tmp_path, shot)
+    shutil.copyfile(shot, artifact_dir() / "report-study-1400.png")
+    with Image.open(shot) as im:
+        assert im.size == (1400, 2600)

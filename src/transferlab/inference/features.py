@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,18 @@ def feature_map(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 FORWARDS = {"pre_logits": pre_logits, "feature_map": feature_map}
 
+Forward = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+
+
+def mirrored(forward: Forward) -> Forward:
+    """``forward`` applied to the horizontal mirror of the (standardised, B x 3 x H x W) batch."""
+
+    def run(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return forward(model, torch.flip(x, dims=[3]))
+
+    run.mirror_of = forward  # type: ignore[attr-defined]  # lets the OpenVINO backend convert ``forward`` itself
+    return run
+
 
 def cached_features(
     backbone: Backbone,
@@ -113,14 +126,18 @@ def cached_features(
     workers: int = 1,
     progress: bool | None = None,
     what: str = "pre_logits",
+    flip: bool = False,
     backend: str = "torch",
     info: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, Path, bool]:
     """Backbone outputs of ``split[indices]``: from the cache when present, else computed and stored.
 
     ``what`` is ``pre_logits`` (pooled vectors, for a linear head) or ``feature_map`` (for the seed
-    head). Returns (features float32 (N, ...), cache file, whether it was a cache hit). ``backend`` and
-    ``info``: as for :func:`~transferlab.inference.engine.model_outputs`.
+    head). ``flip`` computes them on the horizontal mirror of each input (the standardised batch flipped
+    left-right, as TTA's ``flip`` view): another entry, whose transform in the key says ``+ hflip``, so
+    the unflipped entries written before this option existed keep their names. Returns (features float32
+    (N, ...), cache file, whether it was a cache hit). ``backend`` and ``info``: as for
+    :func:`~transferlab.inference.engine.model_outputs`.
     """
     if what not in FORWARDS:
         raise ValueError(f"what must be one of {sorted(FORWARDS)}, not {what!r}")
@@ -128,22 +145,29 @@ def cached_features(
         model=backbone.name,
         weights=weights_fingerprint(backbone.model),
         samples=split_fingerprint(split, indices),
-        transform=repr(transform),
+        transform=repr(transform) + (" + hflip" if flip else ""),
         preprocessing=json.dumps(backbone.preprocessing.to_dict(), sort_keys=True),
         precision=precision.name,
         what=what,
         pipeline="tensor" if pixel_array(split) is not None else "pil",
         backend=resolve_backend(backend, device),
     )
-    path = Path(cache_dir) / f"{backbone.name}-{split.name}-{what}-{key.digest()}.npz"
+    view = "-hflip" if flip else ""
+    path = Path(cache_dir) / f"{backbone.name}-{split.name}-{what}{view}-{key.digest()}.npz"
     if path.exists():
         feats = _load(path, len(indices), key)
         if feats is not None:
             log.info("feature cache hit: %s (%d x %d)", path, *feats.shape)
             return feats, path, True
     log.info(
-        "feature cache: extracting %s features for %d %s images -> %s", backbone.name, len(indices), split.name, path
+        "feature cache: extracting %s features for %d %s images%s -> %s",
+        backbone.name,
+        len(indices),
+        split.name,
+        " (mirrored)" if flip else "",
+        path,
     )
+    forward = mirrored(FORWARDS[what]) if flip else FORWARDS[what]
     feats = predict_logits(
         backbone,
         split,
@@ -154,8 +178,8 @@ def cached_features(
         batch_size=batch_size,
         workers=workers,
         progress=progress,
-        forward=FORWARDS[what],
-        desc=f"features {split.name}",
+        forward=forward,
+        desc=f"features {split.name}{' mirrored' if flip else ''}",
         backend=backend,
         info=info,
     )

@@ -306,6 +306,8 @@ class OpenVinoRunner:
         #: ``logits``: the converted model is the plain model, so a TTA forward can run around it.
         self.fwd = fwd
         self.info = info
+        #: Flip each batch left-right before it runs (the engine asked for the features of mirrored inputs).
+        self.mirror = False
         self._requests: dict[int, Any] = {}
         self._lock = threading.Lock()
 
@@ -325,6 +327,8 @@ class OpenVinoRunner:
             if req is None:
                 req = self._requests[tid] = self.compiled.create_infer_request()
         a = x.detach().float()
+        if self.mirror:
+            a = torch.flip(a, dims=[3])
         if self.nhwc:
             a = a.permute(0, 2, 3, 1)  # a channels_last tensor is contiguous NHWC memory: no copy
         arr = np.ascontiguousarray(a.numpy())
@@ -400,6 +404,14 @@ def openvino_runner(
 
     ``check`` is a few real images of the run, standardised as the model sees them.
     """
+    inner = getattr(forward, "mirror_of", None)
+    if inner is not None:  # the features of mirrored inputs: convert the plain forward, flip before it runs
+        runner = openvino_runner(
+            model, inner, size=size, precision=precision, check=check, streams=streams, cache_dir=cache_dir
+        )
+        if runner is not None:
+            runner.mirror = True
+        return runner
     fwd = forward_name(forward)
     if fwd is None and wraps_model(forward):
         fwd = "logits"

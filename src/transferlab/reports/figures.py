@@ -167,6 +167,150 @@ def interval_chart_png(rows: Sequence[Interval], *, title: str = "", xlabel: str
     return to_png(fig)
 
 
+@dataclass(frozen=True)
+class Bar:
+    """One model in the ranking chart: top-1 with its 95% interval (fractions in [0, 1])."""
+
+    label: str
+    value: float
+    lo: float | None
+    hi: float | None
+    kind: str = "member"
+    """``member``, ``best`` (the best single member) or ``ensemble``: decides the colour."""
+    note: str = ""
+    """Written after the value, e.g. an ensemble's paired gain over the best member."""
+
+
+def _finite(*xs: float | None) -> bool:
+    return all(x is not None and math.isfinite(x) for x in xs)
+
+
+def ranking_png(rows: Sequence[Bar], *, title: str = "", reference: float | None = None) -> bytes:
+    """Every model on one chart: horizontal top-1 bars with 95% whiskers, in the order given (best first).
+
+    One chart instead of one per ensemble: the ensembles of a study share their members and their report
+    samples, so separate charts repeat the same member rows and hide the comparison a reader wants,
+    ensembles against each other. Bars start at 0 so their lengths compare honestly; ``reference`` (the
+    best single member's top-1) is drawn as a dashed line across, so a gain of a point or two still shows.
+    """
+    colours = {"member": NEUTRAL, "best": BEST, "ensemble": ENSEMBLE}
+    n = len(rows)
+    fig = _figure(8.6, 1.15 + 0.36 * max(n, 1))
+    ax = fig.subplots()
+    _style(ax)
+    ax.grid(True, axis="x", color=GRID)
+    ax.grid(False, axis="y")
+    tops = [0.0]
+    for i, r in enumerate(rows):
+        y = n - 1 - i
+        c = colours.get(r.kind, NEUTRAL)
+        value = r.value if math.isfinite(r.value) else 0.0
+        ax.barh(y, value, height=0.66, color=c, alpha=0.88 if r.kind != "member" else 0.7)
+        end = value
+        if _finite(r.lo, r.hi):
+            ax.plot([r.lo, r.hi], [y, y], color=TEXT, lw=1.3, solid_capstyle="butt")
+            ax.plot([r.lo, r.lo], [y - 0.14, y + 0.14], color=TEXT, lw=1.1)
+            ax.plot([r.hi, r.hi], [y - 0.14, y + 0.14], color=TEXT, lw=1.1)
+            end = max(end, float(r.hi))  # type: ignore[arg-type]
+        tops.append(end)
+        text = f"{100 * r.value:.2f}%" + (f"  {r.note}" if r.note else "")
+        ax.annotate(text, (end, y), xytext=(5, 0), textcoords="offset points", va="center", fontsize=8.5, color=TEXT)
+    if reference is not None and math.isfinite(reference):
+        ax.axvline(reference, color=BEST, ls="--", lw=1.1, zorder=4)
+    ax.set_yticks(range(n))
+    ax.set_yticklabels([r.label for r in reversed(rows)], fontsize=9)
+    ax.set_ylim(-0.6, n - 0.4)
+    ax.set_xlim(0, min(1.0, max(tops) * 1.25 + 0.02))
+    ax.xaxis.set_major_formatter(_percent_formatter())
+    ax.set_xlabel("top-1 accuracy (whiskers: 95% interval)")
+    _ranking_legend(fig, {r.kind for r in rows}, reference)
+    if title:
+        ax.set_title(title, fontsize=10, loc="left")
+    return to_png(fig)
+
+
+def _ranking_legend(fig: Any, kinds: set[str], reference: float | None) -> None:
+    """One row under the chart, outside the axes: inside, it would cover the short bars at the bottom."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles: list[Any] = []
+    if "member" in kinds:
+        handles.append(Patch(color=NEUTRAL, alpha=0.7, label="single member"))
+    if "best" in kinds:
+        handles.append(Patch(color=BEST, alpha=0.88, label="best single member"))
+    if "ensemble" in kinds:
+        handles.append(Patch(color=ENSEMBLE, alpha=0.88, label="ensemble"))
+    if reference is not None and math.isfinite(reference):
+        handles.append(Line2D([], [], color=BEST, ls="--", lw=1.1, label="best single member's top-1"))
+    if handles:
+        fig.legend(handles=handles, fontsize=8, frameon=False, loc="outside lower center", ncol=len(handles))
+
+
+@dataclass(frozen=True)
+class LabelsPoint:
+    """Top-1 at ``n`` labels per class, with its 95% interval."""
+
+    n: float
+    top1: float
+    lo: float | None = None
+    hi: float | None = None
+
+
+def labels_png(
+    points: Sequence[LabelsPoint],
+    *,
+    curve: Any = None,
+    extend_to: float | None = None,
+    gain_at: float | None = None,
+    title: str = "",
+) -> bytes:
+    """Top-1 against labels per class on a log axis: the measured points and the fitted curve.
+
+    ``curve`` maps an array of n to predicted top-1; it is drawn solid over the measured range and dashed
+    from the largest n to ``extend_to``, because beyond the data it is an extrapolation and should look
+    like one. ``gain_at`` marks n and 2n on the curve, the step the report's sentence is about.
+    """
+    fig = _figure(7.2, 3.6)
+    ax = fig.subplots()
+    _style(ax)
+    ns = np.array([p.n for p in points], dtype=float)
+    top = np.array([p.top1 for p in points], dtype=float)
+    lo = np.array([p.lo if p.lo is not None else p.top1 for p in points], dtype=float)
+    hi = np.array([p.hi if p.hi is not None else p.top1 for p in points], dtype=float)
+    if curve is not None and len(ns):
+        solid = np.geomspace(ns.min(), ns.max(), 80)
+        ax.plot(solid, curve(solid), "-", color=TRAIN, lw=1.6, label="fitted curve")
+        if extend_to is not None and extend_to > ns.max():
+            dashed = np.geomspace(ns.max(), extend_to, 40)
+            ax.plot(dashed, curve(dashed), "--", color=TRAIN, lw=1.6, label="extrapolated")
+        if gain_at is not None and gain_at > 0:
+            at = np.array([gain_at, 2 * gain_at])
+            ax.plot(at, curve(at), "D", color=BEST, ms=6, zorder=5, label=f"{gain_at:g} → {2 * gain_at:g} per class")
+    ax.errorbar(
+        ns, top, yerr=[top - lo, hi - top], fmt="o", color=HOLDOUT, ms=5, capsize=3, lw=1.2, zorder=4, label="measured"
+    )
+    ax.set_xscale("log")
+    _labels_ticks(ax, ns, extend_to)
+    ax.yaxis.set_major_formatter(_percent_formatter())
+    ax.set_xlabel("labelled images per class (log scale)")
+    ax.set_ylabel("top-1 accuracy")
+    ax.legend(fontsize=8, frameon=False, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=10, loc="left")
+    return to_png(fig)
+
+
+def _labels_ticks(ax: Any, ns: np.ndarray, extend_to: float | None) -> None:
+    """Ticks at the measured n (plus the extrapolation's end), written as plain numbers, not 10^k."""
+    from matplotlib.ticker import NullFormatter
+
+    ticks = sorted({*ns.tolist(), *([extend_to] if extend_to else [])})
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def reliability_bins(probs: np.ndarray, targets: np.ndarray, n_bins: int = 15) -> dict[str, np.ndarray]:
     """Per-bin counts, mean confidence and accuracy, binned as in ``metrics.expected_calibration_error``.
 

@@ -51,10 +51,12 @@ from transferlab.metrics import (
     confusion_matrix,
     expected_calibration_error,
     most_confused,
+    paired_bootstrap,
     per_class_accuracy,
 )
 from transferlab.options import option
 from transferlab.reports import figures as F
+from transferlab.reports.study_files import LabelCurve, Plan, PlanCandidate, read_labels, read_plan
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,9 @@ class ReportConfig:
     title: str | None = option(None, "title at the top of the report", default_text="Transfer-learning report")
     #: The resolved study spec (YAML text), shown under Provenance when the report belongs to a study.
     spec_text: str | None = None
+    #: The study folder whose plan.json and labels.json (a planner's, optional) get their own sections. None: the
+    #: folder holding the ``members/`` and ``ensembles/`` folders that ``dirs`` are in, when they all share one.
+    study: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.dirs:
@@ -387,12 +392,34 @@ class Text:
 
 @dataclass
 class Table:
+    """Rows of plain-text cells; a newline in a cell starts a second, muted line (a space in Markdown)."""
+
     header: list[str]
     rows: list[list[str]]
     marked: frozenset[int] = frozenset()
     numeric: frozenset[int] = frozenset()
     kv: bool = False
     caption: str = ""
+    flag_first: bool = False
+    """The first column holds the marked rows' flag (★ best), drawn in the accent colour."""
+    name: str = ""
+    """Extra CSS class of the table (``summary`` gets its own column rules)."""
+
+
+@dataclass
+class Card:
+    """One headline number: what it is, the number, and the fine print that makes it honest."""
+
+    label: str
+    value: str
+    detail: str = ""
+    tone: str = ""
+    """``lead`` (the answer itself), ``good``, ``unsure``, ``bad`` or empty: the card's accent."""
+
+
+@dataclass
+class Cards:
+    cards: list[Card]
 
 
 @dataclass
@@ -415,7 +442,7 @@ class Details:
     lang: str = ""
 
 
-Block = Heading | Text | Table | Fig | FigRow | Details
+Block = Heading | Text | Table | Fig | FigRow | Details | Cards
 
 
 def _slug(text: str) -> str:
@@ -487,6 +514,11 @@ def _dur(s: Any) -> str:
     if s < 3600:
         return f"{s / 60:.1f} min"
     return f"{s / 3600:.2f} h"
+
+
+def _count_all(n: Any) -> str:
+    """A whole count with thousands separators (2,500), or as given when it is not a number."""
+    return f"{int(n):,}" if isinstance(n, int | float) and not isinstance(n, bool) else str(n)
 
 
 def _signed(x: float) -> str:
@@ -586,52 +618,71 @@ def _verdict(e: EnsembleDir) -> tuple[str, str]:
     p = vs.get("p_gain_positive")
     detail = (
         f"{_signed(gain)} points top-1 (95% interval {_signed(lo)} to {_signed(hi)}; paired bootstrap over the "
-        f"same {n} report samples"
+        f"same {_count_all(n)} report samples"
         + (f", the gain was positive in {100 * p:.0f}% of resamples" if isinstance(p, int | float) else "")
         + ")"
     )
     who = f"its best member {best} (chosen on the select half)"
     if lo > 0:
-        return f"beats best member ({_signed(gain)} pts)", f"{e.name} beats {who}: {detail}."
+        return f"beats best member ({_signed(gain)}\u00a0pts)", f"{e.name} beats {who}: {detail}."
     if hi < 0:
-        return f"worse than best member ({_signed(gain)} pts)", f"{e.name} is worse than {who}: {detail}."
+        return f"worse than best member ({_signed(gain)}\u00a0pts)", f"{e.name} is worse than {who}: {detail}."
     return (
-        f"no clear difference ({_signed(gain)} pts)",
+        f"no clear difference ({_signed(gain)}\u00a0pts)",
         f"{e.name} is not shown to beat {who}: {detail}. The interval includes zero, so the difference may be chance.",
     )
 
 
-def _run_cells(r: RunDir) -> list[str]:
-    m = r.metrics
+def _training(m: Mapping[str, Any]) -> str:
+    """How a run was trained, then (second line) how many epochs and which one was kept."""
     strategy = str(m.get("strategy") or ("zero-shot (ImageNet head)" if m.get("mode") == "zero-shot" else "—"))
     if m.get("head") not in (None, "linear"):
         strategy += f", {str(m['head']).split(':')[0]} head"  # the full head spec is under Provenance
     if m.get("head_init"):
         strategy += f", head init {m['head_init']}"
     epochs = m.get("epochs_run")
-    best = m.get("best_epoch")
-    ep = "—" if epochs is None else f"{epochs}" + (f" (best {best})" if best is not None else "")
+    if epochs is None:
+        return strategy
+    ep = f"{epochs} epoch{'s' * (epochs != 1)}"
+    if m.get("best_epoch") is not None:
+        ep += f", kept {m['best_epoch']}"
     if m.get("stopped_early"):
         ep += ", stopped early"
+    return f"{strategy}\n{ep}"
+
+
+def _run_cells(r: RunDir) -> list[str]:
+    """A run's summary cells, in the order of ``_SUMMARY_HEADER`` after the flag."""
+    m = r.metrics
     lo, hi = r.top1_ci
-    t = _dur(m.get("train_seconds"))
-    if isinstance(m.get("wall_s"), int | float):
-        t += f" / {_dur(m['wall_s'])}"
+    model = str(m.get("model", "—")) + (f"\n{m['img_size']} px" if m.get("img_size") else "")
     return [
         r.name,
-        str(m.get("model", "—")),
-        strategy,
-        _count(m.get("params_trained", 0 if m.get("mode") == "zero-shot" else None)),
-        f"{m['img_size']} px" if m.get("img_size") else "—",
-        ep,
-        t,
-        f"{_pct(r.top1)} ({_ci(lo, hi)})",
+        f"{_pct(r.top1)}\n({_ci(lo, hi)})",
         _pct(_num(m.get("top5"))),
         _f(r.nll),
         _f(r.ece),
-        f"{m.get('split', '?')} · {len(r.preds.targets):,}",
         "—",
+        model,
+        _training(m),
+        _count(m.get("params_trained", 0 if m.get("mode") == "zero-shot" else None)),
+        _dur(m.get("wall_s", m.get("train_seconds"))),
+        f"{m.get('split', '?')}\n{len(r.preds.targets):,}",
     ]
+
+
+def _ensemble_where(e: EnsembleDir) -> str:
+    """The samples an ensemble's numbers are on: the report half of its split when it was fitted on the other
+    half (``protocol.mode`` "split", the only mode older folders have), else the split itself."""
+    split = str(e.metrics.get("split", "?"))
+    mode = (e.metrics.get("protocol") or {}).get("mode", "split")
+    return f"report half of {split}" if mode == "split" else split
+
+
+def _ensemble_on(e: EnsembleDir) -> str:
+    """:func:`_ensemble_where` in a sentence: "the report half of val", or "val"."""
+    where = _ensemble_where(e)
+    return f"the {where}" if where.startswith("report half") else where
 
 
 def _ensemble_cells(e: EnsembleDir, runs_by_name: Mapping[str, RunDir]) -> list[str]:
@@ -642,23 +693,20 @@ def _ensemble_cells(e: EnsembleDir, runs_by_name: Mapping[str, RunDir]) -> list[
     sizes = sorted(
         {runs_by_name[m["name"]].metrics.get("img_size") for m in e.members if m.get("name") in runs_by_name} - {None}
     )
-    res = "—" if not sizes else (f"{sizes[0]} px" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]} px")
+    res = "" if not sizes else (f"\n{sizes[0]} px" if len(sizes) == 1 else f"\n{sizes[0]}-{sizes[-1]} px")
     lo, hi = (b.get("top1_ci") or [None, None])[:2]
-    split = e.metrics.get("split", "?")
     return [
         e.name,
-        f"ensemble of {len(e.members)}",
-        method,
-        "—",
-        res,
-        "—",
-        "—",
-        f"{_pct(e.top1)} ({_ci(lo, hi)})",
+        f"{_pct(e.top1)}\n({_ci(lo, hi)})",
         _pct(_num(b.get("top5"))),
         _f(e.nll),
         _f(e.ece),
-        f"{split} report half · {len(e.preds.targets):,}",
         _verdict(e)[0],
+        f"ensemble of {len(e.members)}{res}",
+        method,
+        "—",
+        "—",
+        f"{_ensemble_where(e)}\n{len(e.preds.targets):,}",
     ]
 
 
@@ -692,40 +740,41 @@ def _best(items: Sequence[RunDir | EnsembleDir]) -> RunDir | EnsembleDir | None:
     return max(ok, key=lambda x: (x.top1, -x.nll if math.isfinite(x.nll) else -math.inf))
 
 
+# Accuracy, calibration and the verdict first, then how each row was obtained. Fourteen columns ran off a
+# 1400 px window; the resolution now sits under the backbone, the epochs under the strategy, and the time
+# summed over epochs went to Provenance (the wall time is the cost a reader compares).
+_SUMMARY_HEADER = [
+    "",
+    "member",
+    "top-1 (95% interval)",
+    "top-5",
+    "NLL",
+    "ECE",
+    "vs best member",
+    "model",
+    "training",
+    "params trained",
+    "wall time",
+    "evaluated on",
+]
+_SUMMARY_NUMERIC = frozenset({2, 3, 4, 5, 9, 10})
+
+
 def _summary(doc: _Doc, inputs: ReportInputs, best_row: RunDir | EnsembleDir | None) -> None:
     doc.h("Summary")
     runs_by_name = {r.name: r for r in inputs.runs}
-    # The answer first (accuracy, calibration, the verdict), then how each row was obtained: on a laptop
-    # screen the numbers a reader came for are visible without scrolling sideways.
-    header = [
-        "",
-        "member",
-        "top-1 (95% interval)",
-        "top-5",
-        "NLL",
-        "ECE",
-        "vs best member",
-        "backbone",
-        "strategy",
-        "params trained",
-        "resolution",
-        "epochs run",
-        "train time",
-        "evaluated on",
-    ]
-    order = (0, 7, 8, 9, 10, 12, 1, 2, 3, 4, 5, 6, 11)  # positions in _run_cells / _ensemble_cells
     rows, marked = [], set()
     for i, x in enumerate(_ordered_rows(inputs)):
         cells = _run_cells(x) if isinstance(x, RunDir) else _ensemble_cells(x, runs_by_name)
-        flag = "★ best" if x is best_row else ""
         if x is best_row:
             marked.add(i)
-        rows.append([flag, *(cells[j] for j in order)])
-    doc.add(Table(header, rows, frozenset(marked), frozenset({2, 3, 4, 5, 9, 10})))
+        rows.append(["★ best" if x is best_row else "", *cells])
+    doc.add(Table(_SUMMARY_HEADER, rows, frozenset(marked), _SUMMARY_NUMERIC, flag_first=True, name="summary"))
     notes = [
         "★ marks the highest top-1 (ties: lower NLL). ECE: 15 equal-width confidence bins"
         + (", computed from the predictions file where metrics.json has none" if inputs.runs else "")
-        + ". Train time: summed epoch time / wall time (wall includes loading, data checks and feature extraction)."
+        + ". Wall time: the whole run, including loading, data checks and feature extraction (the time spent in "
+        "epochs is under Provenance)."
     ]
     if inputs.ensembles:
         notes.append(
@@ -733,9 +782,7 @@ def _summary(doc: _Doc, inputs: ReportInputs, best_row: RunDir | EnsembleDir | N
             "members' rows cover different samples; the paired comparison below uses the same samples for both."
         )
     doc.p(" ".join(notes), style="note")
-    for e in inputs.ensembles:
-        doc.p(_verdict(e)[1], style="verdict")
-    if len(inputs.runs) >= 2:
+    if len(inputs.runs) >= 2 and not inputs.ensembles:  # with ensembles, the members are in their chart
         best_run = _best(inputs.runs)
         rows_iv = [
             F.Interval(r.name, r.top1, *r.top1_ci, kind="best" if r is best_run else "member") for r in inputs.runs
@@ -751,42 +798,99 @@ def _overview_caption() -> str:
     )
 
 
+def _by_report_samples(ensembles: Sequence[EnsembleDir]) -> list[list[EnsembleDir]]:
+    """Ensembles grouped by the samples they report on, in order: one chart can compare only those."""
+    groups: dict[str, list[EnsembleDir]] = {}
+    for e in ensembles:
+        groups.setdefault(e.preds.ids_sha256, []).append(e)
+    return list(groups.values())
+
+
+def _gain_note(e: EnsembleDir) -> str:
+    vs = e.metrics.get("vs_best_member") or {}
+    gain = vs.get("gain")
+    return f"({_signed(gain)} pts vs best member)" if isinstance(gain, int | float) else ""
+
+
+def _ranking_bars(group: Sequence[EnsembleDir]) -> tuple[list[F.Bar], float | None, list[str]]:
+    """Bars for the members (as measured on the group's report samples) and the ensembles, best first; the
+    best single member's top-1 (the reference line) and its name(s)."""
+    best_names = [str(n) for e in group if (n := (e.metrics.get("best_member") or {}).get("name"))]
+    members: dict[str, F.Bar] = {}
+    for e in group:
+        for m in e.members:
+            name = str(m.get("name"))
+            lo, hi = (m.get("top1_ci") or [None, None])[:2]
+            kind = "best" if name in best_names else "member"
+            members.setdefault(name, F.Bar(name, _num(m.get("top1")), lo, hi, kind))
+    ensembles = []
+    for e in group:
+        lo, hi = (e.block.get("top1_ci") or [None, None])[:2]
+        method = str(e.metrics.get("method", "?"))
+        label = e.name if method == e.name else f"{e.name} ({method})"
+        ensembles.append(F.Bar(label, e.top1, lo, hi, "ensemble", _gain_note(e)))
+    bars = sorted([*members.values(), *ensembles], key=lambda b: -b.value if math.isfinite(b.value) else math.inf)
+    ref = next((b.value for b in bars if b.kind == "best"), None)
+    return bars, ref, list(dict.fromkeys(best_names))
+
+
+def _diversity(e: EnsembleDir) -> str:
+    facts = []
+    d = e.metrics.get("diversity") or {}
+    if isinstance(d.get("mean_disagreement"), int | float):
+        facts.append(f"members disagree on {100 * d['mean_disagreement']:.1f}% of samples on average")
+    if isinstance(d.get("mean_error_correlation"), int | float):
+        facts.append(f"mean error correlation {d['mean_error_correlation']:.2f}")
+    return "; ".join(facts)
+
+
+def _weights(e: EnsembleDir) -> str:
+    w = e.metrics.get("weights")
+    if not (isinstance(w, list) and len(w) == len(e.members) and e.metrics.get("method") != "mean"):
+        return ""
+    if not all(isinstance(x, int | float) for x in w):
+        return ""
+    return "Weights: " + ", ".join(f"{m.get('name')} {x:.2f}" for m, x in zip(e.members, w, strict=True)) + "."
+
+
 def _ensembles(doc: _Doc, inputs: ReportInputs) -> None:
     if not inputs.ensembles:
         return
     doc.h("Ensembles vs members")
-    for e in inputs.ensembles:
-        doc.h(e.name, 3)
-        best = (e.metrics.get("best_member") or {}).get("name")
-        rows = []
-        for m in e.members:
-            ci = m.get("top1_ci") or [None, None]
-            kind = "best" if m.get("name") == best else "member"
-            rows.append(F.Interval(str(m.get("name")), _num(m.get("top1")), ci[0], ci[1], kind))
-        ci = e.block.get("top1_ci") or [None, None]
-        rows.append(F.Interval(f"{e.name} ({e.metrics.get('method', '?')})", e.top1, ci[0], ci[1], "ensemble"))
-        n = e.block.get("n")
-        png = F.interval_chart_png(rows, title=f"Ensemble and members on the same {n} report samples")
+    in_chart: set[str] = set()
+    for group in _by_report_samples(inputs.ensembles):
+        bars, ref, best_names = _ranking_bars(group)
+        in_chart.update(b.label for b in bars if b.kind != "ensemble")
+        n = len(group[0].preds.targets)
+        on = _ensemble_on(group[0])
+        png = F.ranking_png(bars, title=f"Every model on the same {n:,} samples of {on}", reference=ref)
         doc.add(
             doc.fig(
-                f"ensemble-{e.name}",
+                "top1-all-models",
                 png,
-                f"top-1 of {e.name} and its members with 95% intervals",
-                "Every row is measured on the report half only; the best member (highlighted) was chosen on the "
-                "select half, where the ensemble was fitted.",
+                f"top-1 of {len(group)} ensemble(s) and their members on the same report samples, with 95% intervals",
+                f"Bars: top-1 on {on} only, whiskers the 95% bootstrap interval, best first. The best single member "
+                f"({', '.join(best_names) or 'not recorded'}) was chosen where the ensembles were fitted, not on these "
+                "samples; the dashed line is its top-1. An ensemble's gain is the paired bootstrap over the same "
+                "samples.",
             )
         )
-        facts = []
-        d = e.metrics.get("diversity") or {}
-        if isinstance(d.get("mean_disagreement"), int | float):
-            facts.append(f"members disagree on {100 * d['mean_disagreement']:.1f}% of samples on average")
-        if isinstance(d.get("mean_error_correlation"), int | float):
-            facts.append(f"mean error correlation {d['mean_error_correlation']:.2f}")
-        w = e.metrics.get("weights")
-        if isinstance(w, list) and len(w) == len(e.members) and e.metrics.get("method") != "mean":
-            facts.append("weights " + ", ".join(f"{m['name']} {x:.2f}" for m, x in zip(e.members, w, strict=True)))
-        if facts:
-            doc.p("Diversity: " + "; ".join(facts) + ".", style="note")
+    others = [r.name for r in inputs.runs if r.name not in in_chart]
+    if others:
+        doc.p(
+            f"Not in the chart: {', '.join(others)} (not a member of these ensembles, so not measured on their report "
+            "samples; see the summary table).",
+            style="note",
+        )
+    for e in inputs.ensembles:
+        doc.p(_verdict(e)[1], *([" ", _weights(e)] if _weights(e) else []))
+    diversity = list(dict.fromkeys(d for e in inputs.ensembles if (d := _diversity(e))))
+    if len(diversity) == 1:
+        doc.p(f"Diversity: {diversity[0]}.", style="note")
+    else:
+        for e in inputs.ensembles:
+            if _diversity(e):
+                doc.p(f"Diversity of {e.name}: {_diversity(e)}.", style="note")
 
 
 def _calibration(doc: _Doc, focus: RunDir | None, inputs: ReportInputs) -> None:
@@ -832,7 +936,7 @@ def _errors(
     doc.h(f"Where {focus.name} goes wrong")
     what = "best member" if isinstance(focus, RunDir) else "best ensemble"
     split = str(focus.metrics.get("split", "val"))
-    where = split if isinstance(focus, RunDir) else f"the report half of {split}"
+    where = split if isinstance(focus, RunDir) else _ensemble_on(focus)
     doc.p(f"The {what}, ", Strong(focus.name), f", on {where} ({len(focus.preds.targets):,} samples).", style="note")
 
     doc.h("Most confused class pairs", 3)
@@ -844,7 +948,7 @@ def _errors(
     for e in inputs.ensembles:
         if e is focus:
             continue
-        doc.p("Ensemble ", Strong(e.name), " (report half):")
+        doc.p("Ensemble ", Strong(e.name), f" ({_ensemble_where(e)}):")
         doc.add(_confused_table(e, classes))
 
     doc.h("Best and worst classes", 3)
@@ -910,10 +1014,290 @@ def _curves(doc: _Doc, inputs: ReportInputs) -> None:
         doc.add(doc.fig(f"curves-{r.name}", png, f"loss and accuracy curves of {r.name}", str(m.get("selection", ""))))
 
 
+# --------------------------------------------------------------------------------------------------
+# The answer: one block a reader can stop after
+
+
+def _tone(lo: float, hi: float) -> str:
+    return "good" if lo > 0 else "bad" if hi < 0 else "unsure"
+
+
+def _sure_ensemble(e: EnsembleDir) -> Card:
+    vs = e.metrics.get("vs_best_member") or {}
+    best = (e.metrics.get("best_member") or {}).get("name", "its best member")
+    gain, ci = vs.get("gain"), vs.get("gain_ci") or [None, None]
+    if not isinstance(gain, int | float) or not all(isinstance(v, int | float) for v in ci):
+        return Card("vs best single member", "not measured", f"{best}: the ensemble recorded no paired comparison")
+    n = (e.metrics.get("protocol") or {}).get("n_report") or e.block.get("n")
+    return Card(
+        "vs best single member",
+        f"{_signed(gain)} pts",
+        f"over {best}; 95% interval {_signed(ci[0])} to {_signed(ci[1])} (paired bootstrap, the same "
+        f"{_count_all(n)} samples)",
+        _tone(ci[0], ci[1]),
+    )
+
+
+def _aligned_correct(a: RunDir, b: RunDir) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-sample top-1 hits of ``a`` and ``b`` on the same samples in the same order, or None when the two
+    runs were not evaluated on the same samples (then no paired test is possible)."""
+    ia, ib = a.preds.sample_ids, b.preds.sample_ids
+    if len(ia) != len(ib) or set(ia.tolist()) != set(ib.tolist()):
+        return None
+    where = {s: i for i, s in enumerate(ib.tolist())}
+    order = np.array([where[s] for s in ia.tolist()])
+    if not np.array_equal(a.preds.targets, b.preds.targets[order]):
+        return None
+    hits_a = np.argmax(a.preds.logits, axis=1) == a.preds.targets
+    hits_b = (np.argmax(b.preds.logits, axis=1) == b.preds.targets)[order]
+    return hits_a.astype(np.float64), hits_b.astype(np.float64)
+
+
+def _sure_run(r: RunDir, inputs: ReportInputs) -> Card | None:
+    """The best run against the runner-up, paired on the same samples when they share them."""
+    rest = [x for x in inputs.runs if x is not r]
+    runner = _best(rest)
+    if runner is None:
+        return None
+    pair = _aligned_correct(r, runner)
+    if pair is None:
+        return Card(
+            "vs runner-up",
+            f"{_signed(r.top1 - runner.top1)} pts",
+            f"over {runner.name}, measured on other samples: no paired test, so the gap may be chance",
+            "unsure",
+        )
+    t = paired_bootstrap(*pair, seed=0)
+    lo, hi = t["ci"]  # type: ignore[misc]
+    return Card(
+        "vs runner-up",
+        f"{_signed(float(t['gain']))} pts",  # type: ignore[arg-type]
+        f"over {runner.name}; 95% interval {_signed(lo)} to {_signed(hi)} (paired bootstrap, the same "
+        f"{len(pair[0]):,} samples)",
+        _tone(lo, hi),
+    )
+
+
+def _run_cost(r: RunDir) -> tuple[float, float]:
+    m = r.metrics
+    wall = _num(m.get("wall_s", m.get("train_seconds")))
+    params = _num(m.get("params_trained", 0 if m.get("mode") == "zero-shot" else None))
+    return wall, params
+
+
+def _cost_value(wall: float, params: float, sep: str = "\n") -> str:
+    """Wall time, then (on a second line of a card) the parameters trained."""
+    parts = [
+        f"{_dur(wall)} wall" if math.isfinite(wall) else "",
+        f"{_count(params)} params trained" if math.isfinite(params) else "",
+    ]
+    return sep.join(p for p in parts if p) or "not recorded"
+
+
+def _used_members(e: EnsembleDir) -> list[str]:
+    """The members an ensemble needs at inference: those with a non-zero weight, else all of them."""
+    w = e.metrics.get("weights")
+    names = [str(m.get("name")) for m in e.members]
+    if isinstance(w, list) and len(w) == len(names) and all(isinstance(x, int | float) for x in w):
+        used = [n for n, x in zip(names, w, strict=True) if x != 0]
+        return used or names
+    return names
+
+
+def _cost_ensemble(e: EnsembleDir, inputs: ReportInputs) -> Card:
+    runs = {r.name: r for r in inputs.runs}
+    found = [runs[str(m.get("name"))] for m in e.members if str(m.get("name")) in runs]
+    costs = [_run_cost(r) for r in found]
+    wall = math.fsum(c[0] for c in costs) if costs and all(math.isfinite(c[0]) for c in costs) else math.nan
+    params = math.fsum(c[1] for c in costs) if costs and all(math.isfinite(c[1]) for c in costs) else math.nan
+    n = len(e.members)
+    who = f"all {n} members" if len(found) == n else f"{len(found)} of its {n} members (the others are not here)"
+    detail = f"{who} together"
+    used = _used_members(e)
+    if len(used) < n:
+        detail += f"; at inference it needs {len(used)}: {', '.join(used)}"
+    best = (e.metrics.get("best_member") or {}).get("name")
+    if best in runs:
+        detail += f". {best} alone: {_cost_value(*_run_cost(runs[best]), sep=', ')}"
+    return Card("Cost", _cost_value(wall, params), detail)
+
+
+def _cost_run(r: RunDir) -> Card:
+    m = r.metrics
+    how = _training(m).replace("\n", ", ")
+    feat = m.get("feature_seconds")
+    extra = f"; feature extraction {_dur(feat)}" if isinstance(feat, int | float) else ""
+    return Card("Cost", _cost_value(*_run_cost(r)), f"{how}{extra}")
+
+
+def _answer_cards(best: RunDir | EnsembleDir, inputs: ReportInputs) -> list[Card]:
+    split = str(best.metrics.get("split", "?"))
+    if isinstance(best, EnsembleDir):
+        what = f"ensemble of {len(best.members)} members, {best.metrics.get('method', '?')}"
+        where, (lo, hi) = _ensemble_on(best), (best.block.get("top1_ci") or [None, None])[:2]
+        sure: Card | None = _sure_ensemble(best)
+        cost = _cost_ensemble(best, inputs)
+    else:
+        what = f"{best.metrics.get('model', '?')}, {_training(best.metrics).splitlines()[0]}"
+        where, (lo, hi) = split, best.top1_ci
+        sure = _sure_run(best, inputs)
+        cost = _cost_run(best)
+    n = len(best.preds.targets)
+    interval = f"95% interval {_ci(lo, hi)}; " if _ci(lo, hi) else ""
+    cards = [
+        Card("Best model", best.name, what, "lead"),
+        Card(f"Top-1 on {where}", _pct(best.top1), f"{interval}{n:,} samples"),
+    ]
+    return [*cards, *([sure] if sure is not None else []), cost]
+
+
+def _answer(
+    doc: _Doc,
+    inputs: ReportInputs,
+    best: RunDir | EnsembleDir | None,
+    plan: Plan | None,
+    labels: LabelCurve | None,
+) -> None:
+    if best is None:
+        return
+    doc.h("Answer")
+    doc.add(Cards(_answer_cards(best, inputs)))
+    if isinstance(best, EnsembleDir):
+        doc.p(_verdict(best)[1], style="verdict")
+    sentence = _labels_sentence(labels) if labels is not None else None
+    if sentence:
+        doc.p(Strong("More labels: "), sentence)
+    if plan is not None and plan.actual_s is not None:
+        budget = f" of a {_dur(plan.budget_s)} budget" if plan.budget_s is not None else ""
+        doc.p(Strong("Plan: "), f"the study took {_dur(plan.actual_s)}{budget}; see Plan below.")
+
+
+# --------------------------------------------------------------------------------------------------
+# The planner's sections (plan.json, labels.json), shown only when the study folder has them
+
+
+def _study_folder(cfg: ReportConfig) -> Path | None:
+    """``cfg.study``, else the one folder that holds the ``members/`` and ``ensembles/`` folders of every
+    directory given (a study's layout), else None."""
+    if cfg.study is not None:
+        return Path(cfg.study)
+    parents = {Path(d).resolve().parent for d in cfg.dirs}
+    if parents and all(p.name in ("members", "ensembles") for p in parents):
+        roots = {p.parent for p in parents}
+        if len(roots) == 1:
+            return roots.pop()
+    return None
+
+
+def _pts(x: float, sign: bool = False) -> str:
+    """Points of top-1 to one decimal (an explicit + with ``sign``), with a real minus sign."""
+    return f"{100 * x:{'+' if sign else ''}.1f}".replace("-", "\u2212")
+
+
+def _labels_sentence(labels: LabelCurve) -> str | None:
+    f = labels.fit
+    if f is None or f.doubling_gain is None:
+        return None
+    n = f.at_per_class if f.at_per_class is not None else labels.points[-1].per_class
+    gain = _pts(f.doubling_gain, sign=True)
+    sentence = f"Doubling the labels ({n:g} → {2 * n:g} per class) should add about {gain} pt top-1"
+    if f.doubling_lo is not None and f.doubling_hi is not None:
+        sentence += f" ({_pts(f.doubling_lo)} to {_pts(f.doubling_hi)})"
+        if f.doubling_lo <= 0:
+            sentence += "; the interval includes no gain at all"
+    return sentence + "."
+
+
+def _labels_section(doc: _Doc, labels: LabelCurve) -> None:
+    doc.h("Would more labels help?")
+    sentence = _labels_sentence(labels)
+    if sentence:
+        doc.p(sentence, style="verdict")
+    f = labels.fit
+    n_max = labels.points[-1].per_class
+    drawable = f is not None and f.drawable
+    gain_at = None if f is None else (f.at_per_class if f.at_per_class is not None else n_max)
+    who = labels.member or "the member"
+    png = F.labels_png(
+        [F.LabelsPoint(p.per_class, p.top1, p.lo, p.hi) for p in labels.points],
+        curve=f.top1 if drawable and f is not None else None,
+        extend_to=2 * n_max,
+        gain_at=gain_at if drawable else None,
+        title=f"{who}: top-1 on {labels.split or 'the report split'} against labels per class",
+    )
+    caption = (
+        f"{who}" + (f" ({labels.model})" if labels.model else "") + " retrained on a class-stratified share of the "
+        "labels; points are top-1 with their 95% interval. "
+    )
+    if f is None:
+        caption += "No curve was fitted."
+    elif drawable:
+        caption += (
+            f"The curve is the fit {f.form} (a = {f.a:.3g}, b = {f.b:.3g}, c = {f.c:.3g}), solid over the measured "
+            f"range and dashed beyond {n_max:g} labels per class, where it is an extrapolation."
+        )
+    else:
+        caption += f"The fit ({f.form}) is not one this report can draw; its predicted gain is quoted above."
+    alt = "top-1 against the number of labels per class, with the fitted curve"
+    doc.add(doc.fig("labels-curve", png, alt, caption))
+
+
+def _plan_budget(plan: Plan) -> str:
+    parts = []
+    if plan.budget_s is not None:
+        parts.append(f"Budget {_dur(plan.budget_s)}")
+    if plan.predicted_s is not None:
+        parts.append(f"predicted {_dur(plan.predicted_s)}")
+    if plan.actual_s is not None:
+        took = f"took {_dur(plan.actual_s)}"
+        if plan.budget_s:
+            took += f" ({100 * plan.actual_s / plan.budget_s:.0f}% of the budget)"
+        parts.append(took)
+    line = "; ".join(parts) or "No budget recorded"
+    return line + (f", on {plan.cpu}" if plan.cpu else "") + "."
+
+
+def _plan_cost(c: PlanCandidate) -> str:
+    if c.actual_s is None or c.predicted_s is None or c.predicted_s <= 0:
+        return _dur(c.actual_s)
+    return f"{_dur(c.actual_s)}\n({100 * (c.actual_s / c.predicted_s - 1):+.0f}%)".replace("-", "\u2212")
+
+
+def _plan_section(doc: _Doc, plan: Plan) -> None:
+    doc.h("Plan")
+    doc.p(_plan_budget(plan))
+    rows, marked = [], set()
+    for i, c in enumerate(plan.candidates):
+        if c.status == "chosen":
+            marked.add(i)
+        model = (c.model or "—") + (f" @ {c.img_size}" if c.img_size else "")
+        top1 = "—" if c.holdout_top1 is None else _pct(c.holdout_top1)
+        rows.append([c.name, model, c.kind or "—", _dur(c.predicted_s), _plan_cost(c), top1, c.status, c.why])
+    header = ["candidate", "model @ size", "kind", "predicted cost", "actual cost", "holdout top-1", "status", "why"]
+    doc.add(Table(header, rows, frozenset(marked), frozenset({3, 4, 5}), name="plan"))
+    doc.p(
+        "Costs are wall seconds as the planner predicted them before running and as measured; the holdout is part of "
+        "train, so choosing on it leaves the report split untouched. Chosen rows are highlighted.",
+        style="note",
+    )
+    for note in plan.notes:
+        doc.p(note, style="note")
+
+
 def _versions(v: Any) -> str:
     if not isinstance(v, dict):
         return "not recorded"
     return ", ".join(f"{k} {val}" for k, val in v.items())
+
+
+def _times(m: Mapping[str, Any]) -> str:
+    """Where a run's wall time went, as far as metrics.json says."""
+    parts = [
+        f"{_dur(m[k])} {what}"
+        for k, what in (("wall_s", "wall"), ("feature_seconds", "feature extraction"), ("train_seconds", "in epochs"))
+        if isinstance(m.get(k), int | float)
+    ]
+    return ", ".join(parts) or "not recorded"
 
 
 def _fingerprint(m: Mapping[str, Any]) -> str:
@@ -952,6 +1336,7 @@ def _provenance(doc: _Doc, inputs: ReportInputs, cfg: ReportConfig, source: Any)
                 f"{m.get('split', '?')}, {len(r.preds.targets):,} samples (ids sha256 {r.preds.ids_sha256[:16]})",
             ],
             ["epoch selection", str(m.get("selection", "not recorded"))],
+            ["time", _times(m)],
             ["seed", str(r.config.get("seed", "not recorded"))],
             [
                 "precision / device",
@@ -1011,14 +1396,24 @@ def _warnings(doc: _Doc, inputs: ReportInputs) -> None:
 
 
 def _compose(inputs: ReportInputs, cfg: ReportConfig, source: Any) -> tuple[list[Block], str | None]:
+    """The page as a reader wants it: the answer (which model, how good, how sure, at what cost) before the
+    evidence, then the planner's own sections when the study folder has them, then the details."""
     doc = _Doc()
     classes = _Classes(_class_lookup(source, cfg.data, inputs))
     best_row = _best([*inputs.runs, *inputs.ensembles])
     best_run = _best(inputs.runs)
     focus = best_run if best_run is not None else _best(inputs.ensembles)
+    study = _study_folder(cfg)
+    plan = read_plan(study) if study is not None else None
+    labels = read_labels(study) if study is not None else None
+    _answer(doc, inputs, best_row, plan, labels)
     _warnings(doc, inputs)
     _summary(doc, inputs, best_row)
     _ensembles(doc, inputs)
+    if labels is not None:
+        _labels_section(doc, labels)
+    if plan is not None:
+        _plan_section(doc, plan)
     _calibration(doc, best_run if isinstance(best_run, RunDir) else None, inputs)
     _errors(doc, focus, inputs, classes, source, cfg.data)
     _curves(doc, inputs)
@@ -1035,7 +1430,7 @@ _CSS = """
 html{-webkit-text-size-adjust:100%}
 body{margin:0;background:#fff;color:var(--fg);
 font:15px/1.55 -apple-system,BlinkMacSystemFont,"Segoe UI",Roboto,"Helvetica Neue",Arial,"Noto Sans",sans-serif}
-main{max-width:1180px;margin:0 auto;padding:36px 32px 72px}
+main{max-width:1240px;margin:0 auto;padding:36px 32px 72px}
 h1{font-size:28px;line-height:1.2;margin:0 0 6px;letter-spacing:-.015em}
 h2{font-size:20px;margin:44px 0 14px;padding-bottom:6px;border-bottom:1px solid var(--line);letter-spacing:-.01em}
 h3{font-size:16px;margin:28px 0 10px}
@@ -1052,13 +1447,31 @@ nav a:hover{color:var(--fg)}
 table{border-collapse:collapse;font-size:13.5px;font-variant-numeric:tabular-nums}
 table.data{width:100%}
 th{text-align:left;font-weight:600;font-size:12.5px;color:var(--muted);padding:8px 10px;
-border-bottom:2px solid var(--line);white-space:nowrap;vertical-align:bottom}
+border-bottom:2px solid var(--line);vertical-align:bottom}
 td{padding:7px 10px;border-bottom:1px solid var(--line);vertical-align:top}
-.num{text-align:right;white-space:nowrap}
+.num{text-align:right}
+td.num{white-space:nowrap}
+.minor{color:var(--muted);font-size:12px;font-weight:400}
 tbody tr:nth-child(even) td{background:#fbfbfc}
 tr.best td{background:var(--best)!important;font-weight:600}
 td.flag{color:var(--accent);white-space:nowrap;font-weight:700}
-table.data td:nth-child(2){white-space:nowrap;font-weight:600}
+table.summary{font-size:13px}
+table.summary th,table.summary td{padding:7px 7px}
+table.summary td:nth-child(2){white-space:nowrap;font-weight:600}
+table.summary td:nth-child(7){min-width:108px}
+table.summary td:nth-child(9){min-width:150px}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(240px,1fr));gap:12px;margin:14px 0 16px}
+.card{border:1px solid var(--line);border-top:4px solid var(--line);border-radius:8px;padding:12px 16px 14px}
+.card .k{font-size:12.5px;color:var(--muted);font-weight:600}
+.card .v{font-size:25px;font-weight:700;line-height:1.25;margin:3px 0 5px;font-variant-numeric:tabular-nums;
+overflow-wrap:anywhere}
+.card .d{font-size:13px;color:var(--muted);line-height:1.45}
+.card .v .minor{font-size:14px;font-weight:600}
+.card.lead{border-top-color:var(--accent);background:var(--best)}
+.card.good{border-top-color:var(--accent)}
+.card.unsure{border-top-color:#f0a500}
+.card.bad{border-top-color:#c44e52}
+.lead{font-size:17px;max-width:none}
 table.kv td:first-child{color:var(--muted);white-space:nowrap;padding-right:18px}
 table.kv td{border-bottom:1px solid var(--soft)}
 figure{margin:14px 0 22px}
@@ -1094,41 +1507,62 @@ def _html_fig(f: Fig) -> str:
     )
 
 
+def _html_cell(text: str) -> str:
+    first, *more = text.split("\n")
+    return html.escape(first) + "".join(f'<br><span class="minor">{html.escape(m)}</span>' for m in more)
+
+
+def _html_table(b: Table) -> str:
+    head = "".join(f"<th{' class=num' if j in b.numeric else ''}>{html.escape(h)}</th>" for j, h in enumerate(b.header))
+    trs = []
+    for i, row in enumerate(b.rows):
+        tds = []
+        for j, c in enumerate(row):
+            cls = "num" if j in b.numeric else "flag" if (j == 0 and b.flag_first) else ""
+            tds.append(f"<td{f' class={cls}' if cls else ''}>{_html_cell(c)}</td>")
+        trs.append(f"<tr{' class=best' if i in b.marked else ''}>{''.join(tds)}</tr>")
+    thead = "" if b.kv else f"<thead><tr>{head}</tr></thead>"
+    cls = "kv" if b.kv else f"data {b.name}".strip()
+    return f'<div class="tw"><table class="{cls}">{thead}<tbody>{"".join(trs)}</tbody></table></div>'
+
+
+def _html_cards(b: Cards) -> str:
+    out = []
+    for c in b.cards:
+        tone = f" {c.tone}" if c.tone else ""
+        detail = f'<div class="d">{html.escape(c.detail)}</div>' if c.detail else ""
+        out.append(
+            f'<div class="card{tone}"><div class="k">{html.escape(c.label)}</div>'
+            f'<div class="v">{_html_cell(c.value)}</div>{detail}</div>'
+        )
+    return f'<div class="cards">{"".join(out)}</div>'
+
+
+def _html_block(b: Block) -> str:
+    if isinstance(b, Heading):
+        return f'<h{b.level} id="{b.anchor}">{html.escape(b.text)}</h{b.level}>'
+    if isinstance(b, Text):
+        cls = "" if b.style == "p" else f' class="{b.style}"'
+        return f"<p{cls}>{_html_parts(b.parts)}</p>"
+    if isinstance(b, Table):
+        return _html_table(b)
+    if isinstance(b, Fig):
+        return _html_fig(b)
+    if isinstance(b, FigRow):
+        return f'<div class="row">{"".join(_html_fig(f) for f in b.figs)}</div>'
+    if isinstance(b, Cards):
+        return _html_cards(b)
+    return (
+        f"<details><summary>{html.escape(b.summary)}</summary><pre><code>{html.escape(b.text)}</code></pre></details>"
+    )
+
+
 def render_html(blocks: Sequence[Block], title: str, subtitle: str) -> str:
     """One self-contained HTML page: inline CSS, figures as data URIs, no scripts, no external links."""
     toc = "".join(
         f'<a href="#{b.anchor}">{html.escape(b.text)}</a>' for b in blocks if isinstance(b, Heading) and b.level == 2
     )
-    body: list[str] = []
-    for b in blocks:
-        if isinstance(b, Heading):
-            body.append(f'<h{b.level} id="{b.anchor}">{html.escape(b.text)}</h{b.level}>')
-        elif isinstance(b, Text):
-            cls = "" if b.style == "p" else f' class="{b.style}"'
-            body.append(f"<p{cls}>{_html_parts(b.parts)}</p>")
-        elif isinstance(b, Table):
-            head = "".join(
-                f"<th{' class=num' if j in b.numeric else ''}>{html.escape(h)}</th>" for j, h in enumerate(b.header)
-            )
-            trs = []
-            for i, row in enumerate(b.rows):
-                tds = []
-                for j, c in enumerate(row):
-                    cls = "num" if j in b.numeric else "flag" if (j == 0 and not b.kv and b.marked) else ""
-                    tds.append(f"<td{f' class={cls}' if cls else ''}>{html.escape(c)}</td>")
-                trs.append(f"<tr{' class=best' if i in b.marked else ''}>{''.join(tds)}</tr>")
-            thead = "" if b.kv else f"<thead><tr>{head}</tr></thead>"
-            cls = "kv" if b.kv else "data"
-            body.append(f'<div class="tw"><table class="{cls}">{thead}<tbody>{"".join(trs)}</tbody></table></div>')
-        elif isinstance(b, Fig):
-            body.append(_html_fig(b))
-        elif isinstance(b, FigRow):
-            body.append(f'<div class="row">{"".join(_html_fig(f) for f in b.figs)}</div>')
-        elif isinstance(b, Details):
-            body.append(
-                f"<details><summary>{html.escape(b.summary)}</summary><pre><code>{html.escape(b.text)}</code></pre>"
-                "</details>"
-            )
+    body = [_html_block(b) for b in blocks]
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
@@ -1166,36 +1600,60 @@ def _md_fig(f: Fig, links: Mapping[str, str]) -> str:
     return f"![{_md(f.alt)}]({links[f.key]}){cap}"
 
 
+def _md_lines(text: str) -> str:
+    """A two-line cell on one line: "73.76% (72.12–75.40)", "tf_efficientnet_lite0 · 224 px"."""
+    first, *more = text.split("\n")
+    return first + "".join(f" {m}" if m.startswith("(") else f" · {m}" for m in more)
+
+
+def _md_table(b: Table) -> str:
+    header = ["field", "value"] if b.kv else b.header
+    lines = ["| " + " | ".join(_md(h) for h in header) + " |"]
+    lines.append("| " + " | ".join("---:" if j in b.numeric else "---" for j in range(len(header))) + " |")
+    for i, row in enumerate(b.rows):
+        cells = [_md(_md_lines(c)) for c in row]
+        if i in b.marked:
+            cells = [f"**{c}**" if c else c for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _md_cards(b: Cards) -> str:
+    return "\n".join(
+        f"- **{_md(c.label)}:** {_md(_md_lines(c.value))}" + (f" — {_md(c.detail)}" if c.detail else "")
+        for c in b.cards
+    )
+
+
+def _md_details(b: Details) -> str:
+    ticks = max((len(m) for m in re.findall(r"`+", b.text)), default=0)
+    fence = "`" * max(3, ticks + 1)
+    return (
+        f"<details><summary>{html.escape(b.summary)}</summary>\n\n{fence}{b.lang}\n{b.text.rstrip()}\n{fence}"
+        "\n\n</details>"
+    )
+
+
+def _md_block(b: Block, links: Mapping[str, str]) -> str:
+    if isinstance(b, Heading):
+        return f"{'#' * b.level} {_md(b.text)}"
+    if isinstance(b, Text):
+        text = _md_parts(b.parts)
+        return f"> {text}" if b.style in ("warn", "verdict", "lead") else f"*{text}*" if b.style == "note" else text
+    if isinstance(b, Table):
+        return _md_table(b)
+    if isinstance(b, Fig):
+        return _md_fig(b, links)
+    if isinstance(b, FigRow):
+        return "\n\n".join(_md_fig(f, links) for f in b.figs)
+    if isinstance(b, Cards):
+        return _md_cards(b)
+    return _md_details(b)
+
+
 def render_markdown(blocks: Sequence[Block], title: str, subtitle: str, links: Mapping[str, str]) -> str:
     """The same content as Markdown; ``links`` maps a figure key to its relative PNG path."""
-    out = [f"# {_md(title)}", f"*{_md(subtitle)}*"]
-    for b in blocks:
-        if isinstance(b, Heading):
-            out.append(f"{'#' * b.level} {_md(b.text)}")
-        elif isinstance(b, Text):
-            text = _md_parts(b.parts)
-            out.append(f"> {text}" if b.style in ("warn", "verdict") else f"*{text}*" if b.style == "note" else text)
-        elif isinstance(b, Table):
-            header = ["field", "value"] if b.kv else b.header
-            lines = ["| " + " | ".join(_md(h) for h in header) + " |"]
-            lines.append("| " + " | ".join("---:" if j in b.numeric else "---" for j in range(len(header))) + " |")
-            for i, row in enumerate(b.rows):
-                cells = [_md(c) for c in row]
-                if i in b.marked:
-                    cells = [f"**{c}**" if c else c for c in cells]
-                lines.append("| " + " | ".join(cells) + " |")
-            out.append("\n".join(lines))
-        elif isinstance(b, Fig):
-            out.append(_md_fig(b, links))
-        elif isinstance(b, FigRow):
-            out.extend(_md_fig(f, links) for f in b.figs)
-        elif isinstance(b, Details):
-            ticks = max((len(m) for m in re.findall(r"`+", b.text)), default=0)
-            fence = "`" * max(3, ticks + 1)
-            out.append(
-                f"<details><summary>{html.escape(b.summary)}</summary>\n\n{fence}{b.lang}\n{b.text.rstrip()}\n{fence}"
-                "\n\n</details>"
-            )
+    out = [f"# {_md(title)}", f"*{_md(subtitle)}*", *(_md_block(b, links) for b in blocks)]
     return "\n\n".join(out) + "\n"
 
 
