@@ -23,6 +23,14 @@ How it follows the docs
 * Timing: ``time.perf_counter`` around the loop only (model construction and weight loading excluded);
   on CUDA, ``torch.cuda.synchronize()`` is called before every timer read.
 
+The best-flags variant
+----------------------
+``eval --best-flags`` is the same loop with the flags a competent user takes from timm's ``validate.py``
+(``--channels-last --amp --amp-dtype bfloat16 --crop-pct 1.0 --interpolation bilinear``): the model and every
+batch in ``channels_last``, the forward pass under ``torch.autocast(dtype=torch.bfloat16)``, and timm's eval
+transform at crop-pct 1.0 (``Resize(S)`` of the short side, bilinear, then ``CenterCrop(S)``; for the square
+64px images the same pixels as the plain resize). It is the second baseline of the eval row.
+
 Subcommands: ``eval`` (zero-shot ImageNet top-1 through a class map), ``head`` (frozen backbone + linear head),
 ``bnonly`` (BatchNorm-only fine-tune with a small conv/MLP head) and ``data`` (the input pipeline alone).
 Each prints exactly one JSON object as the last line of stdout; everything else goes to stderr.
@@ -154,16 +162,37 @@ def read_class_map(path: str) -> list[int]:
     return class_map
 
 
+def timm_eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> transforms.Compose:
+    # timm validate.py at --crop-pct 1.0 --interpolation bilinear: short side to S, then a centre crop of S.
+    return transforms.Compose(
+        [
+            transforms.Resize(size, interpolation=InterpolationMode.BILINEAR),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+
+
 @torch.inference_mode()
 def top1_accuracy(
-    model: nn.Module, loader: DataLoader, device: torch.device, class_map: torch.Tensor | None = None
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    class_map: torch.Tensor | None = None,
+    best_flags: bool = False,
 ) -> tuple[float, int]:
     correct = 0
     total = 0
     for images, labels in loader:
         images = images.to(device)
         labels = labels.to(device)
-        logits = model(images)
+        if best_flags:
+            images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                logits = model(images)
+        else:
+            logits = model(images)
         if class_map is not None:
             logits = logits[:, class_map]
         correct += (logits.argmax(dim=1) == labels).sum().item()
@@ -191,12 +220,15 @@ def cmd_eval(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         raise SystemExit(f"--class-map has {class_map.numel()} entries, --num-classes is {args.num_classes}")
     model = build_model(args.model, args.weights).to(device)
     model.eval()
-    dataset = ListImageDataset(args.val_list, eval_transform(args.size, args.mean, args.std), limit=args.limit)
+    make_transform = timm_eval_transform if args.best_flags else eval_transform
+    if args.best_flags:
+        model = model.to(memory_format=torch.channels_last)
+    dataset = ListImageDataset(args.val_list, make_transform(args.size, args.mean, args.std), limit=args.limit)
     loader = make_loader(dataset, args.batch_size, args.workers, shuffle=False)
 
     sync(device)
     start = time.perf_counter()
-    top1, images = top1_accuracy(model, loader, device, class_map)
+    top1, images = top1_accuracy(model, loader, device, class_map, best_flags=args.best_flags)
     sync(device)
     seconds = time.perf_counter() - start
     return {
@@ -388,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-list", required=True)
     p.add_argument("--class-map", required=True, help="JSON list: new class k -> ImageNet-1k index")
     p.add_argument("--limit", type=int, default=None, help="use only the first N lines of the val list")
+    p.add_argument(
+        "--best-flags",
+        action="store_true",
+        help="timm validate.py's best flags: channels_last, bf16 autocast, crop-pct 1.0, bilinear",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("head", parents=[common, model_args], help="frozen backbone + linear head")

@@ -1,7 +1,10 @@
 """transferlab's side of the speed benchmark: the same four jobs as ``baseline.py``, through the library.
 
 Plus ``evaluate`` and ``predict`` for the ``predict`` row, which compares transferlab with itself: the
-``transferlab predict`` library call on a dataset split against ``transferlab evaluate`` on the same split.
+``transferlab predict`` library call on a dataset split against ``transferlab evaluate`` on the same split;
+and ``features`` for the ``features`` row: a study's feature extraction (Lite0@224, Lite1@192, Lite2@224 over
+the mini copy's 25,000 images) with ``--backend torch`` (what transferlab did before it had a choice) against
+``--backend auto``.
 
 Every job runs what a user of transferlab runs, with the defaults a user gets: the decoded cache,
 batched tensor resizing and augmentation, bf16 autocast + channels_last where the hardware supports it
@@ -78,8 +81,18 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     idx = np.arange(min(args.limit or len(split), len(split)))
     tf = make_eval_transform(backbone.preprocessing, args.size)
     t0 = time.perf_counter()
+    engine: dict[str, Any] = {}
     logits = predict_logits(
-        backbone, split, tf, indices=idx, precision=precision, device=device, batch_size=args.batch_size, progress=False
+        backbone,
+        split,
+        tf,
+        indices=idx,
+        precision=precision,
+        device=device,
+        batch_size=args.batch_size,
+        progress=False,
+        backend=args.backend,
+        info=engine,
     )
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -92,7 +105,52 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         "images_per_s": round(len(idx) / secs, 2),
         "top1": top1,
         "precision": precision.describe(),
+        "backend": engine,
     }
+
+
+#: The feature-extraction row: the backbones and resolutions of a study's linear probes (studies/quick.yaml and
+#: ``transferlab auto``), over every image of the mini copy (train and val: 25,000).
+FEATURE_MODELS = (("tf_efficientnet_lite0", 224), ("tf_efficientnet_lite1", 192), ("tf_efficientnet_lite2", 224))
+
+
+def cmd_features(args: argparse.Namespace) -> dict[str, Any]:
+    """Pre-logits features of ``FEATURE_MODELS`` over train + val into an empty feature cache (the decoded
+    cache is ``prepare``'s; OpenVINO converts into an empty conversion cache, so its one-time cost counts)."""
+    from transferlab.inference.features import cached_features
+
+    device = resolve_device(args.device)
+    precision = resolve_precision("auto", "auto", device)
+    splits = {name: _split(args, name) for name in ("train", "val")}
+    per: dict[str, Any] = {}
+    images = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["TRANSFERLAB_CACHE"] = tmp  # a fresh OpenVINO conversion cache
+        t_all = time.perf_counter()
+        for name, size in FEATURE_MODELS if args.limit is None else FEATURE_MODELS[:1]:
+            backbone = create_backbone(name, "auto")
+            tf = make_eval_transform(backbone.preprocessing, size)
+            t0 = time.perf_counter()
+            engine: dict[str, Any] = {}
+            for split in splits.values():
+                idx = np.arange(min(args.limit or len(split), len(split)))
+                cached_features(
+                    backbone,
+                    split,
+                    tf,
+                    indices=idx,
+                    precision=precision,
+                    device=device,
+                    cache_dir=Path(tmp) / "features",
+                    batch_size=args.batch_size,
+                    progress=False,
+                    backend=args.backend,
+                    info=engine,
+                )
+                images += len(idx)
+            per[f"{name}@{size}"] = {"seconds": round(time.perf_counter() - t0, 2), "backend": engine}
+        secs = time.perf_counter() - t_all
+    return {"images": images, "seconds": round(secs, 3), "images_per_s": round(images / secs, 2), "models": per}
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -279,9 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--batch-size", type=int, default=64)
     common.add_argument("--device", default="auto")
     common.add_argument("--threads", type=int, default=None)
-    for name in ("prepare", "eval", "head", "bnonly", "data", "evaluate", "predict"):
+    common.add_argument("--backend", default="auto", help="the engine's backend for eval and features (default: auto)")
+    for name in ("prepare", "eval", "head", "bnonly", "data", "evaluate", "predict", "features"):
         sp = sub.add_parser(name, parents=[common])
-        if name in ("eval", "data", "evaluate", "predict"):
+        if name in ("eval", "data", "evaluate", "predict", "features"):
             sp.add_argument("--limit", type=int, default=None)
         if name == "evaluate":
             sp.add_argument("--run", default=None, help="a run directory (default: --model zero-shot)")
@@ -313,6 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         "data": cmd_data,
         "evaluate": cmd_evaluate,
         "predict": cmd_predict,
+        "features": cmd_features,
     }
     out = {**commands[args.command](args)}
     out.update(

@@ -551,6 +551,7 @@ def _evaluate_study(args: argparse.Namespace) -> int:
         "device": args.device,
         "progress": _progress(args),
         "tta": args.tta,
+        "backend": args.backend,
     }
     s = evaluate_study(args.run, data=args.data, split=args.split, out=args.out, runtime=runtime)
     print(f"study {args.run} on {s['data']}/{s['split']}")

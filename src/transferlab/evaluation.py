@@ -26,7 +26,7 @@ from transferlab.data.resolve import cache_dir as user_cache_dir
 from transferlab.data.screen import refuse_too_few_classes
 from transferlab.data.transforms import CROP, IMG_SIZE, INTERPOLATION, EvalTransform
 from transferlab.errors import ConfigError, DataError
-from transferlab.inference.engine import default_workers, make_eval_transform, pipeline_name, predict_logits
+from transferlab.inference.engine import BACKEND, default_workers, make_eval_transform, pipeline_name, predict_logits
 from transferlab.inference.features import cached_features
 from transferlab.inference.tta import TTA, tta_forward
 from transferlab.io import atomic_write_json, atomic_write_text
@@ -97,6 +97,7 @@ class EvalConfig:
     #: ``auto``: read the split from the decoded cache (built on first use) and resize whole batches as
     #: tensors; ``off``: decode each image with PIL in DataLoader workers.
     decoded_cache: str = DECODED_CACHE.field("auto", group=None)
+    backend: str = BACKEND.field("torch", group=None)
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.run is None):
@@ -148,6 +149,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         batch_size=cfg.batch_size,
         workers=workers,
         progress=cfg.progress,
+        backend=cfg.backend,
+        info=(engine := {}),
     )
     t0 = time.perf_counter()
     logits, cache_info = _logits(cfg, backbone, split, transform, cols, common)
@@ -176,6 +179,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "device": str(device),
         "workers": workers,
         "pipeline": pipeline_name(split),
+        "backend": engine or {"backend": "feature cache"},
         "subset": None if cfg.limit is None else {"limit": cfg.limit, "seed": cfg.seed},
         **({"feature_cache": cache_info} if cache_info is not None else {}),
         "warnings": warnings,

@@ -52,7 +52,7 @@ from transferlab.data.transforms import EvalTransform, normalize_batch
 from transferlab.ensembles import load_fitted
 from transferlab.errors import BadImageError, ConfigError, DataError
 from transferlab.exports import load_exported
-from transferlab.inference.engine import default_workers, make_eval_transform, model_outputs
+from transferlab.inference.engine import BACKEND, default_workers, make_eval_transform, model_outputs
 from transferlab.inference.entry import ModelEntry
 from transferlab.inference.tta import TTA, tta_forward, tta_log_probs, tta_view_count
 from transferlab.io import atomic_write_json, atomic_write_text
@@ -434,6 +434,7 @@ class PredictConfig:
     channels_last: str = CHANNELS_LAST.field("auto", group=None)
     device: str = DEVICE.field("auto", group=None)
     progress: bool | None = None
+    backend: str = BACKEND.field("torch", group=None)
 
     def __post_init__(self) -> None:
         check(self)
@@ -637,6 +638,7 @@ class _Run:
             desc="predict",
             fold=False,  # _prepare folded it already
             streams=native,
+            backend=self.cfg.backend if native else "torch",
         )
         return out if cols is None else out[:, cols]
 

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from transferlab.data.base import ImageSplit, split_fingerprint
 from transferlab.data.decoded import pixel_array
 from transferlab.data.transforms import EvalTransform
 from transferlab.inference.engine import predict_logits
+from transferlab.inference.openvino import resolve_backend
 from transferlab.io import atomic_write_with
 from transferlab.models.backbones import Backbone
 from transferlab.runtime import Precision
@@ -69,10 +71,20 @@ class FeatureKey:
     #: ``tensor`` (batched resize from a pixel array) or ``pil`` (per image): the resampling differs in
     #: rounding, so their features are not interchangeable bit for bit.
     pipeline: str = "pil"
+    #: ``torch`` or ``openvino`` (what the run resolved ``--backend`` to): their features differ in rounding.
+    #: Left out of the key for torch, so entries written before there was a choice keep their names.
+    backend: str = "torch"
+
+    def fields(self) -> dict[str, str]:
+        """The key as stored in an entry."""
+        d = dict(self.__dict__)
+        if d["backend"] == "torch":
+            del d["backend"]
+        return d
 
     def digest(self) -> str:
         """Short hex id used as the file name."""
-        blob = json.dumps(self.__dict__ | {"format": FORMAT_VERSION}, sort_keys=True).encode()
+        blob = json.dumps(self.fields() | {"format": FORMAT_VERSION}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:24]
 
 
@@ -97,6 +109,7 @@ def mirrored(forward: Forward) -> Forward:
     def run(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return forward(model, torch.flip(x, dims=[3]))
 
+    run.mirror_of = forward  # type: ignore[attr-defined]  # lets the OpenVINO backend convert ``forward`` itself
     return run
 
 
@@ -114,6 +127,8 @@ def cached_features(
     progress: bool | None = None,
     what: str = "pre_logits",
     flip: bool = False,
+    backend: str = "torch",
+    info: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, Path, bool]:
     """Backbone outputs of ``split[indices]``: from the cache when present, else computed and stored.
 
@@ -121,7 +136,8 @@ def cached_features(
     head). ``flip`` computes them on the horizontal mirror of each input (the standardised batch flipped
     left-right, as TTA's ``flip`` view): another entry, whose transform in the key says ``+ hflip``, so
     the unflipped entries written before this option existed keep their names. Returns (features float32
-    (N, ...), cache file, whether it was a cache hit).
+    (N, ...), cache file, whether it was a cache hit). ``backend`` and ``info``: as for
+    :func:`~transferlab.inference.engine.model_outputs`.
     """
     if what not in FORWARDS:
         raise ValueError(f"what must be one of {sorted(FORWARDS)}, not {what!r}")
@@ -134,6 +150,7 @@ def cached_features(
         precision=precision.name,
         what=what,
         pipeline="tensor" if pixel_array(split) is not None else "pil",
+        backend=resolve_backend(backend, device),
     )
     view = "-hflip" if flip else ""
     path = Path(cache_dir) / f"{backbone.name}-{split.name}-{what}{view}-{key.digest()}.npz"
@@ -163,10 +180,12 @@ def cached_features(
         progress=progress,
         forward=forward,
         desc=f"features {split.name}{' mirrored' if flip else ''}",
+        backend=backend,
+        info=info,
     )
 
     def _write(f):  # type: ignore[no-untyped-def]
-        np.savez(f, features=feats.astype(np.float32), key=np.asarray(json.dumps(key.__dict__)))
+        np.savez(f, features=feats.astype(np.float32), key=np.asarray(json.dumps(key.fields())))
 
     atomic_write_with(path, _write)
     return feats, path, False
@@ -180,7 +199,7 @@ def _load(path: Path, n: int, key: FeatureKey) -> np.ndarray | None:
     except Exception as e:
         log.warning("feature cache entry %s is unreadable (%s); rebuilding it", path, e)
         return None
-    if stored != key.__dict__ or feats.ndim < 2 or len(feats) != n or not np.isfinite(feats).all():
+    if stored != key.fields() or feats.ndim < 2 or len(feats) != n or not np.isfinite(feats).all():
         log.warning("feature cache entry %s does not match what it should hold; rebuilding it", path)
         return None
     return feats

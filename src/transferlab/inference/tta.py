@@ -103,4 +103,5 @@ def tta_forward(mode: str, cols: np.ndarray | None = None) -> Callable[[nn.Modul
         c = None if cols is None else torch.as_tensor(np.asarray(cols), dtype=torch.long, device=x.device)
         return tta_log_probs(model, x, mode, c)
 
+    forward.calls_model_only = True  # type: ignore[attr-defined]  # OpenVINO may run it around the converted model
     return forward

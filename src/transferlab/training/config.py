@@ -17,6 +17,7 @@ from transferlab.data.resolve import DATA_HELP
 from transferlab.data.screen import POLICIES as BAD_IMAGE_POLICIES
 from transferlab.data.transforms import CROP, IMG_SIZE, INTERPOLATION
 from transferlab.errors import ConfigError
+from transferlab.inference.engine import BACKEND
 from transferlab.models.heads import HeadSpec
 from transferlab.models.strategies import (
     BACKBONE_LR_SCALE,
@@ -193,6 +194,8 @@ class TrainConfig:
     channels_last: str = CHANNELS_LAST.field("auto")
     device: str = DEVICE.field("auto")
     workers: int = WORKERS.field(-1)
+    #: Feature extraction only (the linear probe's cached features); training and the holdout pass stay on torch.
+    backend: str = BACKEND.field("torch", help=BACKEND.help + "; feature extraction only, training stays on torch")
     train_limit: int | None = option(
         None, "use a seeded subset of train", lo=1, hi=10**12, default_text="all", group="data"
     )

@@ -540,6 +540,7 @@ def _probe_data(s: _Setup, what: str, cache: Path) -> _ProbeData:
         workers=s.workers,
         progress=cfg.progress,
         what=what,
+        backend=cfg.backend,
     )
     tf = s.eval_transform()
     x_train, _, hit_train = cached_features(s.backbone, s.train_split, tf, indices=s.train_idx, **kw)
