@@ -82,9 +82,7 @@ def test_label_curve_rises_with_labels_and_predicts_a_positive_gain() -> None:
     x = centres[y] + rng.normal(size=(len(y), d))
     yr = np.repeat(np.arange(c), 60)
     xr = centres[yr] + rng.normal(size=(len(yr), d))
-    curve = label_curve(
-        x.astype(np.float32), y, xr.astype(np.float32), yr, c, l2=1e-3, prior=None, n_boot=200, seeds=2
-    )
+    curve = label_curve(x.astype(np.float32), y, xr.astype(np.float32), yr, c, l2=1e-3, prior=None, n_boot=200, seeds=2)
     pts = curve["points"]
     assert [p["per_class"] for p in pts] == [4, 10, 20, 40]
     assert pts[-1]["top1"] > pts[0]["top1"] > 1 / c
@@ -93,3 +91,79 @@ def test_label_curve_rises_with_labels_and_predicts_a_positive_gain() -> None:
     fit = curve["fit"]
     assert fit["doubling_gain"] > 0 and fit["doubling_lo"] <= fit["doubling_gain"] <= fit["doubling_hi"]
     json.dumps(curve)  # what labels.json holds
+
+
+def _imagenet_weights(path: Path, arch: str, size: int) -> Path:
+    """A tiny timm model with a random ImageNet-1k head saved as safetensors (stands in for real weights)."""
+    import timm
+    import torch
+
+    from transferlab.models.preprocessing import Preprocessing
+    from transferlab.models.weights import save_weights
+
+    torch.manual_seed(1)
+    model = timm.create_model(arch, pretrained=False, num_classes=1000).eval()
+    pre = Preprocessing(input_size=size, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
+    save_weights(path, model.state_dict(), preprocessing=pre)
+    return path
+
+
+@pytest.fixture(scope="module")
+def auto_run(train_ds: Path, in1k32: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One whole ``transferlab auto`` on the 3-class dataset with two tiny backbones (module-scoped)."""
+    import torch
+
+    from transferlab.cli import main
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("auto")
+    eff = _imagenet_weights(root / "eff.safetensors", "test_efficientnet", 32)
+    out = root / "out"
+    argv = ["auto", "--data", str(train_ds), "--out", str(out), "--budget", "10m", "--progress", "off"]
+    argv += ["--models", "test_resnet", "test_efficientnet", "--weights", str(in1k32), str(eff)]
+    argv += ["--workers", "0", "--precision", "fp32", "--cache-dir", str(root / "cache")]
+    assert main(argv) == 0
+    return out, json.loads((out / "plan.json").read_text())
+
+
+def test_auto_runs_the_plan_as_a_study_and_explains_it(auto_run: tuple[Path, dict]) -> None:
+    out, plan = auto_run
+    by = {c["name"]: c for c in plan["candidates"]}
+    assert {"test-resnet-probe", "test-efficientnet-probe", "test-resnet-zero-shot", "greedy", "weighted"} <= set(by)
+    for name in ("test-resnet-probe", "test-efficientnet-probe", "test-resnet-zero-shot", "greedy", "weighted"):
+        assert by[name]["status"] == "ran", by[name]
+        assert by[name]["actual_s"] is not None and by[name]["predicted_s"] > 0
+        assert (out / ("ensembles" if by[name]["kind"] == "ensemble" else "members") / name / "metrics.json").exists()
+    assert by["test-resnet-probe"]["holdout_top1"] is not None
+    assert plan["actual_s"] <= plan["budget_s"] and plan["cpu"]
+    assert [m["model"] for m in plan["measured"]] == ["test_resnet", "test_efficientnet"]
+    assert all(m["images_per_s"] > 0 and m["setup_s"] >= 0 for m in plan["measured"])
+    # the probes are the tuned kind, and the ensembles were fitted off the report split
+    cfg = (out / "members" / "test-resnet-probe" / "config.yaml").read_text()
+    assert "probe: lbfgs" in cfg and "flip_features: true" in cfg
+    protocol = json.loads((out / "ensembles" / "greedy" / "metrics.json").read_text())["protocol"]
+    assert protocol["mode"] == "select-data" and protocol["n_report"] == 12  # all of val: none was fitted on
+    assert all(f.endswith("predictions/holdout.npz") for f in protocol["select_files"])
+
+
+def test_auto_writes_the_label_curve_and_the_report_shows_plan_and_curve(auto_run: tuple[Path, dict]) -> None:
+    out, _ = auto_run
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels["member"] == "test-resnet-probe" or labels["member"] == "test-efficientnet-probe"
+    assert [p["fraction"] for p in labels["points"]] == [0.1, 0.25, 0.5, 1.0]
+    assert "doubling_gain" in labels["fit"]
+    html = (out / "report" / "report.html").read_text()
+    assert "Plan" in html and "more labels" in html
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(train_ds: Path, in1k32: Path, tmp_path: Path, capsys) -> None:
+    from transferlab.cli import main
+
+    out = tmp_path / "out"
+    argv = ["auto", "--data", str(train_ds), "--out", str(out), "--budget", "5m", "--dry-run", "--progress", "off"]
+    argv += ["--models", "test_resnet", "--weights", str(in1k32), "--workers", "0", "--precision", "fp32"]
+    argv += ["--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "measured test_resnet@32" in text and "predicted total" in text and "test-resnet-probe" in text
+    assert not out.exists()

@@ -24,6 +24,7 @@ from transferlab.training.probe import ProbeConfig
 
 
 def _configs() -> dict[str, list[type]]:
+    from transferlab.auto import AutoConfig
     from transferlab.ensembles import EnsembleConfig
     from transferlab.evaluation import EvalConfig
     from transferlab.exports import ExportConfig
@@ -37,6 +38,7 @@ def _configs() -> dict[str, list[type]]:
         "ensemble": [EnsembleConfig],
         "export": [ExportConfig],
         "report": [ReportConfig],
+        "auto": [AutoConfig],
     }
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from transferlab.data.resolve import DATA_HELP
-from transferlab.errors import ConfigError
+from transferlab.errors import ConfigError, TransferlabError
 from transferlab.inference.engine import BACKEND
 from transferlab.io import atomic_write_json, atomic_write_text
 from transferlab.options import check, option
@@ -99,7 +99,9 @@ class AutoConfig:
     precision: str = PRECISION.field("auto")
     device: str = DEVICE.field("auto")
     workers: int = WORKERS.field(-1)
-    cache_dir: Path | None = option(None, "cache folder (decoded images, features, conversions)", default_text="the user cache")
+    cache_dir: Path | None = option(
+        None, "cache folder (decoded images, features, conversions)", default_text="the user cache"
+    )
     progress: bool | None = None
 
     def __post_init__(self) -> None:
@@ -242,14 +244,16 @@ def measure_backbone(cfg: AutoConfig, model: str, split: Any) -> Measurement:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, "auto", device)
     rng = np.random.default_rng(cfg.seed)
-    idx = np.sort(rng.choice(len(split), size=min(len(split), 32 + MEASURE_IMAGES), replace=False))
+    # A split smaller than the sample is measured on repeats of its images (the rate is what matters).
+    n = 32 + MEASURE_IMAGES
+    idx = np.sort(rng.choice(len(split), size=n, replace=len(split) < n))
     kw = dict(precision=precision, device=device, batch_size=32, forward=pre_logits, progress=False)
     info: dict[str, Any] = {}
     feats = predict_logits(backbone, split, tf, indices=idx[:32], backend=cfg.backend, info=info, **kw)
     setup = time.perf_counter() - t0
     t1 = time.perf_counter()
     predict_logits(backbone, split, tf, indices=idx[32:], backend=cfg.backend, **kw)
-    rate = (len(idx) - 32) / max(time.perf_counter() - t1, 1e-6)
+    rate = MEASURE_IMAGES / max(time.perf_counter() - t1, 1e-6)
     # The warm-up batch's own compute is not setup: take it out at the measured rate.
     return Measurement(
         model=model,
@@ -280,52 +284,42 @@ def probe_options(cfg: AutoConfig, m: Measurement) -> dict[str, Any]:
     }
 
 
-def choose(
-    cfg: AutoConfig,
-    measurements: list[Measurement],
-    n_train: int,
-    n_report: int,
-    n_classes: int,
-    spent_s: float,
-    flops: float,
-) -> list[Candidate]:
-    """Every candidate with its predicted cost, chosen or dropped (with why) to fit the budget."""
-    left = cfg.budget_s - spent_s - RESERVE_S
-    out: list[Candidate] = []
-    probes = []
-    for m in measurements:
-        variants = []
-        for flip in (True, False):
-            views = 2 if flip else 1
-            # One feature pass per split and view (train, report; and their mirrors), each with its own setup.
-            cost = (
-                views * (n_train + n_report) / m.images_per_s
-                + 2 * views * m.setup_s
-                + _fit_seconds(views * n_train, m.dim, n_classes, flops)
-            )
-            opts = probe_options(cfg, m) | {"flip_features": flip}
-            variants.append(Candidate(f"{_short(m.model)}-probe", "probe", m.model, m.img_size, cost, opts))
-        probes.append(variants)
-    # Cheapest backbone first; each with mirrored features where they fit, else without.
-    for flipped, plain in sorted(probes, key=lambda v: v[0].predicted_s):
-        if flipped.predicted_s <= FIT_SHARE * left:
-            c = flipped
-            c.status, c.why = "chosen", f"fits: predicted {c.predicted_s:.0f} s of {left:.0f} s left"
-        elif plain.predicted_s <= FIT_SHARE * left:
-            c = plain
-            c.status = "chosen"
-            c.why = (
-                f"without mirrored features ({flipped.predicted_s:.0f} s with them): predicted {c.predicted_s:.0f} s "
-                f"of {left:.0f} s left"
-            )
-        else:
-            c = plain
-            c.status, c.why = "dropped", f"predicted {c.predicted_s:.0f} s, only {max(left, 0):.0f} s left"
-        if c.status == "chosen":
-            left -= c.predicted_s
-        out.append(c)
-    first = measurements[0]
-    zs_probe = next(c for c in out if c.model == first.model)
+def probe_variants(
+    cfg: AutoConfig, m: Measurement, n_train: int, n_report: int, n_classes: int, flops: float
+) -> tuple[Candidate, Candidate]:
+    """The tuned probe on ``m``'s backbone with and without mirrored features, each with its predicted cost."""
+    variants = []
+    for flip in (True, False):
+        views = 2 if flip else 1
+        # One feature pass per split and view (train, report; and their mirrors), each with its own setup.
+        cost = (
+            views * (n_train + n_report) / m.images_per_s
+            + 2 * views * m.setup_s
+            + _fit_seconds(views * n_train, m.dim, n_classes, flops)
+        )
+        opts = probe_options(cfg, m) | {"flip_features": flip}
+        variants.append(Candidate(f"{_short(m.model)}-probe", "probe", m.model, m.img_size, cost, opts))
+    return variants[0], variants[1]
+
+
+def _pick(flipped: Candidate, plain: Candidate, left: float) -> Candidate:
+    """The mirrored-features probe where it fits what is left, else the plain one, else the plain one dropped."""
+    if flipped.predicted_s <= FIT_SHARE * left:
+        flipped.status, flipped.why = "chosen", f"fits: predicted {flipped.predicted_s:.0f} s of {left:.0f} s left"
+        return flipped
+    if plain.predicted_s <= FIT_SHARE * left:
+        plain.status = "chosen"
+        plain.why = (
+            f"without mirrored features ({flipped.predicted_s:.0f} s with them): predicted "
+            f"{plain.predicted_s:.0f} s of {left:.0f} s left"
+        )
+        return plain
+    plain.status, plain.why = "dropped", f"predicted {plain.predicted_s:.0f} s, only {max(left, 0):.0f} s left"
+    return plain
+
+
+def _zero_shot(cfg: AutoConfig, first: Measurement, probes: list[Candidate]) -> Candidate:
+    """The first backbone's ImageNet head on the dataset's classes, reading its probe's cached features."""
     zs = Candidate(f"{_short(first.model)}-zero-shot", "zero-shot", first.model, first.img_size, 5.0)
     zs.options = {
         "kind": "zero-shot",
@@ -335,23 +329,52 @@ def choose(
         "backend": cfg.backend,
         **_run_options(cfg),
     }
+    probe = next(c for c in probes if c.model == first.model)
     if first.num_classes != 1000:
         zs.status, zs.why = "dropped", "the backbone has no ImageNet-1k head"
-    elif zs_probe.status != "chosen":
+    elif probe.status != "chosen":
         zs.status, zs.why = "dropped", "reads the features of its backbone's probe, which did not fit"
     else:
         zs.status, zs.why = "chosen", "the pretrained model as it is (reads its probe's cached features)"
-    out.append(zs)
-    chosen_probes = [c.name for c in out if c.kind == "probe" and c.status == "chosen"]
+    return zs
+
+
+def _ensembles(probes: list[Candidate]) -> list[Candidate]:
+    """Greedy and weighted ensembles of the chosen probes, fitted on their train-holdout predictions."""
+    chosen = [c.name for c in probes if c.status == "chosen"]
+    out = []
     for method in ("greedy", "weighted"):
-        e = Candidate(f"{method}", "ensemble", f"ensemble of {len(chosen_probes)}", None, 3.0)
-        e.options = {"method": method, "members": chosen_probes, "select": "holdout"}
-        if len(chosen_probes) >= 2:
-            e.status, e.why = "chosen", "fitted on the probes' train-holdout predictions, reported on data none chose on"
+        e = Candidate(method, "ensemble", f"ensemble of {len(chosen)}", None, 3.0)
+        e.options = {"method": method, "members": chosen, "select": "holdout"}
+        if len(chosen) >= 2:
+            e.status, e.why = "chosen", "fitted on the probes' train-holdout predictions; val stays untouched"
         else:
             e.status, e.why = "dropped", "needs two probes"
         out.append(e)
     return out
+
+
+def choose(
+    cfg: AutoConfig,
+    measurements: list[Measurement],
+    n_train: int,
+    n_report: int,
+    n_classes: int,
+    spent_s: float,
+    flops: float,
+) -> list[Candidate]:
+    """Every candidate with its predicted cost, chosen or dropped (with why) to fit the budget: the backbones'
+    probes cheapest first (each with mirrored features where they fit), then the zero-shot model and the
+    ensembles, which cost seconds."""
+    left = cfg.budget_s - spent_s - RESERVE_S
+    variants = [probe_variants(cfg, m, n_train, n_report, n_classes, flops) for m in measurements]
+    probes = []
+    for flipped, plain in sorted(variants, key=lambda v: v[0].predicted_s):
+        c = _pick(flipped, plain, left)
+        if c.status == "chosen":
+            left -= c.predicted_s
+        probes.append(c)
+    return [*probes, _zero_shot(cfg, measurements[0], probes), *_ensembles(probes)]
 
 
 def _run_options(cfg: AutoConfig) -> dict[str, Any]:
@@ -399,7 +422,9 @@ def make_plan(cfg: AutoConfig, t_start: float) -> Plan:
     for model in cfg.models:
         log.info("auto: measuring %s on %d images of %s", model, MEASURE_IMAGES, source.name)
         m = measure_backbone(cfg, model, train)
-        log.info("auto: %s@%d: %.0f images/s (%s), setup %.1f s", model, m.img_size, m.images_per_s, m.backend, m.setup_s)
+        log.info(
+            "auto: %s@%d: %.0f images/s (%s), setup %.1f s", model, m.img_size, m.images_per_s, m.backend, m.setup_s
+        )
         measurements.append(m)
     flops = _matmul_flops()
     spent = time.perf_counter() - t_start
@@ -445,6 +470,7 @@ def label_curve(
     *,
     l2: float,
     prior: tuple[np.ndarray, np.ndarray] | None,
+    x_mirror: np.ndarray | None = None,
     fractions: tuple[float, ...] = LABEL_FRACTIONS,
     seeds: int = 2,
     n_boot: int = 500,
@@ -452,7 +478,8 @@ def label_curve(
 ) -> dict[str, Any]:
     """Top-1 on the report rows of the probe refit on ``fraction`` of each train class (averaged over ``seeds``
     draws below 100%), with bootstrap intervals over the report rows, and the power law through it: what
-    doubling the labels per class should add, with the interval of that over the same bootstrap."""
+    doubling the labels per class should add, with the interval of that over the same bootstrap. With
+    ``x_mirror`` (the train images' mirrored features) a chosen image brings its mirror, as in the probe."""
     from transferlab.training.logistic import fit_logistic, logits_of
 
     counts = np.bincount(y_train, minlength=num_classes)
@@ -466,7 +493,10 @@ def label_curve(
         for s in range(draws):
             rng = np.random.default_rng([seed, s, k])
             idx = np.arange(len(y_train)) if frac >= 1.0 else _per_class_subset(y_train, k, rng)
-            w, b, _ = fit_logistic(x_train[idx], y_train[idx], num_classes, l2=l2, prior=prior)
+            x, y = x_train[idx], y_train[idx]
+            if x_mirror is not None:
+                x, y = np.concatenate([x, x_mirror[idx]]), np.concatenate([y, y])
+            w, b, _ = fit_logistic(x, y, num_classes, l2=l2, prior=prior)
             hits += logits_of((w, b), x_report).argmax(1) == y_report
         correct.append(hits / draws)
         per_class.append(k)
@@ -554,16 +584,7 @@ def run_auto(cfg: AutoConfig, *, on_plan: Callable[[Plan], None] | None = None) 
     result = AutoResult(plan=plan, out=out)
 
     def before_report(study: Any) -> None:
-        for step in study.steps:
-            c = by_name.get(step.name)
-            if c is None:
-                continue
-            c.status = {"skipped": "skipped", "failed": "failed"}.get(step.status, "ran")
-            c.actual_s = round(step.seconds, 1)
-            if step.status == "skipped":
-                c.why = "the budget ran out before it could start"
-            if c.kind == "probe" and step.status != "skipped":
-                c.holdout_top1 = _holdout_top1(step.dir)
+        _record_steps(study, by_name)
         if cfg.label_curve:
             result.labels = _label_curve_for(cfg, plan, out)
             if result.labels is not None:
@@ -579,8 +600,24 @@ def run_auto(cfg: AutoConfig, *, on_plan: Callable[[Plan], None] | None = None) 
     return result
 
 
+def _record_steps(study: Any, by_name: dict[str, Candidate]) -> None:
+    """Put each step's status, actual cost and (for probes) holdout top-1 on its candidate."""
+    for step in study.steps:
+        c = by_name.get(step.name)
+        if c is None:
+            continue
+        c.status = {"skipped": "skipped", "failed": "failed"}.get(step.status, "ran")
+        c.actual_s = round(step.seconds, 1)
+        if step.status == "skipped":
+            c.why = "the budget ran out before it could start"
+        elif c.kind == "probe":
+            c.holdout_top1 = _holdout_top1(step.dir)
+
+
 def _label_curve_for(cfg: AutoConfig, plan: Plan, out: Path) -> dict[str, Any] | None:
     """The label-budget curve of the cheapest probe that ran (its cached features, its chosen penalty)."""
+    from transferlab.training.run import probe_features
+
     ran = [c for c in plan.candidates if c.kind == "probe" and c.status == "ran"]
     if not ran:
         return None
@@ -589,20 +626,21 @@ def _label_curve_for(cfg: AutoConfig, plan: Plan, out: Path) -> dict[str, Any] |
     try:
         metrics = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
         l2 = float(metrics["probe"]["l2"])
-        x_train, y_train, x_report, y_report, prior = _probe_features(d)
-    except (OSError, KeyError, ValueError, TypeError) as e:
+        f = probe_features(d)
+    except (OSError, KeyError, ValueError, TypeError, TransferlabError) as e:
         log.warning("auto: no label-budget curve (%s: %s)", type(e).__name__, e)
         return None
     t0 = time.perf_counter()
     curve = label_curve(
-        x_train, y_train, x_report, y_report, int(y_train.max()) + 1, l2=l2, prior=prior, seed=cfg.seed
+        f.x_train,
+        f.y_train,
+        f.x_report,
+        f.y_report,
+        f.num_classes,
+        l2=l2,
+        prior=f.prior,
+        x_mirror=f.x_train_mirror,
+        seed=cfg.seed,
     )
     log.info("auto: label-budget curve of %s in %.0f s", best.name, time.perf_counter() - t0)
     return {"member": best.name, "model": best.model, "split": "val", **curve}
-
-
-def _probe_features(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Any]:
-    """The flip-averaged train and report features a probe run used (cache hits), its targets and its prior."""
-    from transferlab.training.run import probe_inputs
-
-    return probe_inputs(run_dir)

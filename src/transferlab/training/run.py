@@ -59,7 +59,7 @@ from transferlab.training.interrupt import GracefulStop
 from transferlab.training.logistic import logits_of, scores, tune_logistic
 from transferlab.training.loop import Dist, EvalImages, FitData, TrainImages, fit, predict
 from transferlab.training.probe import ProbeConfig, fit_head, head_logits, stratified_holdout
-from transferlab.training.runs import backbone_from_run
+from transferlab.training.runs import backbone_from_run, load_run_config
 from transferlab.training.tensorboard import TensorBoardLog
 
 log = logging.getLogger(__name__)
@@ -717,3 +717,43 @@ def _write_csv(path: Path, cols: list[str], rows: list[dict[str, float]]) -> Non
     for r in rows:
         wr.writerow({k: (f"{r[k]:.8g}" if isinstance(r[k], float) else r[k]) for k in cols})
     atomic_write_text(path, buf.getvalue())
+
+
+@dataclass
+class ProbeFeatures:
+    """What a finished feature-cache probe was fitted and scored on, read back from the feature cache."""
+
+    x_train: np.ndarray  # (N, D) every train image the run read (fit and holdout)
+    x_train_mirror: np.ndarray | None  # (N, D) their mirrors' features with --flip-features, else None
+    y_train: np.ndarray
+    x_report: np.ndarray  # (M, D) as the probe scored them (the mean with the mirror's with --flip-features)
+    y_report: np.ndarray
+    #: The head the penalty pulls towards (the ImageNet rows), or None for zero.
+    prior: tuple[np.ndarray, np.ndarray] | None
+    num_classes: int
+
+
+def probe_features(run_dir: str | Path) -> ProbeFeatures:
+    """The features a linear-probe run used (cache hits: nothing is recomputed when the cache still holds
+    them), for analyses that refit its head, such as the label-budget curve of ``transferlab auto``."""
+    cfg = load_run_config(run_dir)
+    if not cfg.use_feature_cache:
+        raise ConfigError(f"{run_dir}: not a linear probe on cached features; its features were never cached")
+    s = _setup(cfg, Dist())
+    warm = list(s.source.classes.ids) if s.head_init == "imagenet" else None
+    model = TransferModel.from_backbone(s.backbone.model, cfg.head_spec(), s.num_classes, warm_start_ids=warm)
+    data = _probe_data(s, "pre_logits", s.cache_root() / "features")
+    n = len(s.train_idx)
+    prior = None
+    if s.head_init == "imagenet":
+        fc = model.head.fc
+        prior = (fc.weight.detach().numpy().copy(), fc.bias.detach().numpy().copy())
+    return ProbeFeatures(
+        x_train=data.x_all[:n],
+        x_train_mirror=data.x_all[n:] if cfg.flip_features else None,
+        y_train=data.y_all[:n],
+        x_report=data.x_report,
+        y_report=s.report.targets[s.report_idx],
+        prior=prior,
+        num_classes=s.num_classes,
+    )
