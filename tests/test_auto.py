@@ -167,3 +167,53 @@ def test_dry_run_prints_the_plan_and_runs_nothing(train_ds: Path, in1k32: Path, 
     text = capsys.readouterr().out
     assert "measured test_resnet@32" in text and "predicted total" in text and "test-resnet-probe" in text
     assert not out.exists()
+
+
+def _probe_spec(ds: Path, weights: Path, cache: Path, **ensemble: dict) -> dict:
+    fast = {"workers": 0, "precision": "fp32", "holdout": 0.2, "cache_dir": str(cache)}
+    member = {"model": "test_resnet", "weights": str(weights), "probe": "lbfgs"}
+    return {
+        "name": "budgeted",
+        "data": str(ds),
+        "defaults": fast,
+        "members": {
+            "a": member,
+            "b": {**member, "flip_features": True},
+            "zs": {"kind": "zero-shot", "model": "test_resnet", "weights": str(weights), "workers": 0},
+        },
+        "ensembles": ensemble or {"mean": {"method": "mean", "members": ["a", "b"], "select": "holdout"}},
+    }
+
+
+def test_holdout_ensembles_refuse_members_without_holdout_predictions(train_ds: Path, in1k32: Path, tmp_path) -> None:
+    from transferlab.studies import parse_spec
+
+    bad = _probe_spec(train_ds, in1k32, tmp_path, mean={"method": "mean", "members": ["a", "zs"], "select": "holdout"})
+    with pytest.raises(ConfigError, match="'zs' is a zero-shot member"):
+        parse_spec(bad)
+    typo = _probe_spec(train_ds, in1k32, tmp_path, mean={"method": "mean", "members": ["a", "b"], "select": "val"})
+    with pytest.raises(ConfigError, match="select must be one of split, holdout"):
+        parse_spec(typo)
+
+
+def test_a_study_past_its_deadline_skips_what_has_not_started(train_ds: Path, in1k32: Path, tmp_path: Path) -> None:
+    import time
+
+    from transferlab.studies import parse_spec, run_study
+
+    spec = parse_spec(_probe_spec(train_ds, in1k32, tmp_path / "cache"))
+    out = tmp_path / "out"
+    seen: list[str] = []
+    res = run_study(spec, out, progress=False, deadline=time.perf_counter(), before_report=lambda r: seen.append("x"))
+    assert [(s.name, s.status) for s in res.steps] == [
+        ("a", "skipped"),
+        ("b", "skipped"),
+        ("zs", "skipped"),
+        ("mean", "skipped"),
+    ]
+    assert seen == ["x"] and not (out / "members" / "a").exists()
+    # with time left everything runs, and the holdout-fitted ensemble reads both probes' holdout predictions
+    res = run_study(spec, out, progress=False, deadline=time.perf_counter() + 600)
+    assert [s.status for s in res.steps] == ["trained", "trained", "evaluated", "evaluated"]
+    for name in ("a", "b"):
+        assert (out / "members" / name / "predictions" / "holdout.npz").exists()

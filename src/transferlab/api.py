@@ -28,8 +28,8 @@ from torch import nn
 
 from transferlab import _API
 from transferlab.artifacts.folders import CARD_FILE, folder_kind
-from transferlab.auto import AutoConfig, AutoResult, run_auto
 from transferlab.artifacts.predictions import Predictions, find_predictions, prediction_splits, read_predictions
+from transferlab.auto import AutoConfig, AutoResult, run_auto
 from transferlab.data import open_dataset as open_dataset  # re-exported: tl.open_dataset
 from transferlab.ensembles import EnsembleConfig, run_ensemble
 from transferlab.errors import ConfigError

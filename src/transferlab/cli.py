@@ -674,7 +674,8 @@ def cmd_auto(args: argparse.Namespace) -> int:
 def _print_plan(plan: Any) -> None:
     print(f"plan on {plan.cpu}: {plan.n_train} train and {plan.n_report} val images, budget {plan.budget_s:.0f} s")
     for m in plan.measurements:
-        print(f"  measured {m.model}@{m.img_size}: {m.images_per_s:.0f} images/s ({m.backend}), setup {m.setup_s:.1f} s")
+        rate = f"{m.images_per_s:.0f} images/s ({m.backend})"
+        print(f"  measured {m.model}@{m.img_size}: {rate}, setup {m.setup_s:.1f} s")
     for c in plan.candidates:
         print(f"  {c.status:8s} {c.kind:9s} {c.name:24s} predicted {c.predicted_s:6.0f} s  {c.why}")
     print(f"predicted total: {plan.predicted_s:.0f} s (measuring took {plan.spent_s:.0f} s)")

@@ -288,8 +288,6 @@ def _parse_ensembles(doc: dict[str, Any], where: str, members: Sequence[MemberSp
         check_keys(ENSEMBLE_KEYS, eopts, where=ewhere, listing="allowed:")
         method = str(eopts.pop("method", ename))
         select = str(eopts.pop("select", "split"))
-        if select not in SELECT_MODES:
-            raise ConfigError(f"{ewhere}: select must be one of {', '.join(SELECT_MODES)}, not {select!r}")
         mem = tuple(str(x) for x in (eopts.pop("members", None) or reported))
         check_keys(names, mem, where=f"{ewhere}: members", listing="allowed:")
         for x in mem:
@@ -297,16 +295,24 @@ def _parse_ensembles(doc: dict[str, Any], where: str, members: Sequence[MemberSp
                 raise ConfigError(f"{ewhere}: {x!r} is a pretrain member (other data); it cannot be ensembled")
         if len(mem) < 2:
             raise ConfigError(f"{ewhere}: an ensemble needs at least two members, got {len(mem)}")
-        if select == "holdout":
-            for x in mem:
-                m = next(m for m in members if m.name == x)
-                if m.kind != "train":
-                    raise ConfigError(
-                        f"{ewhere}: select holdout fits on the members' train holdout predictions, and {x!r} is a "
-                        f"{m.kind} member (it has none); leave it out of this ensemble or use select: split"
-                    )
+        _check_select(select, mem, members, ewhere)
         out.append(EnsembleSpec(ename, method, mem, eopts, select))
     return tuple(out)
+
+
+def _check_select(select: str, names: Sequence[str], members: Sequence[MemberSpec], where: str) -> None:
+    """``select: holdout`` needs every member's train-holdout predictions, which only trained members write."""
+    if select not in SELECT_MODES:
+        raise ConfigError(f"{where}: select must be one of {', '.join(SELECT_MODES)}, not {select!r}")
+    if select != "holdout":
+        return
+    for x in names:
+        m = next(m for m in members if m.name == x)
+        if m.kind != "train":
+            raise ConfigError(
+                f"{where}: select holdout fits on the members' train holdout predictions, and {x!r} is a "
+                f"{m.kind} member (it has none); leave it out of this ensemble or use select: split"
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -754,8 +760,11 @@ def run_study(
             result.steps.append(_run_one(r, i, n, out, progress))
         if before_report is not None:
             before_report(result)
-        if report:
-            result.report = _report(spec, [r for r in items if r.name not in skipped], out)
+        finished = [r for r in items if r.name not in skipped]
+        if report and any(r.role == "member" for r in finished):
+            result.report = _report(spec, finished, out)
+        elif report:
+            log.warning("no member finished before the deadline: no report")
         result.wall_s = time.perf_counter() - t0
         _write_summary(spec, result)
     return result
