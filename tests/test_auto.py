@@ -46,7 +46,7 @@ def _m(model: str, rate: float, dim: int = 1280) -> Measurement:
 def test_plan_takes_the_cheapest_first_and_drops_what_does_not_fit(tmp_path: Path) -> None:
     cfg = AutoConfig(data="d", out=tmp_path, budget="10m", models=("fast", "mid", "slow"))
     ms = [_m("fast", 400.0), _m("mid", 200.0), _m("slow", 50.0)]
-    cands = choose(cfg, ms, 20_000, 5_000, 200, spent_s=30.0, flops=5e10)
+    cands = choose(cfg, ms, 20_000, 5_000, 200, spent_s=30.0, flops=5e11)
     by = {c.name: c for c in cands}
     assert [c.name for c in cands if c.kind == "probe"] == ["fast-probe", "mid-probe", "slow-probe"]
     # 50,000 images (with mirrors) at 50 images/s is 1,000 s: more than the 10-minute budget
@@ -58,11 +58,14 @@ def test_plan_takes_the_cheapest_first_and_drops_what_does_not_fit(tmp_path: Pat
     assert by["fast-zero-shot"].status == "chosen"
     assert by["greedy"].status == "chosen" and by["greedy"].options["select"] == "holdout"
     assert by["greedy"].options["members"] == ["fast-probe", "mid-probe"]
+    # the label-budget curve is reserved on the cheapest probe, before the next backbone is considered
+    assert by["label-curve"].status == "chosen" and "fast-probe" in by["label-curve"].why
+    assert by["fast-probe"].options["flip_features"] is True
 
 
 def test_a_budget_for_one_probe_gets_no_ensemble(tmp_path: Path) -> None:
     cfg = AutoConfig(data="d", out=tmp_path, budget="5m", models=("fast", "mid"))
-    cands = choose(cfg, [_m("fast", 400.0), _m("mid", 200.0)], 20_000, 5_000, 200, spent_s=30.0, flops=5e10)
+    cands = choose(cfg, [_m("fast", 400.0), _m("mid", 200.0)], 20_000, 5_000, 200, spent_s=30.0, flops=5e11)
     by = {c.name: c for c in cands}
     assert by["fast-probe"].status == "chosen" and by["mid-probe"].status == "dropped"
     assert by["greedy"].status == "dropped" and by["greedy"].why == "needs two probes"

@@ -48,12 +48,19 @@ log = logging.getLogger(__name__)
 DEFAULT_MODELS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 #: Fractions of the train images per class on the label-budget curve (the last one is all of train).
 LABEL_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
-#: Images timed per backbone (after one warm-up batch, which also fills the conversion cache).
-MEASURE_IMAGES = 96
+#: Images of the longer of the two timed passes per backbone (after a warm-up pass that also fills the
+#: conversion cache).
+MEASURE_IMAGES = 1024
 #: Kept back from the budget for the ensembles, the label curve, the report and the slack between steps.
 RESERVE_S = 45.0
 #: A candidate is started only if its predicted cost fits this share of what is left (predictions err).
 FIT_SHARE = 0.95
+#: Loss-and-gradient evaluations of a tuned probe's penalty path plus its refit, as measured: Lite0@224 features
+#: of the mini copy's 20,000 train images took 26 s (83 evaluations at this machine's matmul rate), and with
+#: their mirrors (40,000 rows) 98 s (159); the larger is used.
+FIT_EVALUATIONS = 160
+#: The label-budget curve refits its probe at four label fractions: about this share of the probe's fit cost.
+LABEL_CURVE_SHARE = 0.6
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
 
 
@@ -139,10 +146,13 @@ class Candidate:
     why: str = ""
     actual_s: float | None = None
     holdout_top1: float | None = None
+    #: Of ``predicted_s``, the head's fit (what the label-budget curve repeats at smaller label counts).
+    fit_s: float = 0.0
 
     def row(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("options")
+        d.pop("fit_s")
         d["predicted_s"] = round(self.predicted_s, 1)
         return d
 
@@ -211,9 +221,9 @@ def cpu_name() -> str:
 
 
 def _fit_seconds(n: int, dim: int, classes: int, flops: float) -> float:
-    """Predicted seconds of a tuned probe: about 600 L-BFGS function evaluations over the penalty path and the
-    refit, each a forward and a backward matmul pair over the (flip-doubled) rows."""
-    return 600 * 3 * 2.0 * n * dim * classes / flops + 2.0
+    """Predicted seconds of a tuned probe on ``n`` rows: the penalty path and the refit cost about
+    ``FIT_EVALUATIONS`` full-batch loss-and-gradient evaluations, three ``n x dim x classes`` matmuls each."""
+    return FIT_EVALUATIONS * 3 * 2.0 * n * dim * classes / flops + 2.0
 
 
 def _matmul_flops() -> float:
@@ -237,29 +247,33 @@ def measure_backbone(cfg: AutoConfig, model: str, split: Any) -> Measurement:
     from transferlab.models.backbones import create_backbone
     from transferlab.runtime import resolve_device, resolve_precision
 
-    t0 = time.perf_counter()
     backbone = create_backbone(model, cfg.weights_of(model))
     size = backbone.preprocessing.input_size
     tf = make_eval_transform(backbone.preprocessing, size)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, "auto", device)
     rng = np.random.default_rng(cfg.seed)
-    # A split smaller than the sample is measured on repeats of its images (the rate is what matters).
-    n = 32 + MEASURE_IMAGES
-    idx = np.sort(rng.choice(len(split), size=n, replace=len(split) < n))
+    # Two timed passes of different sizes, each with its own setup (compile, numerics check) as every feature pass of
+    # the run has: their difference is the rate, the rest is the setup. A split smaller than the sample is
+    # measured on repeats of its images (the rate is what matters).
+    n = MEASURE_IMAGES
+    idx = rng.choice(len(split), size=n, replace=len(split) < n)
     kw = dict(precision=precision, device=device, batch_size=32, forward=pre_logits, progress=False)
     info: dict[str, Any] = {}
-    feats = predict_logits(backbone, split, tf, indices=idx[:32], backend=cfg.backend, info=info, **kw)
-    setup = time.perf_counter() - t0
+    # A first pass warms up what happens once per process (kernel selection, the conversion cache's entry).
+    feats = predict_logits(backbone, split, tf, indices=np.sort(idx[:32]), backend=cfg.backend, info=info, **kw)
     t1 = time.perf_counter()
-    predict_logits(backbone, split, tf, indices=idx[32:], backend=cfg.backend, **kw)
-    rate = MEASURE_IMAGES / max(time.perf_counter() - t1, 1e-6)
-    # The warm-up batch's own compute is not setup: take it out at the measured rate.
+    predict_logits(backbone, split, tf, indices=np.sort(idx[: n // 8]), backend=cfg.backend, **kw)
+    t2 = time.perf_counter()
+    predict_logits(backbone, split, tf, indices=np.sort(idx), backend=cfg.backend, **kw)
+    t3 = time.perf_counter()
+    rate = (n - n // 8) / max((t3 - t2) - (t2 - t1), 1e-3)
+    setup = max(0.0, (t2 - t1) - (n // 8) / rate)
     return Measurement(
         model=model,
         img_size=size,
         images_per_s=round(rate, 1),
-        setup_s=round(max(0.0, setup - 32 / rate), 2),
+        setup_s=round(setup, 2),
         dim=int(feats.shape[1]),
         backend=str(info.get("backend", "torch")),
         num_classes=backbone.num_classes,
@@ -298,7 +312,9 @@ def probe_variants(
             + _fit_seconds(views * n_train, m.dim, n_classes, flops)
         )
         opts = probe_options(cfg, m) | {"flip_features": flip}
-        variants.append(Candidate(f"{_short(m.model)}-probe", "probe", m.model, m.img_size, cost, opts))
+        c = Candidate(f"{_short(m.model)}-probe", "probe", m.model, m.img_size, cost, opts)
+        c.fit_s = _fit_seconds(views * n_train, m.dim, n_classes, flops)
+        variants.append(c)
     return variants[0], variants[1]
 
 
@@ -368,13 +384,18 @@ def choose(
     ensembles, which cost seconds."""
     left = cfg.budget_s - spent_s - RESERVE_S
     variants = [probe_variants(cfg, m, n_train, n_report, n_classes, flops) for m in measurements]
-    probes = []
+    probes: list[Candidate] = []
+    curve: Candidate | None = None
     for flipped, plain in sorted(variants, key=lambda v: v[0].predicted_s):
         c = _pick(flipped, plain, left)
         if c.status == "chosen":
             left -= c.predicted_s
+            if curve is None and cfg.label_curve:  # on the cheapest probe, reserved before the next backbone
+                curve = Candidate("label-curve", "labels", c.model, c.img_size, LABEL_CURVE_SHARE * c.fit_s)
+                curve.status, curve.why = "chosen", f"refits {c.name} at 10/25/50/100% of the labels per class"
+                left -= curve.predicted_s
         probes.append(c)
-    return [*probes, _zero_shot(cfg, measurements[0], probes), *_ensembles(probes)]
+    return [*probes, _zero_shot(cfg, measurements[0], probes), *_ensembles(probes), *([curve] if curve else [])]
 
 
 def _run_options(cfg: AutoConfig) -> dict[str, Any]:
@@ -391,7 +412,7 @@ def _short(model: str) -> str:
 
 def spec_doc(cfg: AutoConfig, plan: Plan) -> dict[str, Any]:
     """The study spec of the chosen candidates."""
-    members = {c.name: dict(c.options) for c in plan.chosen if c.kind != "ensemble"}
+    members = {c.name: dict(c.options) for c in plan.chosen if c.kind in ("probe", "zero-shot")}
     ensembles = {c.name: dict(c.options) for c in plan.chosen if c.kind == "ensemble"}
     return {
         "name": "auto",
@@ -414,10 +435,10 @@ def make_plan(cfg: AutoConfig, t_start: float) -> Plan:
     source = open_dataset(cfg.data)
     train = source.split("train")
     report = source.split("val")
-    if not cfg.dry_run:
-        # Every member reads the decoded cache; building it now makes the measurement read what the run reads.
-        train = decode_split(train, cache, progress=cfg.progress)
-        report = decode_split(report, cache, progress=cfg.progress)
+    # Every member reads the decoded cache; building it now (a dry run too: it is kept) makes the measurement
+    # read the images the way the run will.
+    train = decode_split(train, cache, progress=cfg.progress)
+    report = decode_split(report, cache, progress=cfg.progress)
     measurements = []
     for model in cfg.models:
         log.info("auto: measuring %s on %d images of %s", model, MEASURE_IMAGES, source.name)
@@ -585,8 +606,12 @@ def run_auto(cfg: AutoConfig, *, on_plan: Callable[[Plan], None] | None = None) 
 
     def before_report(study: Any) -> None:
         _record_steps(study, by_name)
-        if cfg.label_curve:
+        curve = by_name.get("label-curve")
+        if curve is not None:
+            t = time.perf_counter()
             result.labels = _label_curve_for(cfg, plan, out)
+            curve.actual_s = round(time.perf_counter() - t, 1)
+            curve.status = "ran" if result.labels is not None else "failed"
             if result.labels is not None:
                 atomic_write_json(out / "labels.json", result.labels)
         atomic_write_json(out / "plan.json", plan.to_dict(actual_s=time.perf_counter() - t0))
