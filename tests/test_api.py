@@ -48,6 +48,13 @@ def test_the_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert ns["card"]["num_classes"] == 3 and isinstance(tl.load(tmp_path / "runs" / "api-export"), tl.Export)
     html = ns["rep"].html.read_text(encoding="utf-8")  # type: ignore[attr-defined]
     assert "api-lp" in html and "api-ens" in html
+    plan = ns["plan"]
+    assert [m.model for m in plan.measurements] == [
+        "tf_efficientnet_lite0",
+        "tf_efficientnet_lite1",
+        "tf_efficientnet_lite2",
+    ]  # type: ignore[attr-defined]
+    assert any(c.status == "chosen" for c in plan.candidates) and not (tmp_path / "runs" / "auto").exists()  # type: ignore[attr-defined]
 
 
 def test_unknown_options_and_folders_are_named(tmp_path: Path) -> None:

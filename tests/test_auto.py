@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transferlab.auto import (
+from transferlab.errors import ConfigError
+from transferlab.planner import (
     RESERVE_S,
     AutoConfig,
     Measurement,
@@ -19,7 +20,6 @@ from transferlab.auto import (
     label_curve,
     parse_budget,
 )
-from transferlab.errors import ConfigError
 
 
 def test_budget_reads_seconds_minutes_hours_and_names_the_option() -> None:

@@ -24,10 +24,10 @@ from transferlab.training.probe import ProbeConfig
 
 
 def _configs() -> dict[str, list[type]]:
-    from transferlab.auto import AutoConfig
     from transferlab.ensembles import EnsembleConfig
     from transferlab.evaluation import EvalConfig
     from transferlab.exports import ExportConfig
+    from transferlab.planner import AutoConfig
     from transferlab.prediction import PredictConfig
     from transferlab.reports.render import ReportConfig
 

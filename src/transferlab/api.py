@@ -29,7 +29,6 @@ from torch import nn
 from transferlab import _API
 from transferlab.artifacts.folders import CARD_FILE, folder_kind
 from transferlab.artifacts.predictions import Predictions, find_predictions, prediction_splits, read_predictions
-from transferlab.auto import AutoConfig, AutoResult, run_auto
 from transferlab.data import open_dataset as open_dataset  # re-exported: tl.open_dataset
 from transferlab.ensembles import EnsembleConfig, run_ensemble
 from transferlab.errors import ConfigError
@@ -37,6 +36,7 @@ from transferlab.evaluation import EvalConfig
 from transferlab.evaluation import evaluate as _evaluate
 from transferlab.exports import ExportConfig, export_run
 from transferlab.options import check_keys
+from transferlab.planner import AutoConfig, AutoResult, run_auto
 from transferlab.prediction import PredictConfig, PredictResult
 from transferlab.prediction import predict as _predict
 from transferlab.reports.render import ReportConfig, ReportResult, build_report

@@ -194,7 +194,7 @@ def _config_class(name: str) -> type:
     elif name == "predict":
         from transferlab.prediction import PredictConfig as cls  # lazy: as above
     elif name == "auto":
-        from transferlab.auto import AutoConfig as cls  # lazy: as above
+        from transferlab.planner import AutoConfig as cls  # lazy: as above
     else:
         from transferlab.exports import ExportConfig as cls  # lazy: as above
     return cls
@@ -659,7 +659,7 @@ def cmd_auto(args: argparse.Namespace) -> int:
     """``transferlab auto``."""
     # lazy: a command loads only its own modules (torch alone takes seconds to import)
     from transferlab import api
-    from transferlab.auto import AutoConfig
+    from transferlab.planner import AutoConfig
 
     opts = _config_options(AutoConfig, args)
     res = api.auto(on_plan=_print_plan, **opts)
