@@ -36,12 +36,21 @@ from typing import Any
 
 import numpy as np
 
+from transferlab.artifacts.predictions import predictions_path, read_predictions
+from transferlab.data import open_dataset
+from transferlab.data.decoded import decode_split
 from transferlab.data.resolve import DATA_HELP
+from transferlab.data.resolve import cache_dir as user_cache_dir
 from transferlab.errors import ConfigError, TransferlabError
-from transferlab.inference.engine import BACKEND
+from transferlab.inference.engine import BACKEND, make_eval_transform, predict_logits
+from transferlab.inference.features import pre_logits
 from transferlab.io import atomic_write_json, atomic_write_text
+from transferlab.models.backbones import create_backbone
 from transferlab.options import check, option
-from transferlab.runtime import DEVICE, PRECISION, WORKERS
+from transferlab.runtime import DEVICE, PRECISION, WORKERS, resolve_device, resolve_precision
+from transferlab.studies import parse_spec, run_study
+from transferlab.training.logistic import fit_logistic, logits_of
+from transferlab.training.run import probe_features
 
 log = logging.getLogger(__name__)
 
@@ -242,10 +251,6 @@ def measure_backbone(cfg: AutoConfig, model: str, split: Any) -> Measurement:
     """Images per second of ``model``'s pooled-feature pass at its native resolution on real images of
     ``split``, through the engine and backend the run will use; a warm-up batch first (it also fills the
     conversion cache the run then hits)."""
-    from transferlab.inference.engine import make_eval_transform, predict_logits
-    from transferlab.inference.features import pre_logits
-    from transferlab.models.backbones import create_backbone
-    from transferlab.runtime import resolve_device, resolve_precision
 
     backbone = create_backbone(model, cfg.weights_of(model))
     size = backbone.preprocessing.input_size
@@ -427,9 +432,6 @@ def spec_doc(cfg: AutoConfig, plan: Plan) -> dict[str, Any]:
 
 def make_plan(cfg: AutoConfig, t_start: float) -> Plan:
     """Open the data (decoding it once into the cache), measure every candidate backbone, choose."""
-    from transferlab.data import open_dataset
-    from transferlab.data.decoded import decode_split
-    from transferlab.data.resolve import cache_dir as user_cache_dir
 
     cache = Path(cfg.cache_dir) if cfg.cache_dir else user_cache_dir()
     source = open_dataset(cfg.data)
@@ -501,7 +503,6 @@ def label_curve(
     draws below 100%), with bootstrap intervals over the report rows, and the power law through it: what
     doubling the labels per class should add, with the interval of that over the same bootstrap. With
     ``x_mirror`` (the train images' mirrored features) a chosen image brings its mirror, as in the probe."""
-    from transferlab.training.logistic import fit_logistic, logits_of
 
     counts = np.bincount(y_train, minlength=num_classes)
     full = int(np.median(counts[counts > 0]))
@@ -572,7 +573,6 @@ class AutoResult:
 
 
 def _holdout_top1(d: Path) -> float | None:
-    from transferlab.artifacts.predictions import predictions_path, read_predictions
 
     p = predictions_path(d, "holdout")
     if not p.exists():
@@ -583,7 +583,6 @@ def _holdout_top1(d: Path) -> float | None:
 
 def run_auto(cfg: AutoConfig, *, on_plan: Callable[[Plan], None] | None = None) -> AutoResult:
     """Plan, then (unless ``dry_run``) run the plan as a study into ``cfg.out`` within the budget."""
-    from transferlab.studies import parse_spec, run_study
 
     t0 = time.perf_counter()
     deadline = t0 + cfg.budget_s
@@ -641,7 +640,6 @@ def _record_steps(study: Any, by_name: dict[str, Candidate]) -> None:
 
 def _label_curve_for(cfg: AutoConfig, plan: Plan, out: Path) -> dict[str, Any] | None:
     """The label-budget curve of the cheapest probe that ran (its cached features, its chosen penalty)."""
-    from transferlab.training.run import probe_features
 
     ran = [c for c in plan.candidates if c.kind == "probe" and c.status == "ran"]
     if not ran:
