@@ -57,7 +57,12 @@ def test_plan_takes_the_cheapest_first_and_drops_what_does_not_fit(tmp_path: Pat
     # the zero-shot model reads the first backbone's probe features; ensembles need two probes
     assert by["fast-zero-shot"].status == "chosen"
     assert by["greedy"].status == "chosen" and by["greedy"].options["select"] == "holdout"
-    assert by["greedy"].options["members"] == ["fast-probe", "mid-probe"]
+    assert by["greedy"].options["members"] == ["fast-probe", "mid-probe", "concat-probe"]
+    # one more probe on the two chosen probes' features side by side, predicted from the summed feature size
+    assert by["concat-probe"].status == "chosen" and by["concat-probe"].options["members"] == [
+        "fast-probe",
+        "mid-probe",
+    ]
     # the label-budget curve is reserved on the cheapest probe, before the next backbone is considered
     assert by["label-curve"].status == "chosen" and "fast-probe" in by["label-curve"].why
     assert by["fast-probe"].options["flip_features"] is True
@@ -133,11 +138,21 @@ def test_auto_runs_the_plan_as_a_study_and_explains_it(auto_run: tuple[Path, dic
     out, plan = auto_run
     by = {c["name"]: c for c in plan["candidates"]}
     assert {"test-resnet-probe", "test-efficientnet-probe", "test-resnet-zero-shot", "greedy", "weighted"} <= set(by)
-    for name in ("test-resnet-probe", "test-efficientnet-probe", "test-resnet-zero-shot", "greedy", "weighted"):
+    for name in (
+        "test-resnet-probe",
+        "test-efficientnet-probe",
+        "concat-probe",
+        "test-resnet-zero-shot",
+        "greedy",
+        "weighted",
+    ):
         assert by[name]["status"] == "ran", by[name]
         assert by[name]["actual_s"] is not None and by[name]["predicted_s"] > 0
         assert (out / ("ensembles" if by[name]["kind"] == "ensemble" else "members") / name / "metrics.json").exists()
-    assert by["test-resnet-probe"]["holdout_top1"] is not None
+    assert by["test-resnet-probe"]["holdout_top1"] is not None and by["concat-probe"]["holdout_top1"] is not None
+    concat = json.loads((out / "members" / "concat-probe" / "metrics.json").read_text())
+    assert concat["strategy"] == "concat-probe" and concat["features"] == 96 + 256  # both backbones side by side
+    assert (out / "members" / "concat-probe" / "predictions" / "holdout.npz").exists()
     assert plan["actual_s"] <= plan["budget_s"] and plan["cpu"]
     assert [m["model"] for m in plan["measured"]] == ["test_resnet", "test_efficientnet"]
     assert all(m["images_per_s"] > 0 and m["setup_s"] >= 0 for m in plan["measured"])
@@ -220,3 +235,9 @@ def test_a_study_past_its_deadline_skips_what_has_not_started(train_ds: Path, in
     assert [s.status for s in res.steps] == ["trained", "trained", "evaluated", "evaluated"]
     for name in ("a", "b"):
         assert (out / "members" / name / "predictions" / "holdout.npz").exists()
+    # a probe on both runs' features side by side needs them fitted the same way (b has mirrored features)
+    from transferlab.training.concat import ConcatConfig, fit_concat
+
+    with pytest.raises(ConfigError, match="differ in their mirrored features"):
+        fit_concat(ConcatConfig(members=(out / "members" / "a", out / "members" / "b"), out=tmp_path / "c"))
+    assert not (tmp_path / "c").exists()

@@ -194,7 +194,8 @@ class Plan:
 
     @property
     def chosen(self) -> list[Candidate]:
-        return [c for c in self.candidates if c.status == "chosen"]
+        """The candidates the plan runs (whatever became of them since)."""
+        return [c for c in self.candidates if c.status in ("chosen", "ran", "skipped", "failed")]
 
     @property
     def predicted_s(self) -> float:
@@ -360,6 +361,38 @@ def _zero_shot(cfg: AutoConfig, first: Measurement, probes: list[Candidate]) -> 
     return zs
 
 
+#: Seconds a concatenated probe spends per member run before fitting (reading its cached features back).
+CONCAT_SETUP_S = 10.0
+
+
+def _concat(
+    probes: list[Candidate], dims: dict[str, int], n_train: int, n_classes: int, flops: float, left: float
+) -> Candidate | None:
+    """One probe on the chosen probes' features side by side (those with the first one's mirrored-features
+    setting), if at least two such probes ran and its fit fits what is left."""
+    chosen = [c for c in probes if c.status == "chosen"]
+    if len(chosen) < 2:
+        return None
+    flip = chosen[0].options["flip_features"]
+    same = [c for c in chosen if c.options["flip_features"] == flip]
+    c = Candidate("concat-probe", "concat", " + ".join(x.model for x in same), None, 0.0)
+    c.options = {"kind": "concat", "members": [x.name for x in same]}
+    if len(same) < 2:
+        c.status, c.why = "dropped", "needs two probes with the same mirrored-features setting"
+        return c
+    rows = (2 if flip else 1) * n_train
+    c.predicted_s = CONCAT_SETUP_S * len(same) + _fit_seconds(rows, sum(dims[x.name] for x in same), n_classes, flops)
+    if c.predicted_s <= FIT_SHARE * left:
+        c.status, c.why = (
+            "chosen",
+            f"one probe on {len(same)} backbones' cached features: predicted {c.predicted_s:.0f} s of "
+            f"{left:.0f} s left",
+        )
+    else:
+        c.status, c.why = "dropped", f"predicted {c.predicted_s:.0f} s, only {max(left, 0):.0f} s left"
+    return c
+
+
 def _ensembles(probes: list[Candidate]) -> list[Candidate]:
     """Greedy and weighted ensembles of the chosen probes, fitted on their train-holdout predictions."""
     chosen = [c.name for c in probes if c.status == "chosen"]
@@ -400,7 +433,10 @@ def choose(
                 curve.status, curve.why = "chosen", f"refits {c.name} at 10/25/50/100% of the labels per class"
                 left -= curve.predicted_s
         probes.append(c)
-    return [*probes, _zero_shot(cfg, measurements[0], probes), *_ensembles(probes), *([curve] if curve else [])]
+    dims = {f"{_short(m.model)}-probe": m.dim for m in measurements}
+    concat = _concat(probes, dims, n_train, n_classes, flops, left)
+    joint = [*probes, *([concat] if concat is not None else [])]
+    return [*joint, _zero_shot(cfg, measurements[0], probes), *_ensembles(joint), *([curve] if curve else [])]
 
 
 def _run_options(cfg: AutoConfig) -> dict[str, Any]:
@@ -417,7 +453,7 @@ def _short(model: str) -> str:
 
 def spec_doc(cfg: AutoConfig, plan: Plan) -> dict[str, Any]:
     """The study spec of the chosen candidates."""
-    members = {c.name: dict(c.options) for c in plan.chosen if c.kind in ("probe", "zero-shot")}
+    members = {c.name: dict(c.options) for c in plan.chosen if c.kind in ("probe", "concat", "zero-shot")}
     ensembles = {c.name: dict(c.options) for c in plan.chosen if c.kind == "ensemble"}
     return {
         "name": "auto",
@@ -634,7 +670,7 @@ def _record_steps(study: Any, by_name: dict[str, Candidate]) -> None:
         c.actual_s = round(step.seconds, 1)
         if step.status == "skipped":
             c.why = "the budget ran out before it could start"
-        elif c.kind == "probe":
+        elif c.kind in ("probe", "concat"):
             c.holdout_top1 = _holdout_top1(step.dir)
 
 

@@ -50,6 +50,7 @@ from transferlab.models.backbones import check_model_name, resolve_weight_source
 from transferlab.models.weights import hub_cached_file, hub_offline, package_weight_file
 from transferlab.options import check_keys
 from transferlab.reports.render import ReportConfig, build_report
+from transferlab.training.concat import ConcatConfig, fit_concat
 from transferlab.training.config import TrainConfig
 from transferlab.training.run import train
 
@@ -65,7 +66,9 @@ __all__ = [
     "run_study",
 ]
 
-KINDS = ("train", "zero-shot")
+KINDS = ("train", "zero-shot", "concat")
+#: Options of a concat member (a probe on the features of earlier probe members side by side).
+CONCAT_KEYS = ("members", "l2_grid", "seed")
 ROLES = ("member", "pretrain")
 TOP_KEYS = ("name", "description", "data", "report_split", "defaults", "members", "ensembles", "title")
 #: EvalConfig fields a zero-shot member may not set: the study decides them (where it writes, which split,
@@ -219,6 +222,10 @@ def _parse_members(doc: dict[str, Any], where: str, data: str, report_split: str
     for mname, opts in raw.items():
         mwhere = f"{where}: member {str(mname)!r}"
         m = _parse_member(str(mname), dict(opts or {}), mwhere, defaults, (data, report_split))
+        for x in m.options.get("members", ()) if m.kind == "concat" else ():
+            prior = next((p for p in members if p.name == x), None)
+            if prior is None or prior.kind != "train":
+                raise ConfigError(f"{mwhere}: members: {x!r} must be a probe member listed before this one")
         parent = m.options.get("init_from")
         if isinstance(parent, str) and parent in raw and parent not in {x.name for x in members}:
             raise ConfigError(f"{mwhere}: init_from {parent!r} must be listed before this member")
@@ -235,6 +242,11 @@ def _parse_member(
     if not _NAME.match(name):
         raise ConfigError(f"{where}: names must be letters, digits, '.', '_' or '-' (they name folders)")
     kind, role = _kind_and_role(opts, where)
+    if kind == "concat":
+        mem = opts.get("members")
+        if not isinstance(mem, list | tuple) or len(mem) < 2:
+            raise ConfigError(f"{where}: a concat member needs members: a list of at least two probe members")
+        return MemberSpec(name, kind, role, opts)
     if kind == "train":
         opts = {**defaults, **opts}
         if "model" not in opts:
@@ -265,7 +277,7 @@ def _kind_and_role(opts: dict[str, Any], where: str) -> tuple[str, str]:
     for k in opts:
         if k in STUDY_OWNED:
             raise ConfigError(f"{where}: {k} is set by the study itself; remove it")
-    keys = [f.name for f in fields(TrainConfig)] if kind == "train" else list(ZERO_SHOT_KEYS)
+    keys = {"train": [f.name for f in fields(TrainConfig)], "concat": list(CONCAT_KEYS)}.get(kind, list(ZERO_SHOT_KEYS))
     check_keys((*keys, "kind", "role"), opts, where=where, listing="allowed:")
     return kind, role
 
@@ -301,14 +313,15 @@ def _parse_ensembles(doc: dict[str, Any], where: str, members: Sequence[MemberSp
 
 
 def _check_select(select: str, names: Sequence[str], members: Sequence[MemberSpec], where: str) -> None:
-    """``select: holdout`` needs every member's train-holdout predictions, which only trained members write."""
+    """``select: holdout`` needs every member's train-holdout predictions, which only trained and concat members
+    write."""
     if select not in SELECT_MODES:
         raise ConfigError(f"{where}: select must be one of {', '.join(SELECT_MODES)}, not {select!r}")
     if select != "holdout":
         return
     for x in names:
         m = next(m for m in members if m.name == x)
-        if m.kind != "train":
+        if m.kind not in ("train", "concat"):
             raise ConfigError(
                 f"{where}: select holdout fits on the members' train holdout predictions, and {x!r} is a "
                 f"{m.kind} member (it has none); leave it out of this ensemble or use select: split"
@@ -492,6 +505,13 @@ def _resolve_member(
     opts = dict(m.options)
     if m.kind == "train":
         cfg, ident = _resolve_train(opts, d, data, _resolve_parent(opts, by_name, failed), check)
+    elif m.kind == "concat":
+        names = [str(x) for x in opts.pop("members")]
+        if failed.intersection(names):
+            raise ConfigError(f"its members {', '.join(sorted(failed.intersection(names)))} cannot start (see above)")
+        cfg = ConcatConfig(members=tuple(by_name[x].dir for x in names), out=d, **opts)
+        ident = {"kind": "concat", "options": opts, "members": [[x, by_name[x].hash] for x in names]}
+        return Resolved(m.name, m.kind, m.role, d, cfg, ident, members=tuple(names))
     else:
         cfg, ident = _resolve_zero_shot(opts, spec, d, data, check)
     if check.errors:
@@ -696,6 +716,8 @@ def resolved_yaml(spec: StudySpec, items: Sequence[Resolved]) -> str:
             continue
         if r.kind == "train":
             opts = {k: v for k, v in r.config.to_dict().items() if k not in ("progress",)}
+        elif r.kind == "concat":
+            opts = {"members": list(r.members), **r.identity["options"]}
         else:
             opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(r.config).items() if k != "progress"}
         doc["members"][r.name] = {
@@ -791,6 +813,8 @@ def _run_one(r: Resolved, i: int, n: int, out: Path, progress: bool | None) -> S
         train(r.config)
     elif r.kind == "zero-shot":
         evaluate(r.config)
+    elif r.kind == "concat":
+        fit_concat(r.config)
     else:
         if st == "partial":  # ensembles take seconds: redo from scratch rather than trust a half-written folder
             for f in ("metrics.json", "weights.json"):

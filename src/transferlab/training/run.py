@@ -731,6 +731,13 @@ class ProbeFeatures:
     #: The head the penalty pulls towards (the ImageNet rows), or None for zero.
     prior: tuple[np.ndarray, np.ndarray] | None
     num_classes: int
+    #: Rows of ``x_train`` the head was fitted on and held out from (the run's class-stratified holdout).
+    fit_pos: np.ndarray
+    hold_pos: np.ndarray
+    train_ids: list[str]
+    report_ids: list[str]
+    class_ids: list[str]
+    report_split: str
 
 
 def probe_features(run_dir: str | Path) -> ProbeFeatures:
@@ -756,4 +763,10 @@ def probe_features(run_dir: str | Path) -> ProbeFeatures:
         y_report=s.report.targets[s.report_idx],
         prior=prior,
         num_classes=s.num_classes,
+        fit_pos=s.fit_pos,
+        hold_pos=s.hold_pos,
+        train_ids=[s.train_split.sample_ids[i] for i in s.train_idx],
+        report_ids=[s.report.sample_ids[i] for i in s.report_idx],
+        class_ids=list(s.source.classes.ids),
+        report_split=cfg.report_split,
     )
