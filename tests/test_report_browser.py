@@ -332,7 +332,12 @@ def test_the_answer_comes_first(study_layout: dict) -> None:
     assert study_layout["sections"][:3] == ["answer", "summary", "ensembles-vs-members"], study_layout["sections"]
     cards = study_layout["cards"]
     labels = [c["label"] for c in cards]
-    assert labels == ["Best model", "Top-1 on the report half of val", "vs best single member", "Cost"], labels
+    # an ensemble is the answer only where it is shown to beat its best member; otherwise the best single run is,
+    # compared with the runner-up
+    assert labels in (
+        ["Best model", "Top-1 on the report half of val", "vs best single member", "Cost"],
+        ["Best model", "Top-1 on val", "vs runner-up", "Cost"],
+    ), labels
     assert max(c["bottom"] for c in cards) <= 900, "the answer's cards are below the first screen"
     assert max(c["right"] for c in cards) <= study_layout["viewport"]
 

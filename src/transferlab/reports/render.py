@@ -622,7 +622,8 @@ def _verdict(e: EnsembleDir) -> tuple[str, str]:
         + (f", the gain was positive in {100 * p:.0f}% of resamples" if isinstance(p, int | float) else "")
         + ")"
     )
-    who = f"its best member {best} (chosen on the select half)"
+    on = "the selection data" if (e.metrics.get("protocol") or {}).get("mode") == "select-data" else "the select half"
+    who = f"its best member {best} (chosen on {on})"
     if lo > 0:
         return f"beats best member ({_signed(gain)}\u00a0pts)", f"{e.name} beats {who}: {detail}."
     if hi < 0:
@@ -740,6 +741,13 @@ def _best(items: Sequence[RunDir | EnsembleDir]) -> RunDir | EnsembleDir | None:
     return max(ok, key=lambda x: (x.top1, -x.nll if math.isfinite(x.nll) else -math.inf))
 
 
+def _answer_row(inputs: ReportInputs) -> RunDir | EnsembleDir | None:
+    """The model the report answers with: the highest top-1 (ties: lower NLL), where an ensemble counts only if
+    its paired bootstrap shows it beating its best member; otherwise the simpler single model is the answer."""
+    proven = [e for e in inputs.ensembles if ((e.metrics.get("vs_best_member") or {}).get("gain_ci") or [0])[0] > 0]
+    return _best([*inputs.runs, *proven]) or _best(inputs.ensembles)
+
+
 # Accuracy, calibration and the verdict first, then how each row was obtained. Fourteen columns ran off a
 # 1400 px window; the resolution now sits under the backbone, the epochs under the strategy, and the time
 # summed over epochs went to Provenance (the wall time is the cost a reader compares).
@@ -771,7 +779,8 @@ def _summary(doc: _Doc, inputs: ReportInputs, best_row: RunDir | EnsembleDir | N
         rows.append(["★ best" if x is best_row else "", *cells])
     doc.add(Table(_SUMMARY_HEADER, rows, frozenset(marked), _SUMMARY_NUMERIC, flag_first=True, name="summary"))
     notes = [
-        "★ marks the highest top-1 (ties: lower NLL). ECE: 15 equal-width confidence bins"
+        "★ marks the answer: the highest top-1 (ties: lower NLL), an ensemble only where the paired bootstrap shows "
+        "it beating its best member. ECE: 15 equal-width confidence bins"
         + (", computed from the predictions file where metrics.json has none" if inputs.runs else "")
         + ". Wall time: the whole run, including loading, data checks and feature extraction (the time spent in "
         "epochs is under Provenance)."
@@ -1122,12 +1131,22 @@ def _cost_ensemble(e: EnsembleDir, inputs: ReportInputs) -> Card:
     return Card("Cost", _cost_value(wall, params), detail)
 
 
-def _cost_run(r: RunDir) -> Card:
+def _cost_run(r: RunDir, inputs: ReportInputs | None = None) -> Card:
     m = r.metrics
     how = _training(m).replace("\n", ", ")
     feat = m.get("feature_seconds")
     extra = f"; feature extraction {_dur(feat)}" if isinstance(feat, int | float) else ""
-    return Card("Cost", _cost_value(*_run_cost(r)), f"{how}{extra}")
+    wall, params = _run_cost(r)
+    # A probe on other runs' features (metrics.json lists them) costs what they cost too.
+    parents = [Path(str(x)).name for x in m.get("members") or []] if isinstance(m.get("members"), list) else []
+    runs = {x.name: x for x in (inputs.runs if inputs is not None else [])}
+    found = [runs[x] for x in parents if x in runs]
+    if found and len(found) == len(parents):
+        for c in (_run_cost(x) for x in found):
+            wall, params = wall + c[0], params + c[1]
+        alone = _dur(_run_cost(r)[0])
+        extra = f"; with the {len(found)} runs whose features it reads ({', '.join(parents)}); alone {alone}"
+    return Card("Cost", _cost_value(wall, params), f"{how}{extra}")
 
 
 def _answer_cards(best: RunDir | EnsembleDir, inputs: ReportInputs) -> list[Card]:
@@ -1141,7 +1160,7 @@ def _answer_cards(best: RunDir | EnsembleDir, inputs: ReportInputs) -> list[Card
         what = f"{best.metrics.get('model', '?')}, {_training(best.metrics).splitlines()[0]}"
         where, (lo, hi) = split, best.top1_ci
         sure = _sure_run(best, inputs)
-        cost = _cost_run(best)
+        cost = _cost_run(best, inputs)
     n = len(best.preds.targets)
     interval = f"95% interval {_ci(lo, hi)}; " if _ci(lo, hi) else ""
     cards = [
@@ -1400,7 +1419,7 @@ def _compose(inputs: ReportInputs, cfg: ReportConfig, source: Any) -> tuple[list
     evidence, then the planner's own sections when the study folder has them, then the details."""
     doc = _Doc()
     classes = _Classes(_class_lookup(source, cfg.data, inputs))
-    best_row = _best([*inputs.runs, *inputs.ensembles])
+    best_row = _answer_row(inputs)
     best_run = _best(inputs.runs)
     focus = best_run if best_run is not None else _best(inputs.ensembles)
     study = _study_folder(cfg)
