@@ -63,9 +63,22 @@ def test_plan_takes_the_cheapest_first_and_drops_what_does_not_fit(tmp_path: Pat
         "fast-probe",
         "mid-probe",
     ]
+    # LP-FT is priced from the measured training rate; here none was measured, so it is not run
+    assert by["fast-lpft"].status == "dropped" and by["fast-lpft"].why == "not measured"
     # the label-budget curve is reserved on the cheapest probe, before the next backbone is considered
     assert by["label-curve"].status == "chosen" and "fast-probe" in by["label-curve"].why
     assert by["fast-probe"].options["flip_features"] is True
+
+
+def test_lpft_is_chosen_where_an_epoch_fits_and_says_why_where_not(tmp_path: Path) -> None:
+    fast = Measurement("fast", 224, 400.0, 2.0, 1280, "openvino", 1000, train_images_per_s=100.0)
+    slow = Measurement("fast", 224, 400.0, 2.0, 1280, "openvino", 1000, train_images_per_s=5.0)
+    for m, status in ((fast, "chosen"), (slow, "dropped")):
+        cfg = AutoConfig(data="d", out=tmp_path, budget="20m", models=("fast",))
+        by = {c.name: c for c in choose(cfg, [m], 20_000, 5_000, 200, spent_s=30.0, flops=5e11)}
+        assert by["fast-lpft"].status == status, by["fast-lpft"].why
+        assert by["fast-lpft"].options["head_from"] == "fast-probe" and by["fast-lpft"].options["strategy"] == "bn-only"
+    assert "one epoch needs about 3600 s at 5 training images/s" in by["fast-lpft"].why
 
 
 def test_a_budget_for_one_probe_gets_no_ensemble(tmp_path: Path) -> None:
@@ -150,6 +163,11 @@ def test_auto_runs_the_plan_as_a_study_and_explains_it(auto_run: tuple[Path, dic
         assert by[name]["actual_s"] is not None and by[name]["predicted_s"] > 0
         assert (out / ("ensembles" if by[name]["kind"] == "ensemble" else "members") / name / "metrics.json").exists()
     assert by["test-resnet-probe"]["holdout_top1"] is not None and by["concat-probe"]["holdout_top1"] is not None
+    # LP-FT fine-tuned the first backbone from its tuned probe's head, at the training rate measured here
+    assert by["test-resnet-lpft"]["status"] == "ran" and by["test-resnet-lpft"]["kind"] == "lp-ft"
+    lpft = json.loads((out / "members" / "test-resnet-lpft" / "metrics.json").read_text())
+    assert lpft["strategy"] == "bn-only" and lpft["head_init"].endswith("members/test-resnet-probe")
+    assert plan["measured"][0]["train_images_per_s"] > 0
     concat = json.loads((out / "members" / "concat-probe" / "metrics.json").read_text())
     assert concat["strategy"] == "concat-probe" and concat["features"] == 96 + 256  # both backbones side by side
     assert (out / "members" / "concat-probe" / "predictions" / "holdout.npz").exists()

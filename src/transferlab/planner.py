@@ -107,6 +107,9 @@ class AutoConfig:
     )
     dry_run: bool = option(False, "measure the candidates, print the plan and its predicted cost, run nothing")
     label_curve: bool = option(True, "measure how much more labels would help (the label-budget curve)", cli=False)
+    lpft: bool = option(
+        True, "consider LP-FT: a BatchNorm-only fine-tune of the cheapest backbone from its tuned probe", cli=False
+    )
     holdout: float = option(
         0.1, "fraction of each train class held out to choose on", lo=0, hi=0.5, lo_open=True, hi_open=True
     )
@@ -177,6 +180,9 @@ class Measurement:
     dim: int
     backend: str
     num_classes: int
+    #: Training images per second (forward, backward, BatchNorm-only step) in torch, measured for the backbone
+    #: LP-FT would fine-tune; None where it was not measured.
+    train_images_per_s: float | None = None
 
 
 @dataclass
@@ -246,6 +252,40 @@ def _matmul_flops() -> float:
     for _ in range(10):
         a @ b
     return 10 * 2.0 * 4096 * 1280 * 200 / max(time.perf_counter() - t0, 1e-6)
+
+
+def measure_training(cfg: AutoConfig, model: str, size: int, steps: int = 2, batch: int = 16) -> float:
+    """Images per second of a BatchNorm-only training step (bf16 autocast where the CPU has it, channels_last)
+    on random inputs of ``size``: what one LP-FT epoch would cost. One warm-up step, then ``steps`` timed."""
+    import torch
+
+    backbone = create_backbone(model, cfg.weights_of(model))
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, "auto", device)
+    net = backbone.model.to(device).train()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    bn = [p for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for p in m.parameters()]
+    for p in bn:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(bn, lr=1e-6)
+    x = torch.randn(batch, 3, size, size, device=device)
+    if precision.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        net = net.to(memory_format=torch.channels_last)
+
+    def step() -> None:
+        with precision.autocast():
+            loss = net(x).float().logsumexp(1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return round(steps * batch / max(time.perf_counter() - t0, 1e-6), 1)
 
 
 def measure_backbone(cfg: AutoConfig, model: str, split: Any) -> Measurement:
@@ -393,6 +433,51 @@ def _concat(
     return c
 
 
+#: LP-FT's epochs and learning rate: one pass, small steps from the tuned head (AdamW, cosine).
+LPFT_EPOCHS = 1
+LPFT_LR = 1e-4
+
+
+def _lpft(cfg: AutoConfig, m: Measurement, probe: Candidate, n_train: int, n_report: int, left: float) -> Candidate:
+    """A BatchNorm-only fine-tune of ``m``'s backbone starting from its tuned probe's head (Kumar et al. 2022):
+    the measured training step times one epoch over the fit rows, plus the holdout and report passes in torch."""
+    c = Candidate(f"{_short(m.model)}-lpft", "lp-ft", m.model, m.img_size, 0.0)
+    c.options = {
+        "model": m.model,
+        "weights": cfg.weights_of(m.model),
+        "strategy": "bn-only",
+        "head_from": probe.name,
+        "img_size": m.img_size,
+        "holdout": cfg.holdout,
+        "aug": "flip",
+        "optimizer": "adamw",
+        "lr": LPFT_LR,
+        "schedule": "cosine",
+        "epochs": LPFT_EPOCHS,
+        "batch_size": 32,
+    }
+    if probe.status != "chosen" or not m.train_images_per_s:
+        c.status, c.why = "dropped", "its probe did not fit" if probe.status != "chosen" else "not measured"
+        return c
+    fit_rows = n_train * (1 - cfg.holdout)
+    # Eval passes run in torch inside the training loop: about a third of the feature pass's rate, as measured.
+    eval_rate = m.images_per_s / 3
+    c.predicted_s = LPFT_EPOCHS * fit_rows / m.train_images_per_s + (n_train * cfg.holdout + n_report) / eval_rate + 20
+    per_epoch = fit_rows / m.train_images_per_s
+    if c.predicted_s <= FIT_SHARE * left:
+        c.status, c.why = (
+            "chosen",
+            f"fine-tunes from {probe.name}'s head: predicted {c.predicted_s:.0f} s of {left:.0f} s left",
+        )
+    else:
+        c.status = "dropped"
+        c.why = (
+            f"one epoch needs about {per_epoch:.0f} s at {m.train_images_per_s:.0f} training images/s, "
+            f"only {max(left, 0):.0f} s left"
+        )
+    return c
+
+
 def _ensembles(probes: list[Candidate]) -> list[Candidate]:
     """Greedy and weighted ensembles of the chosen probes, fitted on their train-holdout predictions."""
     chosen = [c.name for c in probes if c.status == "chosen"]
@@ -435,8 +520,15 @@ def choose(
         probes.append(c)
     dims = {f"{_short(m.model)}-probe": m.dim for m in measurements}
     concat = _concat(probes, dims, n_train, n_classes, flops, left)
+    if concat is not None and concat.status == "chosen":
+        left -= concat.predicted_s
     joint = [*probes, *([concat] if concat is not None else [])]
-    return [*joint, _zero_shot(cfg, measurements[0], probes), *_ensembles(joint), *([curve] if curve else [])]
+    extra = []
+    if cfg.lpft:
+        first = measurements[0]
+        lp = _lpft(cfg, first, next(c for c in probes if c.model == first.model), n_train, n_report, left)
+        extra.append(lp)
+    return [*joint, *extra, _zero_shot(cfg, measurements[0], probes), *_ensembles(joint), *([curve] if curve else [])]
 
 
 def _run_options(cfg: AutoConfig) -> dict[str, Any]:
@@ -453,7 +545,7 @@ def _short(model: str) -> str:
 
 def spec_doc(cfg: AutoConfig, plan: Plan) -> dict[str, Any]:
     """The study spec of the chosen candidates."""
-    members = {c.name: dict(c.options) for c in plan.chosen if c.kind in ("probe", "concat", "zero-shot")}
+    members = {c.name: dict(c.options) for c in plan.chosen if c.kind in ("probe", "concat", "lp-ft", "zero-shot")}
     ensembles = {c.name: dict(c.options) for c in plan.chosen if c.kind == "ensemble"}
     return {
         "name": "auto",
@@ -485,6 +577,10 @@ def make_plan(cfg: AutoConfig, t_start: float) -> Plan:
             "auto: %s@%d: %.0f images/s (%s), setup %.1f s", model, m.img_size, m.images_per_s, m.backend, m.setup_s
         )
         measurements.append(m)
+    if cfg.lpft:  # LP-FT fine-tunes the cheapest backbone from its probe's head: its training step is timed
+        first = measurements[0]
+        log.info("auto: measuring a BatchNorm-only training step of %s@%d", first.model, first.img_size)
+        first.train_images_per_s = measure_training(cfg, first.model, first.img_size)
     flops = _matmul_flops()
     spent = time.perf_counter() - t_start
     plan = Plan(

@@ -226,9 +226,10 @@ def _parse_members(doc: dict[str, Any], where: str, data: str, report_split: str
             prior = next((p for p in members if p.name == x), None)
             if prior is None or prior.kind != "train":
                 raise ConfigError(f"{mwhere}: members: {x!r} must be a probe member listed before this one")
-        parent = m.options.get("init_from")
-        if isinstance(parent, str) and parent in raw and parent not in {x.name for x in members}:
-            raise ConfigError(f"{mwhere}: init_from {parent!r} must be listed before this member")
+        for key in ("init_from", "head_from"):
+            parent = m.options.get(key)
+            if isinstance(parent, str) and parent in raw and parent not in {x.name for x in members}:
+                raise ConfigError(f"{mwhere}: {key} {parent!r} must be listed before this member")
         members.append(m)
     return tuple(members)
 
@@ -504,7 +505,10 @@ def _resolve_member(
     check = _Collect()
     opts = dict(m.options)
     if m.kind == "train":
+        head_parent = _resolve_parent(opts, by_name, failed, "head_from")
         cfg, ident = _resolve_train(opts, d, data, _resolve_parent(opts, by_name, failed), check)
+        if head_parent is not None:
+            ident["head_from"] = head_parent
     elif m.kind == "concat":
         names = [str(x) for x in opts.pop("members")]
         if failed.intersection(names):
@@ -519,21 +523,23 @@ def _resolve_member(
     return Resolved(m.name, m.kind, m.role, d, cfg, ident)
 
 
-def _resolve_parent(opts: dict[str, Any], by_name: Mapping[str, Resolved], failed: set[str]) -> str | None:
-    """``init_from``: point it at the parent member's folder (or check the run directory named) and return
-    what the child's result depends on, the parent's hash; None without a parent."""
-    parent = opts.get("init_from")
+def _resolve_parent(
+    opts: dict[str, Any], by_name: Mapping[str, Resolved], failed: set[str], key: str = "init_from"
+) -> str | None:
+    """``init_from`` (or ``head_from``): point it at the parent member's folder (or check the run directory
+    named) and return what the child's result depends on, the parent's hash; None without a parent."""
+    parent = opts.get(key)
     if parent is None:
         return None
     if str(parent) in failed:
-        raise ConfigError(f"init_from {parent}: that member cannot start (see above)")
+        raise ConfigError(f"{key} {parent}: that member cannot start (see above)")
     if str(parent) in by_name:
-        opts["init_from"] = str(by_name[str(parent)].dir)
+        opts[key] = str(by_name[str(parent)].dir)
         return by_name[str(parent)].hash
     pdir = Path(str(parent)).expanduser()
     if not (pdir / "model.safetensors").is_file():
         raise ConfigError(
-            f"init_from {parent}: neither a member of this study nor a run directory with a model.safetensors"
+            f"{key} {parent}: neither a member of this study nor a run directory with a model.safetensors"
         )
     return "file sha256:" + file_digest(pdir / "model.safetensors")
 
@@ -553,7 +559,7 @@ def _resolve_train(
         wid = check(weights_identity, cfg.model, cfg.weights)
     ident = {
         "kind": "train",
-        "config": _hashed_options(cfg, skip=("init_from",)),
+        "config": _hashed_options(cfg, skip=("init_from", "head_from")),
         "data": fp,
         "weights": wid,
         "init_from": parent_hash,

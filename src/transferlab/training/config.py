@@ -59,6 +59,12 @@ class TrainConfig:
     init_from: Path | None = option(
         None, "start from the backbone of an earlier run directory (e.g. a CNN trained on CIFAR-10)", group="model"
     )
+    head_from: Path | None = option(
+        None,
+        "start the linear head from an earlier linear-probe run's head (LP-FT: fine-tune from a tuned probe); "
+        "same --model and classes",
+        group="model",
+    )
     strategy: str = STRATEGY.field("linear-probe")
     bn: str | None = BN.field(None)
     head: str = option(
@@ -282,7 +288,7 @@ class TrainConfig:
         """Inverse of :meth:`to_dict`; an unknown key is an error naming the closest valid one."""
         check_keys(cls, d, noun="config key")
         kw = dict(d)
-        for k in ("out", "cache_dir", "init_from"):
+        for k in ("out", "cache_dir", "init_from", "head_from"):
             if kw.get(k) is not None:
                 kw[k] = Path(kw[k])
         return cls(**kw)

@@ -59,7 +59,7 @@ from transferlab.training.interrupt import GracefulStop
 from transferlab.training.logistic import logits_of, scores, tune_logistic
 from transferlab.training.loop import Dist, EvalImages, FitData, TrainImages, fit, predict
 from transferlab.training.probe import ProbeConfig, fit_head, head_logits, stratified_holdout
-from transferlab.training.runs import backbone_from_run, load_run_config
+from transferlab.training.runs import backbone_from_run, load_run, load_run_config
 from transferlab.training.tensorboard import TensorBoardLog
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ __all__ = ["TrainConfig", "train"]
 
 
 def _head_init(cfg: TrainConfig, backbone: Backbone, source: DatasetSource) -> str:
+    if cfg.head_from is not None:
+        return f"run {cfg.head_from}"
     can_warm = backbone.has_imagenet_head and source.imagenet_classes and cfg.head.split(":")[0] == "linear"
     if cfg.head_init == "auto":
         return "imagenet" if can_warm and cfg.strategy != "scratch" else "random"
@@ -468,6 +470,8 @@ def _probe_on_features(s: _Setup) -> _Outcome:
     warm = list(s.source.classes.ids) if s.head_init == "imagenet" else None
     # Built before anything else draws random numbers, so its init matches the image loop's.
     model = TransferModel.from_backbone(backbone.model, cfg.head_spec(), n_cls, warm_start_ids=warm)
+    if cfg.head_from is not None:
+        _head_from_run(model, cfg, list(s.source.classes.ids))
     what = "feature_map" if model.head.needs_feature_map else "pre_logits"
     log.info(
         "strategy linear-probe: backbone %s frozen (BatchNorm eval), new %s head -> %d classes, head init %s; "
@@ -642,6 +646,8 @@ def _fit_loop(s: _Setup) -> _Outcome:
     pre = s.backbone.preprocessing
     warm = list(s.source.classes.ids) if s.head_init == "imagenet" else None
     model = TransferModel.from_backbone(s.backbone.model, cfg.head_spec(), n_cls, warm_start_ids=warm)
+    if cfg.head_from is not None:
+        _head_from_run(model, cfg, list(s.source.classes.ids))
     fit_idx = s.train_idx[s.fit_pos]
     mean, std = pre.mean, pre.std
     if cfg.standardize == "dataset":
@@ -684,6 +690,21 @@ def _fit_loop(s: _Setup) -> _Outcome:
         steps=res.steps,
         stopped_early=res.stopped_early,
     )
+
+
+def _head_from_run(model: TransferModel, cfg: TrainConfig, class_ids: list[str]) -> None:
+    """``--head-from``: copy an earlier probe's linear head into ``model`` (LP-FT starts fine-tuning from the tuned
+    probe's head, so the first steps do not distort the backbone to fit a random head)."""
+    src = load_run(Path(cfg.head_from))  # type: ignore[arg-type]
+    where = f"--head-from {cfg.head_from}"
+    if src.config.model != cfg.model:
+        raise ConfigError(f"{where} holds a {src.config.model} head, not one for --model {cfg.model}")
+    if list(src.class_ids) != class_ids:
+        raise ConfigError(f"{where} was trained on other classes than this run's data; its head cannot start this one")
+    if src.config.head_spec().kind != "linear" or cfg.head_spec().kind != "linear":
+        raise ConfigError(f"{where}: only a linear head can be carried over (both runs need --head linear)")
+    model.head.load_state_dict(src.model.head.state_dict())
+    log.info("head started from %s (its val top-1 is in its metrics.json)", cfg.head_from)
 
 
 def _callbacks(tb: Any, user: Callable[[str, dict[str, float]], None] | None) -> Any:
