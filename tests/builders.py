@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import zipfile
@@ -229,3 +230,20 @@ def dirty_tiny_imagenet_files(n_train: int = 10, n_val_per_class: int = 4) -> di
     files[f"train/{WNIDS[2]}/images/{WNIDS[2]}_16bit.png"] = png16()
     files["val/val_annotations.txt"] += f"val_bad.JPEG\t{WNIDS[0]}\t0\t0\t63\t63\n".encode()
     return files
+
+
+@contextlib.contextmanager
+def logging_restored():
+    """``cli.main`` configures logging for a terminal; undo it afterwards so tests stay independent (module-scoped
+    fixtures that call ``main`` use this too: they run before the per-test restore below takes its snapshot)."""
+    import logging
+
+    root = logging.getLogger()
+    pkg = logging.getLogger("transferlab")
+    saved = (root.handlers[:], root.level, pkg.level)
+    try:
+        yield
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        pkg.setLevel(saved[2])

@@ -86,13 +86,7 @@ def in1k32(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _restore_logging():
-    """``cli.main`` configures logging for a terminal; undo it after each test so tests stay independent."""
-    import logging
+    from builders import logging_restored
 
-    root = logging.getLogger()
-    pkg = logging.getLogger("transferlab")
-    saved = (root.handlers[:], root.level, pkg.level)
-    yield
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
-    pkg.setLevel(saved[2])
+    with logging_restored():
+        yield

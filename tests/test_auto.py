@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from builders import logging_restored
 from transferlab.errors import ConfigError
 from transferlab.planner import (
     AutoConfig,
@@ -142,7 +143,8 @@ def auto_run(train_ds: Path, in1k32: Path, tmp_path_factory: pytest.TempPathFact
     argv = ["auto", "--data", str(train_ds), "--out", str(out), "--budget", "10m", "--progress", "off"]
     argv += ["--models", "test_resnet", "test_efficientnet", "--weights", str(in1k32), str(eff)]
     argv += ["--workers", "0", "--precision", "fp32", "--cache-dir", str(root / "cache")]
-    assert main(argv) == 0
+    with logging_restored():
+        assert main(argv) == 0
     return out, json.loads((out / "plan.json").read_text())
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from builders import logging_restored
 from transferlab.cli import main
 
 FAST = ["--workers", "0", "--precision", "fp32", "--progress", "off", "--holdout", "0.2", "--batch-size", "6"]
@@ -19,7 +20,8 @@ def probe(train_ds: Path, in1k32: Path, tmp_path_factory: pytest.TempPathFactory
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("lpft") / "probe"
     argv = ["train", "--model", "test_resnet", "--weights", str(in1k32), "--data", str(train_ds), "--out", str(out)]
-    assert main([*argv, "--probe", "lbfgs", *FAST]) == 0
+    with logging_restored():
+        assert main([*argv, "--probe", "lbfgs", *FAST]) == 0
     return out
 
 
