@@ -257,12 +257,12 @@ def _matmul_flops() -> float:
     return 10 * 2.0 * 4096 * 1280 * 200 / max(time.perf_counter() - t0, 1e-6)
 
 
-def measure_training(cfg: AutoConfig, model: str, size: int, steps: int = 2, batch: int = 16) -> float:
+def measure_training(cfg: AutoConfig, backbone: Any, size: int, steps: int = 2, batch: int = 16) -> float:
     """Images per second of a BatchNorm-only training step (bf16 autocast where the CPU has it, channels_last)
-    on random inputs of ``size``: what one LP-FT epoch would cost. One warm-up step, then ``steps`` timed."""
+    on random inputs of ``size``: what one LP-FT epoch would cost. One warm-up step, then ``steps`` timed.
+    ``backbone`` is changed (trained a little): pass one that is not needed afterwards."""
     import torch
 
-    backbone = create_backbone(model, cfg.weights_of(model))
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, "auto", device)
     net = backbone.model.to(device).train()
@@ -291,12 +291,11 @@ def measure_training(cfg: AutoConfig, model: str, size: int, steps: int = 2, bat
     return round(steps * batch / max(time.perf_counter() - t0, 1e-6), 1)
 
 
-def measure_backbone(cfg: AutoConfig, model: str, split: Any) -> Measurement:
-    """Images per second of ``model``'s pooled-feature pass at its native resolution on real images of
+def measure_backbone(cfg: AutoConfig, backbone: Any, split: Any) -> Measurement:
+    """Images per second of ``backbone``'s pooled-feature pass at its native resolution on real images of
     ``split``, through the engine and backend the run will use; a warm-up batch first (it also fills the
     conversion cache the run then hits)."""
-
-    backbone = create_backbone(model, cfg.weights_of(model))
+    model = backbone.name
     size = backbone.preprocessing.input_size
     tf = make_eval_transform(backbone.preprocessing, size)
     device = resolve_device(cfg.device)
@@ -354,16 +353,13 @@ def probe_variants(
     variants = []
     for flip in (True, False):
         views = 2 if flip else 1
+        fit = _fit_seconds(views * n_train, m.dim, n_classes, flops)
         # One feature pass per split and view (train, report; and their mirrors), each with its own setup.
-        cost = (
-            views * (n_train + n_report) / (SUSTAINED_RATE * m.images_per_s)
-            + 2 * views * m.setup_s
-            + _fit_seconds(views * n_train, m.dim, n_classes, flops)
-        )
+        passes = views * (n_train + n_report) / (SUSTAINED_RATE * m.images_per_s) + 2 * views * m.setup_s
         opts = probe_options(cfg, m) | {"flip_features": flip}
-        c = Candidate(f"{_short(m.model)}-probe", "probe", m.model, m.img_size, cost, opts)
-        c.fit_s = _fit_seconds(views * n_train, m.dim, n_classes, flops)
-        variants.append(c)
+        variants.append(
+            Candidate(f"{_short(m.model)}-probe", "probe", m.model, m.img_size, passes + fit, opts, fit_s=fit)
+        )
     return variants[0], variants[1]
 
 
@@ -573,9 +569,12 @@ def make_plan(cfg: AutoConfig, t_start: float) -> Plan:
     train = decode_split(train, cache, progress=cfg.progress)
     report = decode_split(report, cache, progress=cfg.progress)
     measurements = []
+    first_backbone = None
     for model in cfg.models:
         log.info("auto: measuring %s on %d images of %s", model, MEASURE_IMAGES, source.name)
-        m = measure_backbone(cfg, model, train)
+        backbone = create_backbone(model, cfg.weights_of(model))
+        first_backbone = first_backbone or backbone
+        m = measure_backbone(cfg, backbone, train)
         log.info(
             "auto: %s@%d: %.0f images/s (%s), setup %.1f s", model, m.img_size, m.images_per_s, m.backend, m.setup_s
         )
@@ -583,7 +582,7 @@ def make_plan(cfg: AutoConfig, t_start: float) -> Plan:
     if cfg.lpft:  # LP-FT fine-tunes the cheapest backbone from its probe's head: its training step is timed
         first = measurements[0]
         log.info("auto: measuring a BatchNorm-only training step of %s@%d", first.model, first.img_size)
-        first.train_images_per_s = measure_training(cfg, first.model, first.img_size)
+        first.train_images_per_s = measure_training(cfg, first_backbone, first.img_size)
     flops = _matmul_flops()
     spent = time.perf_counter() - t_start
     plan = Plan(

@@ -112,10 +112,9 @@ def fit_concat(cfg: ConcatConfig) -> dict[str, Any]:
         len(y_fit),
         len(hold),
     )
+    prior = _prior(feats)
     t1 = time.perf_counter()
-    res = tune_logistic(
-        x_fit, y_fit, x_hold, y[hold], x_all, y_all, first.num_classes, grid=cfg.l2_grid, prior=_prior(feats)
-    )
+    res = tune_logistic(x_fit, y_fit, x_hold, y[hold], x_all, y_all, first.num_classes, grid=cfg.l2_grid, prior=prior)
     t_fit = time.perf_counter() - t1
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +144,7 @@ def fit_concat(cfg: ConcatConfig) -> dict[str, Any]:
         f"{first.report_split} was not used for any choice",
         "probe": {
             "solver": "lbfgs",
-            "prior": "mean of the members' priors" if _prior(feats) is not None else "zero",
+            "prior": "mean of the members' priors" if prior is not None else "zero",
             "l2": res.l2,
             "grid": res.table,
             "refit": True,

@@ -572,6 +572,15 @@ def _probe_data(s: _Setup, what: str, cache: Path) -> _ProbeData:
     )
 
 
+def _prior_of(head: torch.nn.Module, head_init: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The head a tuned probe's penalty pulls towards: the ImageNet rows a warm-started head was built with
+    (copied out of ``head``), else None (zero)."""
+    if head_init != "imagenet":
+        return None
+    fc = head.fc
+    return fc.weight.detach().numpy().copy(), fc.bias.detach().numpy().copy()
+
+
 def _fit_lbfgs(
     s: _Setup, head: torch.nn.Module, data: _ProbeData
 ) -> tuple[list[dict[str, float]], int, bool, dict[str, Any], np.ndarray]:
@@ -583,9 +592,7 @@ def _fit_lbfgs(
     entry and the chosen fit-split head's holdout logits (out-of-sample, unlike the refit head's).
     """
     fc = head.fc
-    prior = None
-    if s.head_init == "imagenet":
-        prior = (fc.weight.detach().numpy().copy(), fc.bias.detach().numpy().copy())
+    prior = _prior_of(head, s.head_init)
     res = tune_logistic(
         data.x_fit,
         data.y_fit,
@@ -772,10 +779,7 @@ def probe_features(run_dir: str | Path) -> ProbeFeatures:
     model = TransferModel.from_backbone(s.backbone.model, cfg.head_spec(), s.num_classes, warm_start_ids=warm)
     data = _probe_data(s, "pre_logits", s.cache_root() / "features")
     n = len(s.train_idx)
-    prior = None
-    if s.head_init == "imagenet":
-        fc = model.head.fc
-        prior = (fc.weight.detach().numpy().copy(), fc.bias.detach().numpy().copy())
+    prior = _prior_of(model.head, s.head_init)
     return ProbeFeatures(
         x_train=data.x_all[:n],
         x_train_mirror=data.x_all[n:] if cfg.flip_features else None,
