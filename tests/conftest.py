@@ -9,6 +9,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFERLAB_OFFLINE"] = "1"
 os.environ.setdefault("TQDM_DISABLE", "1")
 # Caches (features, image checks, downloads) go to a per-session temp folder, never the user's home.
+# The folder made here is removed when the session ends (pytest_unconfigure); one given by the caller is kept.
 if "TRANSFERLAB_CACHE" not in os.environ:
     import tempfile
 
@@ -33,6 +34,16 @@ def find_mini_zip() -> Path | None:
         if p.is_file():
             return p
     return None
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the session's own cache folder (about 100 MB of decoded images and features per run)."""
+    import shutil
+    import tempfile
+
+    cache = Path(os.environ.get("TRANSFERLAB_CACHE", ""))
+    if cache.name.startswith("transferlab-test-cache-") and cache.parent == Path(tempfile.gettempdir()):
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
