@@ -15,9 +15,12 @@ from transferlab.errors import ConfigError
 from transferlab.planner import (
     AutoConfig,
     Measurement,
+    Plan,
     choose,
+    choose_more,
     fit_power_law,
     label_curve,
+    larger_size,
     parse_budget,
 )
 
@@ -63,22 +66,62 @@ def test_plan_takes_the_cheapest_first_and_drops_what_does_not_fit(tmp_path: Pat
         "fast-probe",
         "mid-probe",
     ]
-    # LP-FT is priced from the measured training rate; here none was measured, so it is not run
-    assert by["fast-lpft"].status == "dropped" and by["fast-lpft"].why == "not measured"
+    # LP-FT and larger inputs wait for the second phase, which chooses on the probes' holdout scores
+    assert not [c for c in cands if c.kind == "lp-ft" or (c.img_size or 0) > 224]
     # the label-budget curve is reserved on the cheapest probe, before the next backbone is considered
     assert by["label-curve"].status == "chosen" and "fast-probe" in by["label-curve"].why
     assert by["fast-probe"].options["flip_features"] is True
 
 
-def test_lpft_is_chosen_where_an_epoch_fits_and_says_why_where_not(tmp_path: Path) -> None:
-    fast = Measurement("fast", 224, 400.0, 2.0, 1280, "openvino", 1000, train_images_per_s=100.0)
-    slow = Measurement("fast", 224, 400.0, 2.0, 1280, "openvino", 1000, train_images_per_s=5.0)
-    for m, status in ((fast, "chosen"), (slow, "dropped")):
-        cfg = AutoConfig(data="d", out=tmp_path, budget="20m", models=("fast",))
-        by = {c.name: c for c in choose(cfg, [m], 20_000, 5_000, 200, spent_s=30.0, flops=5e11)}
-        assert by["fast-lpft"].status == status, by["fast-lpft"].why
-        assert by["fast-lpft"].options["head_from"] == "fast-probe" and by["fast-lpft"].options["strategy"] == "bn-only"
-    assert "one epoch needs about 3600 s at 5 training images/s" in by["fast-lpft"].why
+def _ran_plan(tmp_path: Path, holdout: dict[str, float], train_rate: float | None = None) -> tuple[AutoConfig, Plan]:
+    """A plan whose first phase ran: a probe per backbone with the given holdout top-1."""
+    models = tuple(holdout)
+    cfg = AutoConfig(data="d", out=tmp_path, budget="30m", models=models)
+    ms = [Measurement(m, 224, 400.0, 2.0, 1280, "openvino", 1000, train_images_per_s=train_rate) for m in models]
+    cands = choose(cfg, ms, 20_000, 5_000, 200, spent_s=30.0, flops=5e11)
+    for c in cands:
+        if c.kind == "probe":
+            c.status, c.holdout_top1, c.actual_s = "ran", holdout[c.model], c.predicted_s
+    plan = Plan(1800.0, 20_000, 5_000, ms, cands, 30.0, "cpu", flops=5e11, n_classes=200)
+    return cfg, plan
+
+
+def test_the_second_phase_spends_on_the_backbone_the_holdout_ranks_first(tmp_path: Path) -> None:
+    cfg, plan = _ran_plan(tmp_path, {"a": 0.70, "b": 0.74})
+    timed: list[str] = []
+
+    def rate(m: Measurement) -> float:
+        timed.append(m.model)
+        return 40.0
+
+    # 600 s: b's probe at 288 px (its 224 px passes x 1.65: about 270 s) fits; then LP-FT (18,000 fit images at 40
+    # a second: about 540 s) does not
+    more = choose_more(cfg, plan, 600.0, rate)
+    by = {c.name: c for c in more}
+    assert [c.name for c in more][:2] == ["b-probe-288", "b-lpft"]
+    assert by["b-probe-288"].status == "chosen" and by["b-probe-288"].img_size == 288
+    assert by["b-probe-288"].options["img_size"] == 288 and by["b-probe-288"].options["flip_features"] is True
+    assert "b-probe is #1 on the holdout (74.00%)" in by["b-probe-288"].why
+    probe_b = next(c for c in plan.candidates if c.name == "b-probe")
+    assert by["b-probe-288"].predicted_s > probe_b.predicted_s * 1.4
+    assert by["b-lpft"].status == "dropped" and "only" in by["b-lpft"].why
+    assert by["b-lpft"].options["head_from"] == "b-probe" and by["b-lpft"].options["strategy"] == "bn-only"
+    assert sum(c.predicted_s for c in more if c.status == "chosen") <= 600
+    assert timed[0] == "b"  # the training step is timed for the backbone LP-FT is priced on, best first
+    # with a fast training step and an hour, LP-FT of the best backbone is chosen too, and it comes before a's
+    cfg, plan = _ran_plan(tmp_path, {"a": 0.70, "b": 0.74}, train_rate=200.0)
+    more = choose_more(cfg, plan, 3600.0, rate)
+    # (LP-FT at 200 images/s, about 180 s, is now the cheaper of b's two offers)
+    assert [c.name for c in more if c.status == "chosen"] == ["b-lpft", "b-probe-288", "a-lpft", "a-probe-288"]
+    # nothing left: everything offered is dropped, and no training step is timed
+    timed.clear()
+    cfg, plan = _ran_plan(tmp_path, {"a": 0.70, "b": 0.74})
+    more = choose_more(cfg, plan, 0.0, rate)
+    assert all(c.status == "dropped" for c in more) and not timed
+
+
+def test_larger_sizes_are_multiples_of_32() -> None:
+    assert [larger_size(s) for s in (32, 224, 240, 260)] == [64, 288, 288, 320]
 
 
 def test_a_budget_for_one_probe_gets_no_ensemble(tmp_path: Path) -> None:
@@ -86,7 +129,7 @@ def test_a_budget_for_one_probe_gets_no_ensemble(tmp_path: Path) -> None:
     cands = choose(cfg, [_m("fast", 400.0), _m("mid", 200.0)], 20_000, 5_000, 200, spent_s=30.0, flops=5e11)
     by = {c.name: c for c in cands}
     assert by["fast-probe"].status == "chosen" and by["mid-probe"].status == "dropped"
-    assert by["greedy"].status == "dropped" and by["greedy"].why == "needs two probes"
+    assert by["greedy"].status == "dropped" and by["greedy"].why == "needs two members with holdout predictions"
 
 
 def test_power_law_is_recovered() -> None:
@@ -164,11 +207,26 @@ def test_auto_runs_the_plan_as_a_study_and_explains_it(auto_run: tuple[Path, dic
         assert by[name]["actual_s"] is not None and by[name]["predicted_s"] > 0
         assert (out / ("ensembles" if by[name]["kind"] == "ensemble" else "members") / name / "metrics.json").exists()
     assert by["test-resnet-probe"]["holdout_top1"] is not None and by["concat-probe"]["holdout_top1"] is not None
-    # LP-FT fine-tuned the first backbone from its tuned probe's head, at the training rate measured here
-    assert by["test-resnet-lpft"]["status"] == "ran" and by["test-resnet-lpft"]["kind"] == "lp-ft"
+    # the second phase had most of the 10 minutes: for each backbone, best on the holdout first, its probe at a
+    # larger input and LP-FT from its tuned probe's head, at the training rate measured here
+    second = [c for c in plan["candidates"] if c["why"].startswith("second phase")]
+    assert {c["name"] for c in second} == {
+        "test-resnet-probe-64",
+        "test-resnet-lpft",
+        "test-efficientnet-probe-64",
+        "test-efficientnet-lpft",
+    }
+    assert all(c["status"] == "ran" and c["holdout_top1"] is not None for c in second), second
+    best = max(("test-resnet-probe", "test-efficientnet-probe"), key=lambda n: by[n]["holdout_top1"])
+    assert "#1 on the holdout" in next(c for c in second if c["name"].startswith(best.replace("-probe", "")))["why"]
     lpft = json.loads((out / "members" / "test-resnet-lpft" / "metrics.json").read_text())
     assert lpft["strategy"] == "bn-only" and lpft["head_init"].endswith("members/test-resnet-probe")
-    assert plan["measured"][0]["train_images_per_s"] > 0
+    assert json.loads((out / "members" / "test-resnet-probe-64" / "metrics.json").read_text())["img_size"] == 64
+    assert all(m["train_images_per_s"] > 0 for m in plan["measured"])
+    # the ensembles take every member with holdout predictions, the second phase's too
+    greedy = json.loads((out / "ensembles" / "greedy" / "metrics.json").read_text())
+    assert len(greedy["protocol"]["select_files"]) == 7
+    assert any("test-efficientnet-lpft" in f for f in greedy["protocol"]["select_files"])
     concat = json.loads((out / "members" / "concat-probe" / "metrics.json").read_text())
     assert concat["strategy"] == "concat-probe" and concat["features"] == 96 + 256  # both backbones side by side
     assert (out / "members" / "concat-probe" / "predictions" / "holdout.npz").exists()
@@ -191,6 +249,40 @@ def test_auto_writes_the_label_curve_and_the_report_shows_plan_and_curve(auto_ru
     assert "doubling_gain" in labels["fit"]
     html = (out / "report" / "report.html").read_text()
     assert "Plan" in html and "more labels" in html
+
+
+def _starred(html: str) -> str:
+    """The member the report's summary marks as the answer."""
+    import re
+
+    row = html[html.index("★ best") :]
+    return re.findall(r"<td[^>]*>([^<]+)</td>", row)[0]
+
+
+def test_the_answer_is_chosen_on_the_holdout_not_on_val(auto_run: tuple[Path, dict], tmp_path: Path) -> None:
+    import shutil
+
+    from transferlab.reports.render import ReportConfig, build_report
+
+    out, plan = auto_run
+    ran = [c for c in plan["candidates"] if c["holdout_top1"] is not None and c["status"] == "ran"]
+    top = max(c["holdout_top1"] for c in ran)
+    html = (out / "report" / "report.html").read_text()
+    assert _starred(html) == next(c["name"] for c in ran if c["holdout_top1"] == top)  # ties: the cheaper, first
+    assert "the highest top-1 on the train holdout" in html
+    # make the member with the lowest val top-1 the holdout's best: the report's answer follows the holdout
+    study = tmp_path / "study"
+    shutil.copytree(out, study, ignore=shutil.ignore_patterns("report"))
+    val = {c["name"]: json.loads((study / "members" / c["name"] / "metrics.json").read_text())["top1"] for c in ran}
+    worst = min(val, key=lambda n: (val[n], n))
+    doc = json.loads((study / "plan.json").read_text())
+    for c in doc["candidates"]:
+        if c["holdout_top1"] is not None:
+            c["holdout_top1"] = 0.99 if c["name"] == worst else 0.5
+    (study / "plan.json").write_text(json.dumps(doc))
+    members = [str(study / "members" / c["name"]) for c in ran]
+    res = build_report(ReportConfig(dirs=tuple(members), out=tmp_path / "r", study=study))
+    assert _starred(res.html.read_text()) == worst and val[worst] < max(val.values())
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(train_ds: Path, in1k32: Path, tmp_path: Path, capsys) -> None:

@@ -65,6 +65,14 @@ def test_early_stopping_keeps_the_best_holdout_epoch(train_ds: Path, in1k32: Pat
     losses = [float(r["val_loss"]) for r in rows]
     assert m["best_epoch"] == int(rows[int(np.argmin(losses))]["epoch"])
     assert m["epochs_run"] == m["best_epoch"] + 2
+    # the kept epoch's holdout predictions are written, for ensembles fitted off the report split
+    from transferlab.artifacts.predictions import predictions_path, read_predictions
+
+    hold = read_predictions(predictions_path(run, "holdout"))
+    best = rows[int(np.argmin(losses))]
+    assert len(hold.targets) == m["n_holdout"]
+    assert float((hold.logits.argmax(1) == hold.targets).mean()) == pytest.approx(float(best["val_acc"]), abs=1e-6)
+    assert m["holdout_predictions"].startswith("the kept epoch, which this holdout chose")
 
 
 def test_dataset_standardization(train_ds: Path, in1k32: Path, tmp_path: Path) -> None:

@@ -200,6 +200,9 @@ class Plan:
     spent_s: float  # before the study starts: opening the data, decoding, measuring
     cpu: str
     notes: list[str] = field(default_factory=list)
+    #: Float32 matmul rate measured here (prices the probes' fits, in the second phase too).
+    flops: float = 1e11
+    n_classes: int = 0
 
     @property
     def chosen(self) -> list[Candidate]:
@@ -455,13 +458,15 @@ def _lpft(cfg: AutoConfig, m: Measurement, probe: Candidate, n_train: int, n_rep
         "epochs": LPFT_EPOCHS,
         "batch_size": 32,
     }
-    if probe.status != "chosen" or not m.train_images_per_s:
-        c.status, c.why = "dropped", "its probe did not fit" if probe.status != "chosen" else "not measured"
+    if probe.status not in ("chosen", "ran") or not m.train_images_per_s:
+        c.status, c.why = "dropped", "not measured" if not m.train_images_per_s else "its probe did not run"
         return c
     fit_rows = n_train * (1 - cfg.holdout)
-    # Eval passes run in torch inside the training loop: about a third of the feature pass's rate, as measured.
+    # Eval passes run in torch inside the training loop (the holdout twice: each epoch, then the kept epoch's
+    # predictions): about a third of the feature pass's rate, as measured.
     eval_rate = m.images_per_s / 3
-    c.predicted_s = LPFT_EPOCHS * fit_rows / m.train_images_per_s + (n_train * cfg.holdout + n_report) / eval_rate + 20
+    evals = 2 * n_train * cfg.holdout + n_report
+    c.predicted_s = LPFT_EPOCHS * fit_rows / m.train_images_per_s + evals / eval_rate + 20
     per_epoch = fit_rows / m.train_images_per_s
     if c.predicted_s <= FIT_SHARE * left:
         c.status, c.why = (
@@ -477,17 +482,83 @@ def _lpft(cfg: AutoConfig, m: Measurement, probe: Candidate, n_train: int, n_rep
     return c
 
 
+#: The second phase's larger input: this factor on the native size, rounded to a multiple of 32.
+LARGER_FACTOR = 1.25
+
+
+def larger_size(size: int) -> int:
+    """The next input size the second phase tries for a backbone: 224 -> 288, 240 -> 288, 260 -> 320."""
+    return max(size + 32, round(size * LARGER_FACTOR / 32) * 32)
+
+
+def _larger(m: Measurement, probe: Candidate, n_train: int, n_report: int, left: float) -> Candidate:
+    """``probe`` again at a larger input (Tiny ImageNet's 64 px images are upsampled: ImageNet backbones often
+    see them better larger), priced at the measured rate scaled by the pixel count; the fit costs the same."""
+    size = larger_size(m.img_size)
+    rate = m.images_per_s * (m.img_size / size) ** 2
+    views = 2 if probe.options.get("flip_features") else 1
+    passes = views * (n_train + n_report) / (SUSTAINED_RATE * rate) + 2 * views * m.setup_s
+    c = Candidate(f"{probe.name}-{size}", "probe", m.model, size, passes + probe.fit_s, fit_s=probe.fit_s)
+    c.options = probe.options | {"img_size": size}
+    if c.predicted_s <= FIT_SHARE * left:
+        c.status, c.why = "chosen", f"{probe.name} at {size} px: predicted {c.predicted_s:.0f} s of {left:.0f} s left"
+    else:
+        c.status, c.why = "dropped", f"predicted {c.predicted_s:.0f} s at {size} px, only {max(left, 0):.0f} s left"
+    return c
+
+
+def choose_more(
+    cfg: AutoConfig,
+    plan: Plan,
+    left: float,
+    train_rate: Callable[[Measurement], float | None] | None = None,
+) -> list[Candidate]:
+    """The second phase: what the first phase left of the budget goes where the holdout says it pays. The probes
+    that ran are ranked by their holdout top-1; the best one's backbone is offered, cheapest first, its probe at
+    a larger input and LP-FT from its head; then the next backbone's, while anything fits. ``train_rate(m)``
+    measures a backbone's training step when LP-FT is first priced for it (a few seconds, only when needed)."""
+    ranked = sorted(
+        (c for c in plan.candidates if c.kind == "probe" and c.status == "ran" and c.holdout_top1 is not None),
+        key=lambda c: -float(c.holdout_top1 or 0.0),
+    )
+    by_model = {m.model: m for m in plan.measurements}
+    taken = {c.name for c in plan.candidates}
+    out: list[Candidate] = []
+    for probe in ranked:
+        m = by_model.get(probe.model)
+        if m is None or probe.img_size != m.img_size:
+            continue
+        offers = [_larger(m, probe, plan.n_train, plan.n_report, left)]
+        if cfg.lpft and left > 0:
+            if m.train_images_per_s is None and train_rate is not None:
+                m.train_images_per_s = train_rate(m)
+            offers.append(_lpft(cfg, m, probe, plan.n_train, plan.n_report, left))
+        for c in sorted(offers, key=lambda c: c.predicted_s):
+            if c.name in taken:
+                continue
+            # re-priced against what is left now (an earlier offer may have taken its share)
+            if c.status == "chosen" and c.predicted_s > FIT_SHARE * left:
+                c.status, c.why = "dropped", f"predicted {c.predicted_s:.0f} s, only {max(left, 0):.0f} s left"
+            score = 100 * float(probe.holdout_top1 or 0)
+            c.why = f"second phase, {probe.name} is #{ranked.index(probe) + 1} on the holdout ({score:.2f}%): {c.why}"
+            if c.status == "chosen":
+                left -= c.predicted_s
+            out.append(c)
+    return out
+
+
 def _ensembles(probes: list[Candidate]) -> list[Candidate]:
-    """Greedy and weighted ensembles of the chosen probes, fitted on their train-holdout predictions."""
-    chosen = [c.name for c in probes if c.status == "chosen"]
+    """Greedy and weighted ensembles of the chosen (or already run) members, fitted on their train-holdout
+    predictions."""
+    chosen = [c.name for c in probes if c.status in ("chosen", "ran")]
     out = []
     for method in ("greedy", "weighted"):
         e = Candidate(method, "ensemble", f"ensemble of {len(chosen)}", None, 3.0)
         e.options = {"method": method, "members": chosen, "select": "holdout"}
         if len(chosen) >= 2:
-            e.status, e.why = "chosen", "fitted on the probes' train-holdout predictions; val stays untouched"
+            e.status, e.why = "chosen", "fitted on the members' train-holdout predictions; val stays untouched"
         else:
-            e.status, e.why = "dropped", "needs two probes"
+            e.status, e.why = "dropped", "needs two members with holdout predictions"
         out.append(e)
     return out
 
@@ -522,12 +593,7 @@ def choose(
     if concat is not None and concat.status == "chosen":
         left -= concat.predicted_s
     joint = [*probes, *([concat] if concat is not None else [])]
-    extra = []
-    if cfg.lpft:
-        first = measurements[0]
-        lp = _lpft(cfg, first, next(c for c in probes if c.model == first.model), n_train, n_report, left)
-        extra.append(lp)
-    return [*joint, *extra, _zero_shot(cfg, measurements[0], probes), *_ensembles(joint), *([curve] if curve else [])]
+    return [*joint, _zero_shot(cfg, measurements[0], probes), *_ensembles(joint), *([curve] if curve else [])]
 
 
 def _run_options(cfg: AutoConfig) -> dict[str, Any]:
@@ -542,10 +608,10 @@ def _short(model: str) -> str:
     return model.replace("tf_efficientnet_", "").replace("_", "-")
 
 
-def spec_doc(cfg: AutoConfig, plan: Plan) -> dict[str, Any]:
-    """The study spec of the chosen candidates."""
+def spec_doc(cfg: AutoConfig, plan: Plan, *, ensembles: bool = True) -> dict[str, Any]:
+    """The study spec of the chosen candidates (without the ensembles: the first phase's)."""
     members = {c.name: dict(c.options) for c in plan.chosen if c.kind in ("probe", "concat", "lp-ft", "zero-shot")}
-    ensembles = {c.name: dict(c.options) for c in plan.chosen if c.kind == "ensemble"}
+    combos = {c.name: dict(c.options) for c in plan.chosen if c.kind == "ensemble"} if ensembles else {}
     return {
         "name": "auto",
         "description": f"transferlab auto: the best model in {cfg.budget} on {cfg.data}",
@@ -553,7 +619,7 @@ def spec_doc(cfg: AutoConfig, plan: Plan) -> dict[str, Any]:
         "report_split": "val",
         "defaults": {"seed": cfg.seed, **_run_options(cfg)},
         "members": members,
-        "ensembles": ensembles,
+        "ensembles": combos,
     }
 
 
@@ -569,20 +635,14 @@ def make_plan(cfg: AutoConfig, t_start: float) -> Plan:
     train = decode_split(train, cache, progress=cfg.progress)
     report = decode_split(report, cache, progress=cfg.progress)
     measurements = []
-    first_backbone = None
     for model in cfg.models:
         log.info("auto: measuring %s on %d images of %s", model, MEASURE_IMAGES, source.name)
         backbone = create_backbone(model, cfg.weights_of(model))
-        first_backbone = first_backbone or backbone
         m = measure_backbone(cfg, backbone, train)
         log.info(
             "auto: %s@%d: %.0f images/s (%s), setup %.1f s", model, m.img_size, m.images_per_s, m.backend, m.setup_s
         )
         measurements.append(m)
-    if cfg.lpft:  # LP-FT fine-tunes the cheapest backbone from its probe's head: its training step is timed
-        first = measurements[0]
-        log.info("auto: measuring a BatchNorm-only training step of %s@%d", first.model, first.img_size)
-        first.train_images_per_s = measure_training(cfg, first_backbone, first.img_size)
     flops = _matmul_flops()
     spent = time.perf_counter() - t_start
     plan = Plan(
@@ -593,9 +653,15 @@ def make_plan(cfg: AutoConfig, t_start: float) -> Plan:
         candidates=choose(cfg, measurements, len(train), len(report), len(source.classes), spent, flops),
         spent_s=spent,
         cpu=cpu_name(),
+        flops=flops,
+        n_classes=len(source.classes),
     )
     plan.notes.append(
         f"measured on {plan.cpu}: opening, decoding and measuring took {spent:.0f} s of the {cfg.budget_s:.0f} s budget"
+    )
+    plan.notes.append(
+        "what the first phase leaves goes, in a second phase, to the backbone whose probe scores best on the "
+        "train holdout: its probe at a larger input, then LP-FT from its head, cheapest first, while they fit"
     )
     return plan
 
@@ -716,7 +782,9 @@ def _holdout_top1(d: Path) -> float | None:
 
 
 def run_auto(cfg: AutoConfig, *, on_plan: Callable[[Plan], None] | None = None) -> AutoResult:
-    """Plan, then (unless ``dry_run``) run the plan as a study into ``cfg.out`` within the budget."""
+    """Plan, then (unless ``dry_run``) run the plan as a study into ``cfg.out`` within the budget: the first
+    phase's members, then a second phase chosen on their holdout scores with what is left, then the ensembles
+    of all of them, the label-budget curve and the report."""
 
     t0 = time.perf_counter()
     deadline = t0 + cfg.budget_s
@@ -731,11 +799,15 @@ def run_auto(cfg: AutoConfig, *, on_plan: Callable[[Plan], None] | None = None) 
             f"--budget {cfg.budget}: no candidate fits ({'; '.join(c.name + ': ' + c.why for c in plan.candidates)}); "
             "give a larger budget or fewer --models"
         )
-    doc = spec_doc(cfg, plan)
-    text = json.dumps(doc, indent=2)
-    spec = parse_spec(doc, where="auto plan", text=text)
     by_name = {c.name: c for c in plan.candidates}
     result = AutoResult(plan=plan, out=out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    first = _as_spec(cfg, plan, ensembles=False)
+    atomic_write_text(out / "auto.json", first.text)
+    _record_steps(run_study(first, out, progress=cfg.progress, deadline=deadline, report=False), by_name)
+    _second_phase(cfg, plan, deadline)
+    by_name = {c.name: c for c in plan.candidates}
 
     def before_report(study: Any) -> None:
         _record_steps(study, by_name)
@@ -749,8 +821,8 @@ def run_auto(cfg: AutoConfig, *, on_plan: Callable[[Plan], None] | None = None) 
                 atomic_write_json(out / "labels.json", result.labels)
         atomic_write_json(out / "plan.json", plan.to_dict(actual_s=time.perf_counter() - t0))
 
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "auto.json", text)
+    spec = _as_spec(cfg, plan)
+    atomic_write_text(out / "auto.json", spec.text)
     study = run_study(spec, out, progress=cfg.progress, deadline=deadline, before_report=before_report)
     result.report = study.report
     result.wall_s = time.perf_counter() - t0
@@ -758,17 +830,48 @@ def run_auto(cfg: AutoConfig, *, on_plan: Callable[[Plan], None] | None = None) 
     return result
 
 
+def _as_spec(cfg: AutoConfig, plan: Plan, *, ensembles: bool = True) -> Any:
+    doc = spec_doc(cfg, plan, ensembles=ensembles)
+    text = json.dumps(doc, indent=2)
+    return parse_spec(doc, where="auto plan", text=text)
+
+
+def _second_phase(cfg: AutoConfig, plan: Plan, deadline: float) -> None:
+    """Choose the second phase with what the first left (the label curve and the reserve kept back), and rebuild
+    the ensembles over every member with holdout predictions."""
+    curve = next((c for c in plan.candidates if c.kind == "labels" and c.status == "chosen"), None)
+    left = deadline - time.perf_counter() - RESERVE_S - (curve.predicted_s if curve else 0.0)
+
+    def train_rate(m: Measurement) -> float | None:
+        log.info("auto: measuring a BatchNorm-only training step of %s@%d", m.model, m.img_size)
+        try:
+            return measure_training(cfg, create_backbone(m.model, cfg.weights_of(m.model)), m.img_size)
+        except (RuntimeError, TransferlabError) as e:  # pricing LP-FT must not end the run
+            log.warning("auto: could not time a training step of %s (%s); no LP-FT", m.model, e)
+            return None
+
+    more = choose_more(cfg, plan, left, train_rate) if left > 0 else []
+    for c in more:
+        log.info("auto: %s: %s (%s)", c.name, c.status, c.why)
+    if not any(c.status == "chosen" for c in more):
+        plan.notes.append(f"second phase: {max(left, 0):.0f} s were left, not enough for any offer")
+    members = [c for c in plan.candidates if c.kind in ("probe", "concat") and c.status in ("chosen", "ran")]
+    members += [c for c in more if c.status == "chosen"]
+    keep = [c for c in plan.candidates if c.kind not in ("ensemble", "labels")]
+    plan.candidates = [*keep, *more, *_ensembles(members), *([curve] if curve else [])]
+
+
 def _record_steps(study: Any, by_name: dict[str, Candidate]) -> None:
     """Put each step's status, actual cost and (for probes) holdout top-1 on its candidate."""
     for step in study.steps:
         c = by_name.get(step.name)
-        if c is None:
+        if c is None or (step.status == "reused" and c.actual_s is not None):  # what the first phase recorded
             continue
         c.status = {"skipped": "skipped", "failed": "failed"}.get(step.status, "ran")
         c.actual_s = round(step.seconds, 1)
         if step.status == "skipped":
             c.why = "the budget ran out before it could start"
-        elif c.kind in ("probe", "concat"):
+        elif c.kind in ("probe", "concat", "lp-ft"):
             c.holdout_top1 = _holdout_top1(step.dir)
 
 

@@ -741,11 +741,26 @@ def _best(items: Sequence[RunDir | EnsembleDir]) -> RunDir | EnsembleDir | None:
     return max(ok, key=lambda x: (x.top1, -x.nll if math.isfinite(x.nll) else -math.inf))
 
 
-def _answer_row(inputs: ReportInputs) -> RunDir | EnsembleDir | None:
-    """The model the report answers with: the highest top-1 (ties: lower NLL), where an ensemble counts only if
-    its paired bootstrap shows it beating its best member; otherwise the simpler single model is the answer."""
+def _chosen_on_holdout(inputs: ReportInputs, plan: Plan | None) -> RunDir | None:
+    """The member a planner's holdout scores pick (the highest holdout top-1 of those that ran and are in the
+    report), or None without a plan: choosing the answer there keeps the report split unchosen-on."""
+    if plan is None:
+        return None
+    runs = {r.name: r for r in inputs.runs}
+    scored = [c for c in plan.candidates if c.holdout_top1 is not None and c.status == "ran" and c.name in runs]
+    if not scored:
+        return None
+    return runs[max(scored, key=lambda c: float(c.holdout_top1 or 0.0)).name]
+
+
+def _answer_row(inputs: ReportInputs, plan: Plan | None = None) -> RunDir | EnsembleDir | None:
+    """The model the report answers with. Of the members: the planner's holdout choice where there is a plan,
+    else the highest top-1 (ties: lower NLL). An ensemble replaces it only if its paired bootstrap shows it
+    beating its best member and its top-1 is higher; otherwise the simpler single model is the answer."""
     proven = [e for e in inputs.ensembles if ((e.metrics.get("vs_best_member") or {}).get("gain_ci") or [0])[0] > 0]
-    return _best([*inputs.runs, *proven]) or _best(inputs.ensembles)
+    single = _chosen_on_holdout(inputs, plan)
+    pool = [single, *proven] if single is not None else [*inputs.runs, *proven]
+    return _best(pool) or _best(inputs.ensembles)
 
 
 # Accuracy, calibration and the verdict first, then how each row was obtained. Fourteen columns ran off a
@@ -768,7 +783,9 @@ _SUMMARY_HEADER = [
 _SUMMARY_NUMERIC = frozenset({2, 3, 4, 5, 9, 10})
 
 
-def _summary(doc: _Doc, inputs: ReportInputs, best_row: RunDir | EnsembleDir | None) -> None:
+def _summary(
+    doc: _Doc, inputs: ReportInputs, best_row: RunDir | EnsembleDir | None, *, on_holdout: bool = False
+) -> None:
     doc.h("Summary")
     runs_by_name = {r.name: r for r in inputs.runs}
     rows, marked = [], set()
@@ -778,9 +795,14 @@ def _summary(doc: _Doc, inputs: ReportInputs, best_row: RunDir | EnsembleDir | N
             marked.add(i)
         rows.append(["★ best" if x is best_row else "", *cells])
     doc.add(Table(_SUMMARY_HEADER, rows, frozenset(marked), _SUMMARY_NUMERIC, flag_first=True, name="summary"))
+    how = (
+        "of the members, the one with the highest top-1 on the train holdout (see Plan: val was not used to choose it)"
+        if on_holdout
+        else "the highest top-1 (ties: lower NLL)"
+    )
     notes = [
-        "★ marks the answer: the highest top-1 (ties: lower NLL), an ensemble only where the paired bootstrap shows "
-        "it beating its best member. ECE: 15 equal-width confidence bins"
+        f"★ marks the answer: {how}; an ensemble only where the paired bootstrap shows it beating its best member. "
+        "ECE: 15 equal-width confidence bins"
         + (", computed from the predictions file where metrics.json has none" if inputs.runs else "")
         + ". Wall time: the whole run, including loading, data checks and feature extraction (the time spent in "
         "epochs is under Provenance)."
@@ -1419,15 +1441,15 @@ def _compose(inputs: ReportInputs, cfg: ReportConfig, source: Any) -> tuple[list
     evidence, then the planner's own sections when the study folder has them, then the details."""
     doc = _Doc()
     classes = _Classes(_class_lookup(source, cfg.data, inputs))
-    best_row = _answer_row(inputs)
-    best_run = _best(inputs.runs)
-    focus = best_run if best_run is not None else _best(inputs.ensembles)
     study = _study_folder(cfg)
     plan = read_plan(study) if study is not None else None
     labels = read_labels(study) if study is not None else None
+    best_row = _answer_row(inputs, plan)
+    best_run = _best(inputs.runs)
+    focus = best_run if best_run is not None else _best(inputs.ensembles)
     _answer(doc, inputs, best_row, plan, labels)
     _warnings(doc, inputs)
-    _summary(doc, inputs, best_row)
+    _summary(doc, inputs, best_row, on_holdout=_chosen_on_holdout(inputs, plan) is not None)
     _ensembles(doc, inputs)
     if labels is not None:
         _labels_section(doc, labels)
