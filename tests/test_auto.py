@@ -116,8 +116,10 @@ def test_the_second_phase_spends_on_the_backbone_the_holdout_ranks_first(tmp_pat
     # nothing left: everything offered is dropped, and no training step is timed
     timed.clear()
     cfg, plan = _ran_plan(tmp_path, {"a": 0.70, "b": 0.74})
-    more = choose_more(cfg, plan, 0.0, rate)
+    more = choose_more(cfg, plan, 200.0, rate)
     assert all(c.status == "dropped" for c in more) and not timed
+    # (LP-FT's floor: 18,000 images at a quarter of the 400 images/s feature rate, plus the eval passes)
+    assert "needs at least 268 s even at a fast training step" in {c.name: c for c in more}["b-lpft"].why
 
 
 def test_larger_sizes_are_multiples_of_32() -> None:

@@ -5,19 +5,25 @@ batches of the data, through the same inference engine and backend the run will 
 candidate costs, picks the portfolio that fits the budget, and runs it as a study (``OUT`` is a study folder:
 reuse, resume and the report come from :mod:`transferlab.studies`).
 
-Candidates, cheapest informative first:
+The first phase's candidates, cheapest informative first:
 
 * a tuned linear probe per backbone at its native resolution: multinomial logistic regression by L-BFGS
   on flip-averaged features, the penalty chosen on a class-stratified holdout of train and pulled towards
   the ImageNet rows where they apply, then refit on all of train (``--probe lbfgs --flip-features``);
+* one probe on the chosen probes' cached features side by side (``kind: concat``);
 * the zero-shot model of the first backbone (its ImageNet head on the dataset's classes: the features the
-  probe cached, so it costs a pass over nothing);
-* ensembles of the probes (greedy and weighted), fitted on the members' predictions on the train holdout
-  and reported on the report split, which nothing was chosen on.
+  probe cached, so it costs a pass over nothing).
 
 A candidate whose predicted cost does not fit what is left of the budget is dropped, and the plan says so.
+When the first phase has run, its probes' holdout scores decide the second: the backbone whose probe scores
+best is offered more, cheapest first, while it fits (its probe at a larger input; LP-FT, a BatchNorm-only
+fine-tune from the tuned probe's head, priced from a training step timed then), then the next backbone.
+Last, ensembles (greedy and weighted) of every member with holdout predictions, fitted on them and reported
+on the report split, which nothing was chosen on; the report's answer among the members is the plan's
+highest holdout score, not the highest val score.
+
 The study stops cleanly at the budget: a member that would start after it is skipped, everything finished
-is kept. Then, on the best probe's cached features, the label-budget curve: top-1 at 10/25/50/100% of the
+is kept. Then, on the cheapest probe's cached features, the label-budget curve: top-1 at 10/25/50/100% of the
 train images per class and a power law ``err = a * n^-b`` fitted to it, with bootstrap intervals, says what
 doubling the labels should buy. ``OUT/plan.json`` and ``OUT/labels.json`` (read by the report) hold both.
 """
@@ -482,6 +488,18 @@ def _lpft(cfg: AutoConfig, m: Measurement, probe: Candidate, n_train: int, n_rep
     return c
 
 
+#: A training step is at most this share of the feature pass's rate (measured: 1/12 for Lite0 @224 on 2 CPU
+#: cores): what bounds LP-FT's cost from below before its training step is timed.
+TRAIN_RATE_BOUND = 1 / 4
+
+
+def _lpft_floor(cfg: AutoConfig, m: Measurement, n_train: int, n_report: int) -> float:
+    """The least LP-FT on ``m``'s backbone can cost: below this, timing its training step is not worth it."""
+    fit_rows = n_train * (1 - cfg.holdout)
+    evals = 2 * n_train * cfg.holdout + n_report
+    return LPFT_EPOCHS * fit_rows / (TRAIN_RATE_BOUND * m.images_per_s) + evals / (m.images_per_s / 3) + 20
+
+
 #: The second phase's larger input: this factor on the native size, rounded to a multiple of 32.
 LARGER_FACTOR = 1.25
 
@@ -529,10 +547,14 @@ def choose_more(
         if m is None or probe.img_size != m.img_size:
             continue
         offers = [_larger(m, probe, plan.n_train, plan.n_report, left)]
-        if cfg.lpft and left > 0:
-            if m.train_images_per_s is None and train_rate is not None:
+        if cfg.lpft:
+            floor = _lpft_floor(cfg, m, plan.n_train, plan.n_report)
+            if m.train_images_per_s is None and train_rate is not None and FIT_SHARE * left >= floor:
                 m.train_images_per_s = train_rate(m)
-            offers.append(_lpft(cfg, m, probe, plan.n_train, plan.n_report, left))
+            lp = _lpft(cfg, m, probe, plan.n_train, plan.n_report, left)
+            if m.train_images_per_s is None and FIT_SHARE * left < floor:
+                lp.why = f"needs at least {floor:.0f} s even at a fast training step, only {max(left, 0):.0f} s left"
+            offers.append(lp)
         for c in sorted(offers, key=lambda c: c.predicted_s):
             if c.name in taken:
                 continue
