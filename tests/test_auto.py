@@ -219,7 +219,9 @@ def test_auto_runs_the_plan_as_a_study_and_explains_it(auto_run: tuple[Path, dic
         "test-efficientnet-lpft",
     }
     assert all(c["status"] == "ran" and c["holdout_top1"] is not None for c in second), second
-    best = max(("test-resnet-probe", "test-efficientnet-probe"), key=lambda n: by[n]["holdout_top1"])
+    # ranked by holdout top-1, ties in plan order (cheapest first)
+    probes = [c for c in plan["candidates"] if c["name"] in ("test-resnet-probe", "test-efficientnet-probe")]
+    best = max(probes, key=lambda c: c["holdout_top1"])["name"]
     assert "#1 on the holdout" in next(c for c in second if c["name"].startswith(best.replace("-probe", "")))["why"]
     lpft = json.loads((out / "members" / "test-resnet-lpft" / "metrics.json").read_text())
     assert lpft["strategy"] == "bn-only" and lpft["head_init"].endswith("members/test-resnet-probe")
