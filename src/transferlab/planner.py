@@ -37,6 +37,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -169,11 +170,14 @@ class Candidate:
     holdout_top1: float | None = None
     #: Of ``predicted_s``, the head's fit (what the label-budget curve repeats at smaller label counts).
     fit_s: float = 0.0
+    #: A second-phase offer's probe: what its holdout score is compared with.
+    base: str | None = None
 
     def row(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("options")
         d.pop("fit_s")
+        d.pop("base")
         d["predicted_s"] = round(self.predicted_s, 1)
         return d
 
@@ -525,16 +529,36 @@ def _larger(m: Measurement, probe: Candidate, n_train: int, n_report: int, left:
     return c
 
 
+def _lpft_offer(
+    cfg: AutoConfig, m: Measurement, probe: Candidate, n_train: int, n_report: int, floor: float, left: float
+) -> Candidate:
+    """LP-FT as the second phase offers it: where its training step was not timed (LP-FT could not fit even
+    at a fast one), the why says how much it would need at least."""
+    c = _lpft(cfg, m, probe, n_train, n_report, left)
+    if m.train_images_per_s is None and FIT_SHARE * left < floor:
+        c.why = f"needs at least {floor:.0f} s even at a fast training step, only {max(left, 0):.0f} s left"
+    return c
+
+
+def offer_kind(c: Candidate) -> str:
+    """Which kind of second-phase offer ``c`` is: what the holdout rules in or out as a whole."""
+    return "LP-FT" if c.kind == "lp-ft" else "a larger input"
+
+
 def choose_more(
     cfg: AutoConfig,
     plan: Plan,
     left: float,
     train_rate: Callable[[Measurement], float | None] | None = None,
+    ruled_out: dict[str, str] | None = None,
 ) -> list[Candidate]:
     """The second phase: what the first phase left of the budget goes where the holdout says it pays. The probes
     that ran are ranked by their holdout top-1; the best one's backbone is offered, cheapest first, its probe at
     a larger input and LP-FT from its head; then the next backbone's, while anything fits. ``train_rate(m)``
-    measures a backbone's training step when LP-FT is first priced for it (a few seconds, only when needed)."""
+    measures a backbone's training step when LP-FT is first priced for it (a few seconds, only when needed).
+    ``ruled_out`` maps an :func:`offer_kind` to why the holdout says it does not pay here: such offers are
+    listed as dropped, with that reason."""
+    ruled_out = ruled_out or {}
     ranked = sorted(
         (c for c in plan.candidates if c.kind == "probe" and c.status == "ran" and c.holdout_top1 is not None),
         key=lambda c: -float(c.holdout_top1 or 0.0),
@@ -546,21 +570,22 @@ def choose_more(
         m = by_model.get(probe.model)
         if m is None or probe.img_size != m.img_size:
             continue
-        offers = [_larger(m, probe, plan.n_train, plan.n_report, left)]
+        offers: list[Callable[[float], Candidate]] = [partial(_larger, m, probe, plan.n_train, plan.n_report)]
         if cfg.lpft:
             floor = _lpft_floor(cfg, m, plan.n_train, plan.n_report)
-            if m.train_images_per_s is None and train_rate is not None and FIT_SHARE * left >= floor:
+            # timed only while nothing is chosen yet: the caller runs the first chosen offer, then asks again
+            timing = "LP-FT" not in ruled_out and train_rate is not None and not any(c.status == "chosen" for c in out)
+            if m.train_images_per_s is None and timing and FIT_SHARE * left >= floor:
                 m.train_images_per_s = train_rate(m)
-            lp = _lpft(cfg, m, probe, plan.n_train, plan.n_report, left)
-            if m.train_images_per_s is None and FIT_SHARE * left < floor:
-                lp.why = f"needs at least {floor:.0f} s even at a fast training step, only {max(left, 0):.0f} s left"
-            offers.append(lp)
-        for c in sorted(offers, key=lambda c: c.predicted_s):
+            offers.append(partial(_lpft_offer, cfg, m, probe, plan.n_train, plan.n_report, floor))
+        # cheapest first, each decided against what is left once the ones before it are taken
+        for make in sorted(offers, key=lambda f: f(left).predicted_s):
+            c = make(left)
+            c.base = probe.name
             if c.name in taken:
                 continue
-            # re-priced against what is left now (an earlier offer may have taken its share)
-            if c.status == "chosen" and c.predicted_s > FIT_SHARE * left:
-                c.status, c.why = "dropped", f"predicted {c.predicted_s:.0f} s, only {max(left, 0):.0f} s left"
+            if offer_kind(c) in ruled_out:
+                c.status, c.why = "dropped", ruled_out[offer_kind(c)]
             score = 100 * float(probe.holdout_top1 or 0)
             c.why = f"second phase, {probe.name} is #{ranked.index(probe) + 1} on the holdout ({score:.2f}%): {c.why}"
             if c.status == "chosen":
@@ -828,7 +853,7 @@ def run_auto(cfg: AutoConfig, *, on_plan: Callable[[Plan], None] | None = None) 
     first = _as_spec(cfg, plan, ensembles=False)
     atomic_write_text(out / "auto.json", first.text)
     _record_steps(run_study(first, out, progress=cfg.progress, deadline=deadline, report=False), by_name)
-    _second_phase(cfg, plan, deadline)
+    _second_phase(cfg, plan, deadline, out)
     by_name = {c.name: c for c in plan.candidates}
 
     def before_report(study: Any) -> None:
@@ -858,11 +883,14 @@ def _as_spec(cfg: AutoConfig, plan: Plan, *, ensembles: bool = True) -> Any:
     return parse_spec(doc, where="auto plan", text=text)
 
 
-def _second_phase(cfg: AutoConfig, plan: Plan, deadline: float) -> None:
-    """Choose the second phase with what the first left (the label curve and the reserve kept back), and rebuild
-    the ensembles over every member with holdout predictions."""
+def _second_phase(cfg: AutoConfig, plan: Plan, deadline: float, out: Path) -> None:
+    """Run the second phase one offer at a time with what the first left (the label curve and the reserve kept
+    back): after each, its holdout top-1 against its probe's says whether that kind of offer pays here, and
+    one that does not is not offered again. Then rebuild the ensembles over every member with holdout
+    predictions."""
     curve = next((c for c in plan.candidates if c.kind == "labels" and c.status == "chosen"), None)
-    left = deadline - time.perf_counter() - RESERVE_S - (curve.predicted_s if curve else 0.0)
+    kept_back = RESERVE_S + (curve.predicted_s if curve else 0.0)
+    ruled_out: dict[str, str] = {}
 
     def train_rate(m: Measurement) -> float | None:
         log.info("auto: measuring a BatchNorm-only training step of %s@%d", m.model, m.img_size)
@@ -872,15 +900,36 @@ def _second_phase(cfg: AutoConfig, plan: Plan, deadline: float) -> None:
             log.warning("auto: could not time a training step of %s (%s); no LP-FT", m.model, e)
             return None
 
-    more = choose_more(cfg, plan, left, train_rate) if left > 0 else []
-    for c in more:
+    offers: list[Candidate] = []
+    while True:
+        left = deadline - time.perf_counter() - kept_back
+        offers = choose_more(cfg, plan, left, train_rate, ruled_out) if left > 0 else []
+        nxt = next((c for c in offers if c.status == "chosen"), None)
+        if nxt is None:
+            break
+        log.info("auto: %s: %s", nxt.name, nxt.why)
+        plan.candidates.append(nxt)
+        study = run_study(
+            _as_spec(cfg, plan, ensembles=False), out, progress=cfg.progress, deadline=deadline, report=False
+        )
+        _record_steps(study, {nxt.name: nxt})
+        base = next(c for c in plan.candidates if c.name == nxt.base)
+        if nxt.status != "ran" or nxt.holdout_top1 is None or base.holdout_top1 is None:
+            continue
+        if nxt.holdout_top1 <= base.holdout_top1:
+            why = (
+                f"the holdout says {offer_kind(nxt)} does not pay here: {nxt.name} {100 * nxt.holdout_top1:.2f}%, "
+                f"{base.name} {100 * base.holdout_top1:.2f}%"
+            )
+            ruled_out[offer_kind(nxt)] = why
+            plan.notes.append(f"second phase: {why}")
+    for c in offers:
         log.info("auto: %s: %s (%s)", c.name, c.status, c.why)
-    if not any(c.status == "chosen" for c in more):
+    if not any(c.base for c in plan.candidates):
         plan.notes.append(f"second phase: {max(left, 0):.0f} s were left, not enough for any offer")
-    members = [c for c in plan.candidates if c.kind in ("probe", "concat") and c.status in ("chosen", "ran")]
-    members += [c for c in more if c.status == "chosen"]
+    members = [c for c in plan.candidates if c.kind in ("probe", "concat", "lp-ft") and c.status in ("chosen", "ran")]
     keep = [c for c in plan.candidates if c.kind not in ("ensemble", "labels")]
-    plan.candidates = [*keep, *more, *_ensembles(members), *([curve] if curve else [])]
+    plan.candidates = [*keep, *offers, *_ensembles(members), *([curve] if curve else [])]
 
 
 def _record_steps(study: Any, by_name: dict[str, Candidate]) -> None:
