@@ -239,6 +239,8 @@ def test_auto_runs_the_plan_as_a_study_and_explains_it(auto_run: tuple[Path, dic
     assert any(n.startswith("second phase: the holdout says LP-FT does not pay") for n in plan["notes"])
     lpft = json.loads((out / "members" / f"{best}-lpft" / "metrics.json").read_text())
     assert lpft["strategy"] == "bn-only" and lpft["head_init"].endswith(f"members/{best}-probe")
+    # BatchNorm's statistics stay fixed, and the run starts from the probe's fit-split head: its holdout is unseen
+    assert lpft["bn"] == "frozen-stats" and lpft["head_from_split"] == "fit"
     assert json.loads((out / "members" / f"{best}-probe-64" / "metrics.json").read_text())["img_size"] == 64
     assert [m["model"] for m in plan["measured"] if m["train_images_per_s"]] == [best.replace("-", "_")]
     # the ensembles take every member with holdout predictions, the second phase's too

@@ -46,7 +46,7 @@ from transferlab.data.stats import channel_stats
 from transferlab.errors import ConfigError, DataError
 from transferlab.inference.engine import default_workers, make_eval_transform
 from transferlab.inference.features import cached_features
-from transferlab.io import atomic_write_json, atomic_write_text
+from transferlab.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from transferlab.labels import IMAGENET_OVERLAP_WARNING
 from transferlab.models.backbones import Backbone, create_backbone
 from transferlab.models.heads import TransferModel
@@ -201,6 +201,9 @@ class _Setup:
     #: warnings about them; filled on rank 0.
     duplicates: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: With --head-from: which of the probe's heads started this run ("fit": fitted without this run's
+    #: holdout rows; "all": refit on every train row, the holdout's included), else None.
+    head_from_split: str | None = None
 
     @property
     def train_split(self) -> Any:
@@ -425,7 +428,8 @@ def _train(
         f"({len(s.hold_pos)} images); {cfg.report_split} was not used for any choice",
         "n_fit": len(s.fit_pos),
         "n_holdout": len(s.hold_pos),
-        "holdout_predictions": _holdout_note(cfg, res),
+        "holdout_predictions": _holdout_note(s, res),
+        "head_from_split": s.head_from_split,
         "img_size": s.size,
         "preprocessing": pre.to_dict(),
         "precision": s.precision.name,
@@ -451,13 +455,16 @@ def _train(
     return metrics
 
 
-def _holdout_note(cfg: TrainConfig, res: _Outcome) -> str | None:
+def _holdout_note(s: _Setup, res: _Outcome) -> str | None:
     """What predictions/holdout.npz holds, for whoever fits on it: an ensemble weighting a member by holdout
     predictions that also chose its epoch favours it a little."""
+    cfg = s.cfg
     if res.holdout_logits is None:
         return None
     if cfg.use_feature_cache:
         return "a head fitted without these rows"
+    if s.head_from_split == "all":
+        return "optimistic: the head this run started from (--head-from) was fitted on these rows too"
     if len(res.history) > 1:
         return "the kept epoch, which this holdout chose among the epochs run (a little optimistic)"
     return "the one epoch run, from a model fitted without these rows"
@@ -485,7 +492,7 @@ def _probe_on_features(s: _Setup) -> _Outcome:
     # Built before anything else draws random numbers, so its init matches the image loop's.
     model = TransferModel.from_backbone(backbone.model, cfg.head_spec(), n_cls, warm_start_ids=warm)
     if cfg.head_from is not None:
-        _head_from_run(model, cfg, list(s.source.classes.ids))
+        s.head_from_split = _head_from_run(model, cfg, list(s.source.classes.ids))
     what = "feature_map" if model.head.needs_feature_map else "pre_logits"
     log.info(
         "strategy linear-probe: backbone %s frozen (BatchNorm eval), new %s head -> %d classes, head init %s; "
@@ -595,6 +602,11 @@ def _prior_of(head: torch.nn.Module, head_init: str) -> tuple[np.ndarray, np.nda
     return fc.weight.detach().numpy().copy(), fc.bias.detach().numpy().copy()
 
 
+#: A tuned probe's head at the chosen penalty fitted on the fit split only (without the holdout rows):
+#: what ``--head-from`` starts from when the new run holds out the same rows, so its holdout stays unseen.
+FIT_HEAD_FILE = "head_fit.safetensors"
+
+
 def _fit_lbfgs(
     s: _Setup, head: torch.nn.Module, data: _ProbeData
 ) -> tuple[list[dict[str, float]], int, bool, dict[str, Any], np.ndarray]:
@@ -644,6 +656,12 @@ def _fit_lbfgs(
         "n_fit": len(s.fit_pos),
         "n_holdout": len(s.hold_pos),
     }
+    if s.d.main and len(s.hold_pos):
+        from safetensors.numpy import save as safetensors_bytes
+
+        head_fit = {"weight": res.fit_weight.astype(np.float32), "bias": res.fit_bias.astype(np.float32)}
+        atomic_write_bytes(Path(s.cfg.out) / FIT_HEAD_FILE, safetensors_bytes(head_fit))
+        info["fit_head"] = FIT_HEAD_FILE
     return history, chosen, res.stopped_early, info, logits_of((res.fit_weight, res.fit_bias), data.x_hold)
 
 
@@ -668,7 +686,7 @@ def _fit_loop(s: _Setup) -> _Outcome:
     warm = list(s.source.classes.ids) if s.head_init == "imagenet" else None
     model = TransferModel.from_backbone(s.backbone.model, cfg.head_spec(), n_cls, warm_start_ids=warm)
     if cfg.head_from is not None:
-        _head_from_run(model, cfg, list(s.source.classes.ids))
+        s.head_from_split = _head_from_run(model, cfg, list(s.source.classes.ids))
     fit_idx = s.train_idx[s.fit_pos]
     mean, std = pre.mean, pre.std
     if cfg.standardize == "dataset":
@@ -721,9 +739,12 @@ def _fit_loop(s: _Setup) -> _Outcome:
     )
 
 
-def _head_from_run(model: TransferModel, cfg: TrainConfig, class_ids: list[str]) -> None:
+def _head_from_run(model: TransferModel, cfg: TrainConfig, class_ids: list[str]) -> str:
     """``--head-from``: copy an earlier probe's linear head into ``model`` (LP-FT starts fine-tuning from the tuned
-    probe's head, so the first steps do not distort the backbone to fit a random head)."""
+    probe's head, so the first steps do not distort the backbone to fit a random head). Where the probe kept its
+    fit-split head and this run holds out the same rows (same --holdout and --seed), that head starts it: the
+    refit head was fitted on the holdout too, and this run's holdout scores would flatter it. Returns which head:
+    ``fit`` or ``all``."""
     src = load_run(Path(cfg.head_from))  # type: ignore[arg-type]
     where = f"--head-from {cfg.head_from}"
     if src.config.model != cfg.model:
@@ -733,7 +754,26 @@ def _head_from_run(model: TransferModel, cfg: TrainConfig, class_ids: list[str])
     if src.config.head_spec().kind != "linear" or cfg.head_spec().kind != "linear":
         raise ConfigError(f"{where}: only a linear head can be carried over (both runs need --head linear)")
     model.head.load_state_dict(src.model.head.state_dict())
+    fit_file = Path(cfg.head_from) / FIT_HEAD_FILE  # type: ignore[arg-type]
+    same_rows = cfg.holdout > 0 and (src.config.holdout, src.config.seed) == (cfg.holdout, cfg.seed)
+    if fit_file.is_file() and same_rows:
+        from safetensors.numpy import load_file
+
+        try:
+            head = load_file(str(fit_file))
+            weight, bias = torch.from_numpy(head["weight"]), torch.from_numpy(head["bias"])
+        except (OSError, KeyError, ValueError) as e:
+            raise ConfigError(f"{where}: {fit_file} cannot be read ({e}); re-run the probe") from e
+        fc = model.head.fc
+        if weight.shape != fc.weight.shape or bias.shape != fc.bias.shape:
+            raise ConfigError(f"{where}: {fit_file} holds a {tuple(weight.shape)} head, not {tuple(fc.weight.shape)}")
+        with torch.no_grad():
+            fc.weight.copy_(weight)
+            fc.bias.copy_(bias)
+        log.info("head started from %s's fit-split head (fitted without this run's holdout rows)", cfg.head_from)
+        return "fit"
     log.info("head started from %s (its val top-1 is in its metrics.json)", cfg.head_from)
+    return "all"
 
 
 def _callbacks(tb: Any, user: Callable[[str, dict[str, float]], None] | None) -> Any:
