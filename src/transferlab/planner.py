@@ -53,8 +53,9 @@ from transferlab.inference.engine import BACKEND, make_eval_transform, predict_l
 from transferlab.inference.features import pre_logits
 from transferlab.io import atomic_write_json, atomic_write_text
 from transferlab.models.backbones import create_backbone
+from transferlab.models.cpu_kernels import cpu_training_kernels
 from transferlab.options import check, option
-from transferlab.runtime import DEVICE, PRECISION, WORKERS, resolve_device, resolve_precision
+from transferlab.runtime import DEVICE, PRECISION, WORKERS, resolve_device, resolve_precision, reuse_freed_memory
 from transferlab.studies import parse_spec, run_study
 from transferlab.training.logistic import fit_logistic, logits_of
 from transferlab.training.run import probe_features
@@ -277,9 +278,6 @@ def measure_training(cfg: AutoConfig, backbone: Any, size: int, steps: int = 3, 
     little): pass one that is not needed afterwards. Without the loop's CPU paths and at batch 16 the step
     measured 37 images/s for Lite0 @224 where the LP-FT epoch then ran at 85."""
     import torch
-
-    from transferlab.models.cpu_kernels import cpu_training_kernels
-    from transferlab.runtime import reuse_freed_memory
 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, "auto", device)
