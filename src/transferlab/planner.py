@@ -119,7 +119,9 @@ class AutoConfig:
     dry_run: bool = option(False, "measure the candidates, print the plan and its predicted cost, run nothing")
     label_curve: bool = option(True, "measure how much more labels would help (the label-budget curve)", cli=False)
     lpft: bool = option(
-        True, "consider LP-FT: a BatchNorm-only fine-tune of the cheapest backbone from its tuned probe", cli=False
+        True,
+        "offer LP-FT in the second phase: a BatchNorm-only fine-tune from a tuned probe's head (fixed statistics)",
+        cli=False,
     )
     holdout: float = option(
         0.1, "fraction of each train class held out to choose on", lo=0, hi=0.5, lo_open=True, hi_open=True
@@ -259,6 +261,23 @@ def _fit_seconds(n: int, dim: int, classes: int, flops: float) -> float:
     return FIT_EVALUATIONS * 3 * 2.0 * n * dim * classes / flops + 2.0
 
 
+def _pass_seconds(views: int, images: int, rate: float, setup_s: float) -> float:
+    """Predicted seconds of the feature passes of a probe: one per split and view (train, report; and their
+    mirrors), at the sustained share of the measured ``rate``, each with its own ``setup_s``."""
+    return views * images / (SUSTAINED_RATE * rate) + 2 * views * setup_s
+
+
+def _fits(c: Candidate, left: float, chosen: str, dropped: str | None = None) -> Candidate:
+    """Choose ``c`` where its predicted cost fits :data:`FIT_SHARE` of what is ``left``, else drop it; ``chosen``
+    (and ``dropped``, when the default does not say enough) is the why the plan records."""
+    if c.predicted_s <= FIT_SHARE * left:
+        c.status, c.why = "chosen", f"{chosen}: predicted {c.predicted_s:.0f} s of {left:.0f} s left"
+    else:
+        c.status = "dropped"
+        c.why = dropped or f"predicted {c.predicted_s:.0f} s, only {max(left, 0):.0f} s left"
+    return c
+
+
 def _matmul_flops() -> float:
     """Float32 matmul rate of this machine (what the L-BFGS probe spends its time in)."""
     import torch
@@ -372,8 +391,7 @@ def probe_variants(
     for flip in (True, False):
         views = 2 if flip else 1
         fit = _fit_seconds(views * n_train, m.dim, n_classes, flops)
-        # One feature pass per split and view (train, report; and their mirrors), each with its own setup.
-        passes = views * (n_train + n_report) / (SUSTAINED_RATE * m.images_per_s) + 2 * views * m.setup_s
+        passes = _pass_seconds(views, n_train + n_report, m.images_per_s, m.setup_s)
         opts = probe_options(cfg, m) | {"flip_features": flip}
         variants.append(
             Candidate(f"{_short(m.model)}-probe", "probe", m.model, m.img_size, passes + fit, opts, fit_s=fit)
@@ -383,18 +401,9 @@ def probe_variants(
 
 def _pick(flipped: Candidate, plain: Candidate, left: float) -> Candidate:
     """The mirrored-features probe where it fits what is left, else the plain one, else the plain one dropped."""
-    if flipped.predicted_s <= FIT_SHARE * left:
-        flipped.status, flipped.why = "chosen", f"fits: predicted {flipped.predicted_s:.0f} s of {left:.0f} s left"
+    if _fits(flipped, left, "fits").status == "chosen":
         return flipped
-    if plain.predicted_s <= FIT_SHARE * left:
-        plain.status = "chosen"
-        plain.why = (
-            f"without mirrored features ({flipped.predicted_s:.0f} s with them): predicted "
-            f"{plain.predicted_s:.0f} s of {left:.0f} s left"
-        )
-        return plain
-    plain.status, plain.why = "dropped", f"predicted {plain.predicted_s:.0f} s, only {max(left, 0):.0f} s left"
-    return plain
+    return _fits(plain, left, f"without mirrored features ({flipped.predicted_s:.0f} s with them)")
 
 
 def _zero_shot(cfg: AutoConfig, first: Measurement, probes: list[Candidate]) -> Candidate:
@@ -439,15 +448,7 @@ def _concat(
         return c
     rows = (2 if flip else 1) * n_train
     c.predicted_s = CONCAT_SETUP_S * len(same) + _fit_seconds(rows, sum(dims[x.name] for x in same), n_classes, flops)
-    if c.predicted_s <= FIT_SHARE * left:
-        c.status, c.why = (
-            "chosen",
-            f"one probe on {len(same)} backbones' cached features: predicted {c.predicted_s:.0f} s of "
-            f"{left:.0f} s left",
-        )
-    else:
-        c.status, c.why = "dropped", f"predicted {c.predicted_s:.0f} s, only {max(left, 0):.0f} s left"
-    return c
+    return _fits(c, left, f"one probe on {len(same)} backbones' cached features")
 
 
 #: LP-FT's epochs and learning rate: one pass, small steps from the tuned head (AdamW, cosine).
@@ -480,25 +481,22 @@ def _lpft(cfg: AutoConfig, m: Measurement, probe: Candidate, n_train: int, n_rep
     if probe.status not in ("chosen", "ran") or not m.train_images_per_s:
         c.status, c.why = "dropped", "not measured" if not m.train_images_per_s else "its probe did not run"
         return c
+    c.predicted_s = _lpft_seconds(cfg, m, n_train, n_report, m.train_images_per_s)
+    per_epoch = n_train * (1 - cfg.holdout) / m.train_images_per_s
+    dropped = (
+        f"one epoch needs about {per_epoch:.0f} s at {m.train_images_per_s:.0f} training images/s, "
+        f"only {max(left, 0):.0f} s left"
+    )
+    return _fits(c, left, f"fine-tunes from {probe.name}'s head", dropped)
+
+
+def _lpft_seconds(cfg: AutoConfig, m: Measurement, n_train: int, n_report: int, train_rate: float) -> float:
+    """Predicted seconds of LP-FT on ``m``'s backbone at ``train_rate`` training images per second: its epochs
+    over the fit rows, then the eval passes, which run in torch inside the training loop (the holdout twice: each
+    epoch, then the kept epoch's predictions) at about a third of the feature pass's rate, as measured."""
     fit_rows = n_train * (1 - cfg.holdout)
-    # Eval passes run in torch inside the training loop (the holdout twice: each epoch, then the kept epoch's
-    # predictions): about a third of the feature pass's rate, as measured.
-    eval_rate = m.images_per_s / 3
     evals = 2 * n_train * cfg.holdout + n_report
-    c.predicted_s = LPFT_EPOCHS * fit_rows / m.train_images_per_s + evals / eval_rate + 20
-    per_epoch = fit_rows / m.train_images_per_s
-    if c.predicted_s <= FIT_SHARE * left:
-        c.status, c.why = (
-            "chosen",
-            f"fine-tunes from {probe.name}'s head: predicted {c.predicted_s:.0f} s of {left:.0f} s left",
-        )
-    else:
-        c.status = "dropped"
-        c.why = (
-            f"one epoch needs about {per_epoch:.0f} s at {m.train_images_per_s:.0f} training images/s, "
-            f"only {max(left, 0):.0f} s left"
-        )
-    return c
+    return LPFT_EPOCHS * fit_rows / train_rate + evals / (m.images_per_s / 3) + 20
 
 
 #: A training step is at most this share of the feature pass's rate (measured: 1/12 for Lite0 @224 on 2 CPU
@@ -508,9 +506,7 @@ TRAIN_RATE_BOUND = 1 / 4
 
 def _lpft_floor(cfg: AutoConfig, m: Measurement, n_train: int, n_report: int) -> float:
     """The least LP-FT on ``m``'s backbone can cost: below this, timing its training step is not worth it."""
-    fit_rows = n_train * (1 - cfg.holdout)
-    evals = 2 * n_train * cfg.holdout + n_report
-    return LPFT_EPOCHS * fit_rows / (TRAIN_RATE_BOUND * m.images_per_s) + evals / (m.images_per_s / 3) + 20
+    return _lpft_seconds(cfg, m, n_train, n_report, TRAIN_RATE_BOUND * m.images_per_s)
 
 
 #: The second phase's larger input: this factor on the native size, rounded to a multiple of 32.
@@ -528,14 +524,11 @@ def _larger(m: Measurement, probe: Candidate, n_train: int, n_report: int, left:
     size = larger_size(m.img_size)
     rate = m.images_per_s * (m.img_size / size) ** 2
     views = 2 if probe.options.get("flip_features") else 1
-    passes = views * (n_train + n_report) / (SUSTAINED_RATE * rate) + 2 * views * m.setup_s
+    passes = _pass_seconds(views, n_train + n_report, rate, m.setup_s)
     c = Candidate(f"{probe.name}-{size}", "probe", m.model, size, passes + probe.fit_s, fit_s=probe.fit_s)
     c.options = probe.options | {"img_size": size}
-    if c.predicted_s <= FIT_SHARE * left:
-        c.status, c.why = "chosen", f"{probe.name} at {size} px: predicted {c.predicted_s:.0f} s of {left:.0f} s left"
-    else:
-        c.status, c.why = "dropped", f"predicted {c.predicted_s:.0f} s at {size} px, only {max(left, 0):.0f} s left"
-    return c
+    dropped = f"predicted {c.predicted_s:.0f} s at {size} px, only {max(left, 0):.0f} s left"
+    return _fits(c, left, f"{probe.name} at {size} px", dropped)
 
 
 def _lpft_offer(

@@ -753,12 +753,11 @@ def _chosen_on_holdout(inputs: ReportInputs, plan: Plan | None) -> RunDir | None
     return runs[max(scored, key=lambda c: float(c.holdout_top1 or 0.0)).name]
 
 
-def _answer_row(inputs: ReportInputs, plan: Plan | None = None) -> RunDir | EnsembleDir | None:
-    """The model the report answers with. Of the members: the planner's holdout choice where there is a plan,
+def _answer_row(inputs: ReportInputs, single: RunDir | None = None) -> RunDir | EnsembleDir | None:
+    """The model the report answers with. Of the members: ``single`` (the planner's holdout choice) where given,
     else the highest top-1 (ties: lower NLL). An ensemble replaces it only if its paired bootstrap shows it
     beating its best member and its top-1 is higher; otherwise the simpler single model is the answer."""
     proven = [e for e in inputs.ensembles if ((e.metrics.get("vs_best_member") or {}).get("gain_ci") or [0])[0] > 0]
-    single = _chosen_on_holdout(inputs, plan)
     pool = [single, *proven] if single is not None else [*inputs.runs, *proven]
     return _best(pool) or _best(inputs.ensembles)
 
@@ -1444,12 +1443,13 @@ def _compose(inputs: ReportInputs, cfg: ReportConfig, source: Any) -> tuple[list
     study = _study_folder(cfg)
     plan = read_plan(study) if study is not None else None
     labels = read_labels(study) if study is not None else None
-    best_row = _answer_row(inputs, plan)
+    on_holdout = _chosen_on_holdout(inputs, plan)
+    best_row = _answer_row(inputs, on_holdout)
     best_run = _best(inputs.runs)
     focus = best_run if best_run is not None else _best(inputs.ensembles)
     _answer(doc, inputs, best_row, plan, labels)
     _warnings(doc, inputs)
-    _summary(doc, inputs, best_row, on_holdout=_chosen_on_holdout(inputs, plan) is not None)
+    _summary(doc, inputs, best_row, on_holdout=on_holdout is not None)
     _ensembles(doc, inputs)
     if labels is not None:
         _labels_section(doc, labels)

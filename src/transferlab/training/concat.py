@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save as st_save
 
 from transferlab.artifacts.predictions import predictions_path, write_predictions
 from transferlab.artifacts.summary import summarize
 from transferlab.errors import ConfigError
-from transferlab.io import atomic_write_bytes, atomic_write_json
+from transferlab.io import atomic_write_json
+from transferlab.models.weights import save_weights
 from transferlab.options import check, option
 from transferlab.runtime import versions
 from transferlab.training.logistic import logits_of, tune_logistic
@@ -125,8 +125,7 @@ def fit_concat(cfg: ConcatConfig) -> dict[str, Any]:
     hold_ids = [first.train_ids[i] for i in hold]
     hold_logits = logits_of((res.fit_weight, res.fit_bias), x_hold)
     write_predictions(predictions_path(out, "holdout"), hold_logits, y[hold], hold_ids, first.class_ids)
-    blob = st_save({"weight": torch.from_numpy(res.weight), "bias": torch.from_numpy(res.bias)})
-    atomic_write_bytes(out / "head.safetensors", blob)
+    save_weights(out / "head.safetensors", {"weight": torch.from_numpy(res.weight), "bias": torch.from_numpy(res.bias)})
     names = [str(d) for d in cfg.members]
     metrics: dict[str, Any] = {
         "model": " + ".join(Path(d).name for d in cfg.members),

@@ -46,12 +46,12 @@ from transferlab.data.stats import channel_stats
 from transferlab.errors import ConfigError, DataError
 from transferlab.inference.engine import default_workers, make_eval_transform
 from transferlab.inference.features import cached_features
-from transferlab.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from transferlab.io import atomic_write_json, atomic_write_text
 from transferlab.labels import IMAGENET_OVERLAP_WARNING
 from transferlab.models.backbones import Backbone, create_backbone
 from transferlab.models.heads import TransferModel
 from transferlab.models.strategies import trainable_counts
-from transferlab.models.weights import save_weights
+from transferlab.models.weights import read_weight_file, save_weights
 from transferlab.runtime import resolve_device, resolve_precision, versions
 from transferlab.training.config import RunOptions, TrainConfig
 from transferlab.training.hooks import FitHooks, hooks_from_env
@@ -657,10 +657,8 @@ def _fit_lbfgs(
         "n_holdout": len(s.hold_pos),
     }
     if s.d.main and len(s.hold_pos):
-        from safetensors.numpy import save as safetensors_bytes
-
-        head_fit = {"weight": res.fit_weight.astype(np.float32), "bias": res.fit_bias.astype(np.float32)}
-        atomic_write_bytes(Path(s.cfg.out) / FIT_HEAD_FILE, safetensors_bytes(head_fit))
+        head_fit = {"weight": torch.from_numpy(res.fit_weight).float(), "bias": torch.from_numpy(res.fit_bias).float()}
+        save_weights(Path(s.cfg.out) / FIT_HEAD_FILE, head_fit)
         info["fit_head"] = FIT_HEAD_FILE
     return history, chosen, res.stopped_early, info, logits_of((res.fit_weight, res.fit_bias), data.x_hold)
 
@@ -753,27 +751,19 @@ def _head_from_run(model: TransferModel, cfg: TrainConfig, class_ids: list[str])
         raise ConfigError(f"{where} was trained on other classes than this run's data; its head cannot start this one")
     if src.config.head_spec().kind != "linear" or cfg.head_spec().kind != "linear":
         raise ConfigError(f"{where}: only a linear head can be carried over (both runs need --head linear)")
-    model.head.load_state_dict(src.model.head.state_dict())
     fit_file = Path(cfg.head_from) / FIT_HEAD_FILE  # type: ignore[arg-type]
     same_rows = cfg.holdout > 0 and (src.config.holdout, src.config.seed) == (cfg.holdout, cfg.seed)
-    if fit_file.is_file() and same_rows:
-        from safetensors.numpy import load_file
-
-        try:
-            head = load_file(str(fit_file))
-            weight, bias = torch.from_numpy(head["weight"]), torch.from_numpy(head["bias"])
-        except (OSError, KeyError, ValueError) as e:
-            raise ConfigError(f"{where}: {fit_file} cannot be read ({e}); re-run the probe") from e
-        fc = model.head.fc
-        if weight.shape != fc.weight.shape or bias.shape != fc.bias.shape:
-            raise ConfigError(f"{where}: {fit_file} holds a {tuple(weight.shape)} head, not {tuple(fc.weight.shape)}")
-        with torch.no_grad():
-            fc.weight.copy_(weight)
-            fc.bias.copy_(bias)
-        log.info("head started from %s's fit-split head (fitted without this run's holdout rows)", cfg.head_from)
-        return "fit"
-    log.info("head started from %s (its val top-1 is in its metrics.json)", cfg.head_from)
-    return "all"
+    if not (fit_file.is_file() and same_rows):
+        model.head.load_state_dict(src.model.head.state_dict())
+        log.info("head started from %s (its val top-1 is in its metrics.json)", cfg.head_from)
+        return "all"
+    head, _ = read_weight_file(fit_file)
+    try:
+        model.head.fc.load_state_dict(head)
+    except RuntimeError as e:  # missing keys or another shape
+        raise ConfigError(f"{where}: {fit_file} does not fit this run's head ({e}); re-run the probe") from e
+    log.info("head started from %s's fit-split head (fitted without this run's holdout rows)", cfg.head_from)
+    return "fit"
 
 
 def _callbacks(tb: Any, user: Callable[[str, dict[str, float]], None] | None) -> Any:
